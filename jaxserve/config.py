@@ -1,0 +1,187 @@
+"""Frozen configuration dataclasses, one per concern.
+
+Shape alphabet used across jaxserve (declared once, see STYLE.md habit 10):
+  B batch, T query tokens, S KV tokens, N query heads, K KV heads, G group (N // K),
+  H head_dim, D model, F FFN, V vocab, P pages, L layers, R request rows.
+
+This module imports no JAX: host-side code reads configs too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is "none", "linear" or "llama3"."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("none", "linear", "llama3"):
+            raise ValueError(f"unsupported rope scaling type {self.kind!r}; expected none, linear or llama3")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any] | None) -> RopeScaling:
+        if not d:
+            return cls()
+        kind = d.get("rope_type", d.get("type", "none"))
+        if kind == "default":
+            return cls()
+        return cls(
+            kind=kind,
+            factor=float(d.get("factor", 1.0)),
+            low_freq_factor=float(d.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(d.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3, SmolLM, Mistral without sliding window, Qwen2)."""
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2-style biases on q, k and v projections
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        D, F, N, K, H, V = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
+                            self.head_dim, self.vocab_size)
+        per_layer = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+        if self.attention_bias:
+            per_layer += N * H + 2 * K * H
+        return V * D * (1 if self.tie_word_embeddings else 2) + D + self.num_layers * per_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Builds the config from a Hugging Face `config.json` dict (LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "")
+        hidden = int(hf["hidden_size"])
+        heads = int(hf["num_attention_heads"])
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_hf(hf.get("rope_scaling")),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2" or "Qwen2ForCausalLM" in archs)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], *, vocab_size: int, has_output_weight: bool,
+                           has_qkv_bias: bool) -> ModelConfig:
+        """Builds the config from GGUF key/values (`{arch}.block_count`, ...), already decoded to Python values."""
+        arch = meta["general.architecture"]
+        if arch not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported GGUF architecture {arch!r}; jaxserve serves llama and qwen2")
+
+        def get(key, default=None):
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ValueError(f"GGUF file lacks required key {arch}.{key}")
+            return value
+
+        hidden = int(get("embedding_length"))
+        heads = int(get("attention.head_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                       or hidden // heads)
+        scaling = RopeScaling()
+        scaling_type = meta.get(f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            scaling = RopeScaling(kind="linear", factor=float(get("rope.scaling.factor")))
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+            head_dim=head_dim,
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            tie_word_embeddings=not has_output_weight,
+            attention_bias=has_qkv_bias,
+            max_position_embeddings=int(get("context_length")),
+        )
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: `num_pages` pages of `page_size` tokens each. Page 0 is the null page."""
+
+    page_size: int = 16
+    num_pages: int = 0  # 0: derive from kv_cache_memory
+    kv_cache_memory: int = 256 * 2**20  # bytes, used when num_pages is 0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a positive power of two, got {self.page_size}")
+        if self.num_pages < 0 or self.kv_cache_memory <= 0:
+            raise ValueError("num_pages must be >= 0 and kv_cache_memory positive")
+
+    def resolve_num_pages(self, bytes_per_page: int) -> int:
+        """The number of pages, including the null page 0."""
+        pages = self.num_pages or self.kv_cache_memory // bytes_per_page
+        if pages < 2:
+            raise ValueError(f"KV cache too small: {pages} page(s) of {bytes_per_page} bytes; raise --kv-cache-memory")
+        return pages
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return math.ceil(num_tokens / page_size)

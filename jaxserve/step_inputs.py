@@ -1,0 +1,113 @@
+"""Per-step device inputs: one registered pytree, built on the host from plain per-sequence chunks.
+
+A step is a flat batch of T query tokens drawn from R sequences (decode rows contribute one token,
+prefill chunks many). Both axes are padded up to buckets so only a fixed set of shapes is compiled.
+Padding tokens write their K/V into the null page 0 and their outputs are ignored; padding rows have
+`kv_lens == 0` and a block table of null pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+# Query tokens per query block in the XLA attention path when a step carries prefill chunks; decode-only
+# steps use blocks of one token (see `query_block_for`).
+PREFILL_QUERY_BLOCK = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, position of each token in its sequence
+    slot_mapping: jax.Array  # [T] int32, page * page_size + offset where the token's K/V is written
+    block_tables: jax.Array  # [R, P_max] int32, page ids (0 = null page)
+    kv_lens: jax.Array  # [R] int32, KV length of each row after this step (0 for padding rows)
+    query_starts: jax.Array  # [R + 1] int32, cumulative query lengths: row r owns tokens [qs[r], qs[r+1])
+    logits_indices: jax.Array  # [M] int32, flat tokens whose logits are returned (M = R: each row's last token)
+    qblock_rows: jax.Array  # [NB] int32, row of each query block (XLA attention)
+    qblock_starts: jax.Array  # [NB] int32, first flat token of each query block
+    qblock_lens: jax.Array  # [NB] int32, valid tokens in each query block (0 for padding blocks)
+    query_block: int = dataclasses.field(default=1, metadata=dict(static=True))  # Qb
+    kv_block_pages: int = dataclasses.field(default=8, metadata=dict(static=True))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.block_tables.shape[0]
+
+
+@dataclasses.dataclass
+class SeqChunk:
+    """What one sequence contributes to a step (host side)."""
+
+    token_ids: Sequence[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
+    block_table: Sequence[int]  # page ids covering at least start_pos + len(token_ids) tokens
+
+
+def query_block_for(num_tokens: int, num_rows: int) -> int:
+    """Blocks of one query for decode-shaped steps, larger blocks when prefill chunks dominate."""
+    return 1 if num_tokens <= num_rows else PREFILL_QUERY_BLOCK
+
+
+def num_query_blocks(num_tokens: int, num_rows: int, query_block: int) -> int:
+    # Each row wastes at most one partly filled block.
+    return num_tokens if query_block == 1 else -(-num_tokens // query_block) + num_rows
+
+
+def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: int, page_size: int,
+                      max_pages_per_seq: int, kv_block_pages: int = 8, all_logits: bool = False) -> StepInputs:
+    """Packs chunks into padded numpy arrays of T = num_tokens and R = num_rows (bucket sizes).
+
+    With `all_logits`, logits come back for every token slot (M = T, for scoring); otherwise one per row.
+    """
+    total = sum(len(c.token_ids) for c in chunks)
+    if total > num_tokens or len(chunks) > num_rows:
+        raise ValueError(f"step of {total} tokens / {len(chunks)} rows exceeds bucket {num_tokens} / {num_rows}")
+    p_max = -(-max_pages_per_seq // kv_block_pages) * kv_block_pages
+    qb = query_block_for(num_tokens, num_rows)
+    nb = num_query_blocks(num_tokens, num_rows, qb)
+
+    token_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.zeros(num_tokens, np.int32)
+    block_tables = np.zeros((num_rows, p_max), np.int32)
+    kv_lens = np.zeros(num_rows, np.int32)
+    query_starts = np.zeros(num_rows + 1, np.int32)
+    logits_indices = np.zeros(num_rows, np.int32)
+    qblock_rows = np.zeros(nb, np.int32)
+    qblock_starts = np.zeros(nb, np.int32)
+    qblock_lens = np.zeros(nb, np.int32)
+
+    t = b = 0
+    for r, c in enumerate(chunks):
+        n = len(c.token_ids)
+        end = c.start_pos + n
+        if len(c.block_table) * page_size < end or len(c.block_table) > p_max:
+            raise ValueError(f"row {r}: block table of {len(c.block_table)} pages cannot hold {end} tokens")
+        table = np.asarray(c.block_table, np.int32)
+        pos = np.arange(c.start_pos, end, dtype=np.int32)
+        token_ids[t:t + n] = c.token_ids
+        positions[t:t + n] = pos
+        slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
+        block_tables[r, :len(table)] = table
+        kv_lens[r] = end
+        logits_indices[r] = t + n - 1
+        for s in range(0, n, qb):
+            qblock_rows[b], qblock_starts[b], qblock_lens[b] = r, t + s, min(qb, n - s)
+            b += 1
+        t += n
+        query_starts[r + 1] = t
+    query_starts[len(chunks) + 1:] = t
+    if all_logits:
+        logits_indices = np.arange(num_tokens, dtype=np.int32)
+    return StepInputs(token_ids, positions, slot_mapping, block_tables, kv_lens, query_starts, logits_indices,
+                      qblock_rows, qblock_starts, qblock_lens, query_block=qb, kv_block_pages=kv_block_pages)

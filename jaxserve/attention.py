@@ -53,6 +53,7 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     qb = q[tok].reshape(NB, Qb, K, G, H)
     q_pos = step.positions[tok]  # [NB, Qb]
     tables = step.block_tables[step.qblock_rows]  # [NB, P_max]
+    kv_lens = step.kv_lens[step.qblock_rows]  # [NB]
     num_chunks = (jnp.max(step.kv_lens) + C - 1) // C
 
     def chunk(j, carry):
@@ -60,8 +61,11 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
         pages = jax.lax.dynamic_slice_in_dim(tables, j * Bk, Bk, axis=1)  # [NB, Bk]
         kv = kv_pages[layer, pages].reshape(NB, C, K, 2, H)
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [NB, C, K, H]
-        s = jnp.einsum("BQKGH,BCKH->BKGQC", qb, k, preferred_element_type=jnp.float32) * scale
         kv_pos = j * C + jnp.arange(C, dtype=jnp.int32)
+        # NOTE: zero V past the sequence's end: a page it does not own may hold anything (even NaN), and
+        # a zero softmax weight times NaN is still NaN. Pages are a boundary between users.
+        v = jnp.where((kv_pos[None, :] < kv_lens[:, None])[:, :, None, None], v, 0)
+        s = jnp.einsum("BQKGH,BCKH->BKGQC", qb, k, preferred_element_type=jnp.float32) * scale
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]  # [NB, Qb, C]
         mask = mask[:, None, None]  # [NB, 1, 1, Qb, C]
         m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
@@ -98,6 +102,7 @@ def paged_attention_reference(q: jax.Array, kv_pages: jax.Array, layer: jax.Arra
     s = jnp.einsum("TNH,TSNH->TNS", q.astype(jnp.float32), k) * scale
     mask = jnp.arange(k.shape[1])[None, :] <= step.positions[:, None]  # [T, S]
     s = jnp.where(mask[:, None, :], s, -jnp.inf)
+    v = jnp.where(mask[:, :, None, None], v, 0.0)
     out = jnp.einsum("TNS,TSNH->TNH", jax.nn.softmax(s, axis=-1), v)
     valid = jnp.arange(T) < step.query_starts[-1]
     return jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)

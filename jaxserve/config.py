@@ -185,3 +185,53 @@ class CacheConfig:
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     return math.ceil(num_tokens / page_size)
+
+
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from. Field names match the server's flags (`--max-num-seqs` ...)."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    dtype: str = "auto"  # auto: float32 on CPU (XLA's CPU bf16 matmuls are slow), bfloat16 on accelerators
+    attention_backend: str = "auto"
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: min(the model's context, 4096)
+    block_size: int = 16  # tokens per KV page (vLLM's flag name)
+    num_pages: int = 0  # 0: derive from kv_cache_memory
+    kv_cache_memory: int = 2**30
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dtype not in ("auto",) + DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; got {self.attention_backend!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least "
+                             f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory,
+                           enable_prefix_caching=self.enable_prefix_caching)
+
+    def resolve_max_model_len(self, model: ModelConfig) -> int:
+        if self.max_model_len is None:
+            return min(model.max_position_embeddings, 4096)
+        if self.max_model_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of "
+                             f"{model.max_position_embeddings} tokens")
+        return self.max_model_len

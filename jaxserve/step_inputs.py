@@ -111,3 +111,46 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
         logits_indices = np.arange(num_tokens, dtype=np.int32)
     return StepInputs(token_ids, positions, slot_mapping, block_tables, kv_lens, query_starts, logits_indices,
                       qblock_rows, qblock_starts, qblock_lens, query_block=qb, kv_block_pages=kv_block_pages)
+
+
+def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
+    sizes, n = [], start
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBuckets:
+    """The fixed set of (T, R) step shapes: all compiled at warm-up, nothing else ever.
+
+    Decode-shaped steps (one token per row) use T == R in powers of two up to max_num_seqs. Any step
+    with a longer chunk pads R to max_num_seqs (rows are cheap) and T to a power of two, which keeps
+    the set small: about log2(max_num_seqs) + log2(max_num_batched_tokens) shapes.
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    @property
+    def decode_rows(self) -> list[int]:
+        return _powers_of_two_up_to(self.max_num_seqs)
+
+    @property
+    def mixed_tokens(self) -> list[int]:
+        start = 1 << self.max_num_seqs.bit_length()  # the smallest power of two above max_num_seqs
+        if start >= self.max_num_batched_tokens:
+            return [self.max_num_batched_tokens]
+        return _powers_of_two_up_to(self.max_num_batched_tokens, start)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        mixed = [(t, self.max_num_seqs) for t in self.mixed_tokens if t > self.max_num_seqs]
+        return [(r, r) for r in self.decode_rows] + mixed
+
+    def choose(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
+        """The smallest compiled shape that holds the step."""
+        for t, r in sorted(self.shapes()):
+            if t >= num_tokens and r >= num_rows:
+                return t, r
+        raise ValueError(f"step of {num_tokens} tokens / {num_rows} rows exceeds the configured limits")

@@ -125,6 +125,8 @@ def validate(q: jax.Array, kv_pages: KVPages, layer: jax.Array, step: StepInputs
         if not (pow2(H) and H >= 16 and pow2(page_size)):
             raise ValueError(f"the Triton kernel needs head_dim a power of two >= 16 and a power-of-two page "
                              f"size; got kv_pages {kv_pages.shape}")
+        if not pow2(step.query_block):
+            raise ValueError(f"the Triton kernel needs a power-of-two query block; got {step.query_block}")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "soft_cap", "pages_per_block",

@@ -1,0 +1,250 @@
+"""`python -m jaxserve.server`: flags → EngineConfig + ServingConfig → the app, with graceful shutdown.
+
+The engine's flags are generated from `EngineConfig`'s fields (`max_num_seqs` → `--max-num-seqs`, a bool
+`enable_x` → `--enable-x` / `--no-enable-x` / `--no-x`), so a new engine option is a flag at once.
+
+Start-up: the HTTP server listens first and answers `/health` with 503 while a builder thread loads the
+model and compiles every step shape; then the engine is handed to the app and `/health` turns 200.
+SIGTERM / SIGINT: stop admitting (503), let in-flight requests finish within `--shutdown-grace-period`,
+abort the rest, exit 0. A second signal skips the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+
+from aiohttp import web
+
+from jaxserve.config import EngineConfig
+from jaxserve.server.app import STATE, ServerState, ServingConfig, create_app
+from jaxserve.server.guardrails import GuardrailConfig
+from jaxserve.server.limits import Limits, parse_override
+
+logger = logging.getLogger("jaxserve.server")
+
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`1073741824`, `512MiB`, `1G`, `2gb` → bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in _UNITS:
+        return int(float(t[:-1]) * _UNITS[t[-1]])
+    return int(t)
+
+
+def _flag_type(annotation) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of a dataclass field annotation."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        scalars = [a for a in args if a is not type(None)]
+        return scalars[0], len(scalars) < len(args)
+    return annotation, False
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class source: the flag's help text."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE))
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine (generated from EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    comments = _field_comments(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind, nullable = _flag_type(hints[field.name])
+        default = field.default
+        help_ = comments.get(field.name, f"EngineConfig.{field.name}")
+        if kind is bool:
+            names = [flag]
+            group.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_)
+            if field.name.startswith("enable_"):
+                group.add_argument("--no-" + field.name.removeprefix("enable_").replace("_", "-"), dest=field.name,
+                                   action="store_false", help=argparse.SUPPRESS)
+            continue
+        convert = parse_bytes if field.name.endswith("_memory") else kind
+        if nullable:
+            convert = (lambda c: lambda s: None if s.lower() in ("none", "auto") and c is not str else c(s))(convert)
+        group.add_argument(flag, dest=field.name, type=convert, default=default, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxserve.server",
+                                description="OpenAI-compatible LLM server on JAX (jaxserve).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_flags(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    s.add_argument("--api-key", action="append", default=[], help="repeatable; also $JAXSERVE_API_KEY")
+    s.add_argument("--max-waiting", type=int, default=ServingConfig.max_waiting,
+                   help="admitted requests without a first token; more get 503")
+    s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
+    s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
+    s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
+    s.add_argument("--shutdown-grace-period", type=float, default=ServingConfig.shutdown_grace_period)
+    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    r = p.add_argument_group("rate limits (per API key, else per `user`, else per client address)")
+    r.add_argument("--rate-limit-rpm", type=float, default=0.0, help="requests per minute; 0: unlimited")
+    r.add_argument("--rate-limit-tpm", type=float, default=0.0,
+                   help="tokens (prompt + max_tokens reserved, settled at the end) per minute; 0: unlimited")
+    r.add_argument("--rate-limit-override", action="append", default=[], metavar="KEY=RPM,TPM",
+                   help="repeatable: limits for one key")
+    g = p.add_argument_group("guardrails (on by default; each stage switchable)")
+    d = GuardrailConfig()
+    g.add_argument("--guardrails", action=argparse.BooleanOptionalAction, default=d.enabled, help="all stages")
+    g.add_argument("--guardrail-input-length", action=argparse.BooleanOptionalAction, default=d.input_length)
+    g.add_argument("--guardrail-max-input-chars", type=int, default=d.max_input_chars)
+    g.add_argument("--guardrail-injection", action=argparse.BooleanOptionalAction, default=d.injection)
+    g.add_argument("--guardrail-injection-threshold", type=float, default=d.injection_threshold)
+    g.add_argument("--guardrail-content-policy", action=argparse.BooleanOptionalAction, default=d.content_policy)
+    g.add_argument("--guardrail-blocklist", action="append", default=[], metavar="TERM",
+                   help="repeatable; added to the built-in list")
+    g.add_argument("--guardrail-blocklist-file", default=None, help="one term per line; # comments")
+    g.add_argument("--guardrail-pii", action=argparse.BooleanOptionalAction, default=d.pii)
+    g.add_argument("--guardrail-check-every", type=int, default=d.check_every_tokens,
+                   help="scan streamed output every N tokens (0: only at the end)")
+    g.add_argument("--guardrail-holdback-chars", type=int, default=d.holdback_chars)
+    g.add_argument("--guardrail-action", choices=("stop", "redact"), default=d.action)
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingConfig]:
+    engine_cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    blocklist = list(GuardrailConfig.blocklist) + list(args.guardrail_blocklist)
+    if args.guardrail_blocklist_file:
+        lines = Path(args.guardrail_blocklist_file).read_text().splitlines()
+        blocklist += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    guardrails = GuardrailConfig(
+        enabled=args.guardrails, input_length=args.guardrail_input_length,
+        max_input_chars=args.guardrail_max_input_chars, injection=args.guardrail_injection,
+        injection_threshold=args.guardrail_injection_threshold, content_policy=args.guardrail_content_policy,
+        blocklist=tuple(blocklist), pii=args.guardrail_pii, check_every_tokens=args.guardrail_check_every,
+        holdback_chars=args.guardrail_holdback_chars, action=args.guardrail_action)
+    keys = list(args.api_key) + ([os.environ["JAXSERVE_API_KEY"]] if os.environ.get("JAXSERVE_API_KEY") else [])
+    serving = ServingConfig(
+        served_model_name=args.served_model_name or Path(engine_cfg.model).name.removesuffix(".gguf"),
+        model=engine_cfg.model, api_keys=tuple(keys), max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout, keepalive_interval=args.sse_keepalive_interval,
+        max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
+        rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),
+        rate_limit_overrides=tuple(parse_override(o) for o in args.rate_limit_override), guardrails=guardrails,
+        max_model_len_hint=engine_cfg.max_model_len or 8192)
+    return engine_cfg, serving
+
+
+def _describe(engine_cfg: EngineConfig, serving: ServingConfig) -> str:
+    shown = dataclasses.asdict(serving)
+    shown["api_keys"] = f"{len(serving.api_keys)} key(s)"
+    shown["rate_limit_overrides"] = f"{len(serving.rate_limit_overrides)} key(s)"
+    return json.dumps({"engine": dataclasses.asdict(engine_cfg), "server": shown}, default=str)
+
+
+def _build_engine(engine_cfg: EngineConfig, loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+    """The builder thread: load, compile, start the engine, then hand it to the event loop."""
+    try:
+        from jaxserve.engine import LLMEngine  # imports JAX: keep it off the event loop's start-up path
+
+        start = time.monotonic()
+        engine = LLMEngine(engine_cfg, warmup=True)
+        engine.start()
+        logger.info("engine ready: %s, max_model_len %d, warm-up %.1f s, %.1f s in all", engine_cfg.model,
+                    engine.max_model_len, getattr(engine, "warmup_seconds", 0.0), time.monotonic() - start)
+        loop.call_soon_threadsafe(state.set_engine, engine)
+    except BaseException as e:  # noqa: BLE001 - any failure must reach the loop, which exits non-zero
+        logger.exception("the engine failed to start")
+        loop.call_soon_threadsafe(state.set_engine_failed, f"{type(e).__name__}: {e}")
+
+
+async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, port: int, access_log: bool) -> int:
+    loop = asyncio.get_running_loop()
+    app = create_app(serving)
+    state = app[STATE]
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    logger.info("jaxserve listening on http://%s:%d (health 503 until the engine is warm)", bound[0], bound[1])
+
+    signals = asyncio.Event()
+    count = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal count
+        count += 1
+        logger.info("received %s%s", signal.Signals(signum).name, " again: skipping the grace period" if count > 1
+                    else "")
+        signals.set()
+        if count > 1:
+            state.abort_all("shutdown")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    threading.Thread(target=_build_engine, args=(engine_cfg, loop, state), name="jaxserve-engine-builder",
+                     daemon=True).start()
+    started = last_log = time.monotonic()
+    while state.engine is None and state.engine_error is None and not signals.is_set():
+        await asyncio.sleep(0.2)
+        if time.monotonic() - last_log >= 10.0:
+            last_log = time.monotonic()
+            logger.info("warming up the engine: %.0f s so far", last_log - started)
+    if state.engine_error is not None:
+        await runner.cleanup()
+        return 1
+    if state.engine is not None:
+        logger.info("ready: http://%s:%d/v1 serving %r", bound[0], bound[1], serving.served_model_name)
+    await signals.wait()
+
+    state.begin_drain()
+    logger.info("draining: %d request(s) in flight, grace period %.0f s", len(state.inflight),
+                serving.shutdown_grace_period)
+    if not await state.wait_drained(serving.shutdown_grace_period):
+        logger.warning("grace period over: aborting %d request(s)", len(state.inflight))
+        state.abort_all("shutdown")
+        await state.wait_drained(5.0)  # their handlers write the error events and return
+    await runner.cleanup()
+    if state.engine is not None:
+        state.engine.shutdown()
+    logger.info("shut down cleanly")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_cfg, serving = configs_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logger.info("config: %s", _describe(engine_cfg, serving))
+    return asyncio.run(serve(engine_cfg, serving, args.host, args.port, args.access_log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

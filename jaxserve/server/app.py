@@ -1,0 +1,307 @@
+"""The aiohttp application: routes, middlewares and the server's state.
+
+Tasks, threads and who owns what:
+  * The event loop (the main thread) runs every HTTP handler, one aiohttp task per request. Only it touches
+    `ServerState`: the in-flight set, the rate-limit buckets, the draining flag and the metric objects, so
+    none of them has a lock.
+  * The engine thread (`engine.start()`) runs the model steps and owns the scheduler, the KV cache and the
+    requests. Handlers reach it only through `engine.add_request` / `engine.abort`, which are thread-safe
+    (they queue commands on the engine's inbox), and get results back through each request's
+    `RequestStream`: the engine puts deltas on the stream's own queue and rings the handler's
+    `asyncio.Event` with `loop.call_soon_threadsafe` (`streaming.DeltaBridge`). One event per HTTP request.
+  * The builder thread (started by `__main__`) constructs and warms up the engine, then hands it to the
+    loop with `call_soon_threadsafe(state.set_engine, engine)`. Until then `/health` answers 503.
+  * `/metrics` reads the engine's counters at scrape time without a lock (see `metrics.EngineCollector`).
+
+Shutdown (`__main__`): `begin_drain()` makes new requests and `/health` answer 503, `wait_drained()` lets
+the in-flight ones finish within the grace period, `abort_all()` cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+import jaxserve
+from jaxserve.chat_template import render_chat
+from jaxserve.server import errors, protocol
+from jaxserve.server.errors import APIError
+from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
+from jaxserve.server.limits import Limits, RateLimiter
+from jaxserve.server.metrics import EngineCollector, ServerMetrics
+from jaxserve.server.openapi import openapi_spec
+from jaxserve.server.serving import Generation, serve_generation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """The HTTP layer's options (the engine's are `EngineConfig`). Field names match the flags."""
+
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    model: str = "SmolLM2-135M-Instruct"  # what --model said (shown as the model's `root`)
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_waiting: int = 256  # admitted requests without a first token yet; more → 503
+    request_timeout: float = 600.0  # seconds; 0: none
+    keepalive_interval: float = 5.0  # seconds of SSE silence before a `: keep-alive` comment
+    max_request_bytes: int = 1 << 20
+    shutdown_grace_period: float = 30.0
+    rate_limits: Limits = Limits()
+    rate_limit_overrides: tuple[tuple[str, Limits], ...] = ()
+    guardrails: GuardrailConfig = GuardrailConfig()
+    max_model_len_hint: int = 8192  # for the token-length histogram buckets, before the engine exists
+
+    def __post_init__(self):
+        if self.max_waiting < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_waiting and max_request_bytes must be positive")
+        if self.request_timeout < 0 or self.keepalive_interval <= 0 or self.shutdown_grace_period < 0:
+            raise ValueError("request_timeout and shutdown_grace_period must be >= 0, keepalive_interval > 0")
+
+
+class ServerState:
+    def __init__(self, config: ServingConfig):
+        self.config = config
+        self.engine: Any = None
+        self.engine_error: str | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self.metrics = ServerMetrics(config.max_model_len_hint)
+        self.limiter = RateLimiter(config.rate_limits, dict(config.rate_limit_overrides),
+                                   on_reject=lambda kind: self.metrics.rate_limited.labels(kind).inc())
+        self.guardrails = GuardrailChain.from_config(config.guardrails)
+        self.inflight: set[Generation] = set()
+        self._drained = asyncio.Event()
+        self.metrics.add_collector(EngineCollector(lambda: self.engine, self._server_gauges))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def set_engine(self, engine: Any) -> None:
+        self.engine = engine
+
+    def set_engine_failed(self, message: str) -> None:
+        self.engine_error = message
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        if not self.inflight:
+            self._drained.set()
+
+    async def wait_drained(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def abort_all(self, reason: str) -> None:
+        for gen in list(self.inflight):
+            gen.abort(reason)
+
+    # ------------------------------------------------------------------ admission
+
+    def require_engine(self) -> Any:
+        if self.draining:
+            raise errors.unavailable("The server is shutting down.", "shutting_down")
+        if self.engine is None:
+            message = "The model is still loading." if self.engine_error is None else "The engine failed to start."
+            raise errors.unavailable(message, "model_loading")
+        return self.engine
+
+    @property
+    def num_queued(self) -> int:
+        return sum(1 for g in self.inflight if not g.started)
+
+    def admit(self, gen: Generation) -> None:
+        self.require_engine()
+        if self.num_queued >= self.config.max_waiting:
+            raise errors.unavailable(f"The server is busy: {self.num_queued} requests are waiting "
+                                     f"(--max-waiting {self.config.max_waiting}).", "queue_full")
+        gen.reservation = self.limiter.admit(self.rate_key(gen.http, gen.req.user), gen.reserved_tokens)
+        self.inflight.add(gen)
+
+    def release(self, gen: Generation) -> None:
+        if gen.reservation is not None:
+            self.limiter.settle(gen.reservation, gen.used_tokens())
+        self.inflight.discard(gen)
+        if self.draining and not self.inflight:
+            self._drained.set()
+
+    def rate_key(self, http: web.Request, user: str | None) -> str:
+        if self.config.api_keys:
+            return bearer_token(http) or ""
+        return user or f"ip:{http.remote}"
+
+    def _server_gauges(self) -> dict[str, float]:
+        return {"server_requests_in_flight": len(self.inflight), "server_requests_queued": self.num_queued,
+                "server_draining": float(self.draining), "engine_ready": float(self.engine is not None),
+                "rate_limit_keys": self.limiter.num_keys}
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def bearer_token(http: web.Request) -> str | None:
+    header = http.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    state = request.app[STATE]
+    try:
+        if _protected(request.path) and state.config.api_keys:
+            token = bearer_token(request) or ""
+            if not any(hmac.compare_digest(token.encode(), key.encode()) for key in state.config.api_keys):
+                raise errors.unauthorized()
+        return await handler(request)
+    except APIError as e:
+        err = e
+    except web.HTTPRequestEntityTooLarge:
+        err = errors.body_too_large(request.content_length, state.config.max_request_bytes)
+    except web.HTTPNotFound:
+        err = errors.route_not_found(request.path)
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        err = APIError(405, f"Method {request.method} not allowed on {request.path}; use {allowed}.",
+                       code="method_not_allowed")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        err = errors.internal()
+    state.metrics.error(err.metric_type)
+    return err.to_response()
+
+
+async def read_json(request: web.Request) -> Any:
+    limit = request.app[STATE].config.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.body_too_large(request.content_length, limit)
+    raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked bodies)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise errors.bad_request(f"The body is not valid JSON: {e}") from None
+
+
+# ---------------------------------------------------------------------------- handlers
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await serve_generation(request.app[STATE], request, protocol.parse_completion(await read_json(request)))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await serve_generation(request.app[STATE], request, protocol.parse_chat(await read_json(request)))
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = state.engine
+    card = {"id": state.config.served_model_name, "object": "model", "created": int(state.started_at),
+            "owned_by": "jaxserve", "root": state.config.model, "parent": None,
+            "max_model_len": getattr(engine, "max_model_len", None)}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_json(request)
+    engine = state.engine or state.require_engine()
+    if not isinstance(body, dict):
+        raise errors.bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != state.config.served_model_name:
+        raise errors.model_not_found(str(model), state.config.served_model_name)
+    add_special = body.get("add_special_tokens", True)
+    if not isinstance(add_special, bool):
+        raise errors.bad_request("'add_special_tokens' must be a boolean", param="add_special_tokens")
+    tok = engine.tokenizer
+    if "messages" in body:
+        chat = protocol.parse_chat({"messages": body["messages"]})
+        try:
+            text = render_chat(tok.chat_template, chat.messages, add_generation_prompt=body.get(
+                "add_generation_prompt", True) is True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+        except ValueError as e:
+            raise errors.bad_request(str(e), param="messages") from None
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    else:
+        raise errors.bad_request("send 'prompt' (a string) or 'messages'", param="prompt")
+    ids = tok.encode(text, add_special_tokens=add_special)
+    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await read_json(request)
+    engine = state.engine or state.require_engine()
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise errors.bad_request("'tokens' must be an array of token ids", param="tokens")
+    vocab = getattr(engine.tokenizer, "vocab_size", None)
+    if vocab is not None and any(not 0 <= t < vocab for t in tokens):
+        raise errors.bad_request(f"token ids must be in [0, {vocab})", param="tokens")
+    return web.json_response({"prompt": engine.tokenizer.decode(tokens)})
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.ready:
+        return web.json_response({"status": "ok"})
+    status = "draining" if state.draining else "failed" if state.engine_error else "loading"
+    return web.json_response({"status": status}, status=503)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": jaxserve.__version__})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec(jaxserve.__version__))
+
+
+ROUTES = [
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("GET", "/v1/models", models),
+    ("POST", "/tokenize", tokenize),
+    ("POST", "/detokenize", detokenize),
+    ("GET", "/health", health),
+    ("GET", "/metrics", metrics),
+    ("GET", "/version", version),
+    ("GET", "/openapi.json", openapi),
+]
+
+
+def create_app(config: ServingConfig, engine: Any = None) -> web.Application:
+    """The application. `engine` (already started) may be given now or later through `app[STATE].set_engine`."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_request_bytes)
+    state = ServerState(config)
+    app[STATE] = state
+    if engine is not None:
+        state.set_engine(engine)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

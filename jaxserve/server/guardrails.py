@@ -1,0 +1,317 @@
+"""Guardrails: a pluggable chain of input checks and output scanners, each stage usable alone.
+
+Input stages look at a request before it reaches the engine and return a `Finding` to block it (the
+server answers 400 `content_policy_violation`):
+  * `LengthLimit`: too many characters of prompt text.
+  * `PromptInjectionScreen`: a scored pattern set over the last user message (or the prompt). Each
+    pattern has a weight; the score is 1 - prod(1 - w) over the patterns that match, and the request is
+    blocked at `threshold`. Cheap by construction: a few precompiled regexes over at most 8 KiB of text.
+  * `ContentPolicy`: a blocklist of words or phrases, matched case-insensitively on word boundaries.
+
+Output stages scan generated text and return every `Finding` with its span:
+  * `PIIDetector`: US social security numbers, credit-card numbers (Luhn-checked), e-mail addresses,
+    North-American phone numbers.
+  * `ContentPolicy` again, on the output.
+
+`OutputMonitor` applies the output stages to one choice while it streams. NOTE: text is held back until
+it has been scanned (every `check_every_tokens` tokens and at the end), and the last `holdback_chars`
+characters stay held until the next scan, so a phone number split across two scans is never half sent.
+The price is latency: the first text of a stream reaches the client after the first scan. On a hit the
+choice either stops (`finish_reason: content_filter`, the text before the hit is kept) or, with the
+"redact" action, the hit is replaced by `[REDACTED]` and generation goes on.
+
+No JAX and no engine here; `GuardrailChain.from_config` builds the default chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable, Protocol, Sequence
+
+REDACTED = "[REDACTED]"
+
+# A short, high-precision default: phrases with no benign reading. Operators extend it with
+# --guardrail-blocklist / --guardrail-blocklist-file; an empty list switches the stage's effect off.
+DEFAULT_BLOCKLIST = (
+    "build a pipe bomb",
+    "make a pipe bomb",
+    "synthesize sarin",
+    "synthesize nerve agent",
+    "child sexual abuse material",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardrailConfig:
+    """Which stages run and how. Every stage is on by default with conservative settings."""
+
+    enabled: bool = True  # master switch
+    input_length: bool = True
+    max_input_chars: int = 65536
+    injection: bool = True
+    injection_threshold: float = 0.8
+    content_policy: bool = True
+    blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
+    pii: bool = True
+    check_every_tokens: int = 8  # 0: scan the output only when the choice ends
+    holdback_chars: int = 24
+    action: str = "stop"  # "stop": finish with content_filter; "redact": replace the hit and go on
+
+    def __post_init__(self):
+        if self.action not in ("stop", "redact"):
+            raise ValueError(f"guardrail action must be 'stop' or 'redact', got {self.action!r}")
+        if not 0 < self.injection_threshold <= 1:
+            raise ValueError(f"injection_threshold must be in (0, 1], got {self.injection_threshold}")
+        if self.max_input_chars < 1 or self.check_every_tokens < 0 or self.holdback_chars < 0:
+            raise ValueError("max_input_chars must be positive; check_every_tokens and holdback_chars >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    stage: str  # "input_length" | "prompt_injection" | "content_policy" | "pii"
+    kind: str  # what matched: "ssn", "credit_card", "email", "phone", a blocklist term, pattern names
+    start: int = 0
+    end: int = 0
+    score: float = 1.0
+
+    def describe(self) -> str:
+        return f"{self.stage} ({self.kind})"
+
+
+class InputStage(Protocol):
+    name: str
+
+    def check(self, text: str) -> Finding | None: ...
+
+
+class OutputStage(Protocol):
+    name: str
+
+    def scan(self, text: str) -> list[Finding]: ...
+
+
+# ---------------------------------------------------------------------------- input stages
+
+class LengthLimit:
+    name = "input_length"
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+
+    def check(self, text: str) -> Finding | None:
+        if len(text) > self.max_chars:
+            return Finding(self.name, f"{len(text)} characters over the limit of {self.max_chars}")
+        return None
+
+
+# (name, weight, trigger words, pattern). Weights: one unambiguous instruction override blocks alone at the
+# default threshold 0.8; weaker signals (role-play, "jailbreak", special-token spoofing) need company.
+# NOTE: a pattern's regex runs only when one of its trigger words occurs in the lower-cased text (a plain
+# substring test in C), which keeps the screen in the tens of microseconds on ordinary prompts.
+INJECTION_PATTERNS = (
+    ("ignore_previous", 0.9, ("ignore", "disregard", "forget", "override"),
+     r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+|the\s+|your\s+)*(?:previous|prior|above|earlier|"
+     r"preceding|original|system)\s+(?:instructions|prompts?|rules|directions|guidelines|context)"),
+    ("reveal_system_prompt", 0.8, ("prompt", "instructions", "message"),
+     r"\b(?:reveal|show|print|repeat|output|leak|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+(?:system|initial|hidden|"
+     r"original|secret)\s+(?:prompt|instructions|message)"),
+    ("do_anything_now", 0.7, ("anything", "dan"), r"\bdo\s+anything\s+now\b|\byou\s+are\s+(?:now\s+)?dan\b"),
+    ("developer_mode", 0.6, ("developer",),
+     r"\b(?:enable|activate|enter)\s+developer\s+mode\b|\bdeveloper\s+mode\s+(?:enabled|on)\b"),
+    ("no_restrictions_roleplay", 0.7, ("pretend", "act", "behave", "imagine"),
+     r"\b(?:pretend|act|behave|imagine)\b.{0,40}\byou\s+(?:have|are)\s+(?:no|not\s+bound\s+by|free\s+(?:of|from))\s+"
+     r"(?:restrictions|rules|guidelines|filters|limitations)"),
+    ("bypass_safety", 0.7, ("bypass", "override", "disable", "circumvent", "ignore"),
+     r"\b(?:bypass|override|disable|circumvent|ignore)\s+(?:your|all|any|the)\s+(?:safety\s+|content\s+|security\s+)?"
+     r"(?:filters|guidelines|restrictions|guardrails|policies|safeguards)"),
+    ("jailbreak", 0.4, ("jailbr",), r"\bjailbr(?:eak|oken)\b"),
+    ("role_spoof", 0.3, ("system", "assistant"), r"(?:^|\n)\s*(?:system|assistant)\s*:"),
+    ("special_tokens", 0.5, ("<|", "[inst]", "[/inst]", "<<sys>>"),
+     r"<\|(?:im_start|im_end|system|endoftext)\|>|\[/?inst\]|<<sys>>"),
+    ("from_now_on", 0.3, ("from now on",), r"\bfrom\s+now\s+on,?\s+you\s+(?:will|must|are|shall)\b"),
+    ("unfiltered", 0.3, ("without",), r"\bwithout\s+(?:any\s+)?(?:restrictions|censorship|filters|limitations)\b"),
+)
+
+
+class PromptInjectionScreen:
+    name = "prompt_injection"
+    MAX_CHARS = 8192  # injections that matter sit near the end of the message; bounds the cost
+
+    def __init__(self, threshold: float = 0.8,
+                 patterns: Sequence[tuple[str, float, tuple[str, ...], str]] = INJECTION_PATTERNS):
+        """`patterns` are matched against the lower-cased text, so they are written in lower case."""
+        self.threshold = threshold
+        self.patterns = [(name, weight, triggers, re.compile(p)) for name, weight, triggers, p in patterns]
+
+    def score(self, text: str) -> tuple[float, list[str]]:
+        text = text[-self.MAX_CHARS:].lower()
+        keep, names = 1.0, []
+        for name, weight, triggers, pattern in self.patterns:
+            if any(t in text for t in triggers) and pattern.search(text):
+                keep *= 1.0 - weight
+                names.append(name)
+        return 1.0 - keep, names
+
+    def check(self, text: str) -> Finding | None:
+        score, names = self.score(text)
+        if score >= self.threshold:
+            return Finding(self.name, "+".join(names), score=round(score, 3))
+        return None
+
+
+class ContentPolicy:
+    """A blocklist of words and phrases; whitespace inside a phrase matches any run of whitespace."""
+
+    name = "content_policy"
+
+    def __init__(self, terms: Iterable[str]):
+        self.terms = tuple(t.strip() for t in terms if t.strip())
+        alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in self.terms), key=len, reverse=True)
+        self.pattern = re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE) if alternatives \
+            else None
+
+    def scan(self, text: str) -> list[Finding]:
+        if self.pattern is None:
+            return []
+        return [Finding(self.name, " ".join(m.group(0).lower().split()), m.start(), m.end())
+                for m in self.pattern.finditer(text)]
+
+    def check(self, text: str) -> Finding | None:
+        found = self.scan(text)
+        return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------- output stages
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+class PIIDetector:
+    name = "pii"
+
+    # NOTE: formats are required where bare digits would be ambiguous: an SSN needs its dashes (or spaces),
+    # a phone number its separators; the invalid SSN areas (000, 666, 9xx) and NANP rules (area and
+    # exchange codes start with 2-9) cut false positives on dates, versions and order numbers.
+    PATTERNS = {
+        "ssn": re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
+        "credit_card": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
+        "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])"),
+        "phone": re.compile(r"(?<![\w+])(?:\+?1[ .-]?)?(?:\([2-9]\d{2}\)\s?|[2-9]\d{2}[ .-])"
+                            r"[2-9]\d{2}[ .-]\d{4}(?!\d)"),
+    }
+
+    def __init__(self, kinds: Iterable[str] = ("ssn", "credit_card", "email", "phone")):
+        self.kinds = tuple(kinds)
+
+    def scan(self, text: str) -> list[Finding]:
+        found = []
+        for kind in self.kinds:
+            for m in self.PATTERNS[kind].finditer(text):
+                if kind == "credit_card":
+                    digits = re.sub(r"\D", "", m.group(0))
+                    if len(set(digits)) == 1 or not luhn_ok(digits):
+                        continue
+                found.append(Finding(self.name, kind, m.start(), m.end()))
+        return found
+
+
+# ---------------------------------------------------------------------------- the chain
+
+class GuardrailChain:
+    def __init__(self, input_stages: Sequence[InputStage] = (), output_stages: Sequence[OutputStage] = (),
+                 injection: PromptInjectionScreen | None = None, *, check_every_tokens: int = 8,
+                 holdback_chars: int = 24, action: str = "stop"):
+        """`input_stages` see all prompt text; `injection` (if any) sees only the last user message."""
+        self.input_stages = list(input_stages)
+        self.injection = injection
+        self.output_stages = list(output_stages)
+        self.check_every_tokens = check_every_tokens
+        self.holdback_chars = holdback_chars
+        self.action = action
+
+    @classmethod
+    def from_config(cls, cfg: GuardrailConfig) -> GuardrailChain:
+        if not cfg.enabled:
+            return cls()
+        policy = ContentPolicy(cfg.blocklist) if cfg.content_policy else None
+        inputs = [s for s in (LengthLimit(cfg.max_input_chars) if cfg.input_length else None, policy) if s]
+        outputs = [s for s in (PIIDetector() if cfg.pii else None, policy) if s]
+        injection = PromptInjectionScreen(cfg.injection_threshold) if cfg.injection else None
+        return cls(inputs, outputs, injection, check_every_tokens=cfg.check_every_tokens,
+                   holdback_chars=cfg.holdback_chars, action=cfg.action)
+
+    def check_input(self, text: str, last_user_message: str | None = None) -> Finding | None:
+        """The first finding that blocks this request, or None. `text`: all prompt text."""
+        for stage in self.input_stages:
+            finding = stage.check(text)
+            if finding:
+                return finding
+        if self.injection is not None:
+            return self.injection.check(text if last_user_message is None else last_user_message)
+        return None
+
+    def monitor(self) -> OutputMonitor:
+        return OutputMonitor(self)
+
+
+class OutputMonitor:
+    """Scans one choice's text as it grows and decides what may be sent; see the module docstring."""
+
+    def __init__(self, chain: GuardrailChain):
+        self.chain = chain
+        self.active = bool(chain.output_stages)
+        self.pending = ""  # received, not yet sent
+        self.sent_tail = ""  # the last raw characters sent, context for hits that straddle a release
+        self.tokens_since_scan = 0
+        self.finding: Finding | None = None  # set when a hit ends the choice (action "stop")
+        self.consumed = 0  # raw characters released (sent, or replaced by REDACTED)
+        self.redacted_spans: list[tuple[int, int]] = []  # raw [start, end) of every redaction
+
+    def feed(self, text: str, num_tokens: int, final: bool) -> str:
+        """Adds new text; returns the text that may be sent now. After a stopping hit, `finding` is set and
+        everything after the hit is dropped."""
+        if self.finding is not None:
+            return ""
+        if not self.active:
+            self.consumed += len(text)
+            return text
+        self.pending += text
+        self.tokens_since_scan += num_tokens
+        every = self.chain.check_every_tokens
+        if not final and (every == 0 or self.tokens_since_scan < every):
+            return ""
+        self.tokens_since_scan = 0
+        ctx = self.sent_tail
+        window = ctx + self.pending
+        found = sorted((f for stage in self.chain.output_stages for f in stage.scan(window) if f.end > len(ctx)),
+                       key=lambda f: f.start)
+        spans = [(max(0, f.start - len(ctx)), f.end - len(ctx), f) for f in found]
+        if spans and self.chain.action == "stop":
+            start, _, finding = spans[0]
+            self.finding = finding
+            out, self.pending = self.pending[:start], ""
+            self.consumed += start
+            return out
+        cut = len(self.pending) if final else max(0, len(self.pending) - self.chain.holdback_chars)
+        for start, end, _ in spans:  # never split a hit across a release: hold it whole
+            if start < cut < end:
+                cut = start
+        raw, self.pending = self.pending[:cut], self.pending[cut:]
+        out, pos = [], 0
+        for start, end, _ in spans:
+            if end <= cut and start >= pos:
+                out += [raw[pos:start], REDACTED]
+                pos = end
+                self.redacted_spans.append((self.consumed + start, self.consumed + end))
+        out.append(raw[pos:])
+        self.consumed += cut
+        self.sent_tail = (self.sent_tail + raw)[-max(self.chain.holdback_chars, 64):]
+        return "".join(out)

@@ -1,0 +1,185 @@
+"""Prometheus metrics in the `jaxserve:` namespace, named after vLLM's `vllm:` ones.
+
+Two kinds of source:
+  * Per-request observations (latencies, lengths, finish reasons, errors) are recorded by the serving
+    layer on the event loop as requests progress, into histograms and counters.
+  * Engine state (running / waiting requests, KV pages, prefix-cache hits, preemptions, steps) is read at
+    scrape time by `EngineCollector`. NOTE: it reads plain counters that the engine thread updates without
+    a lock; a scrape may see a value one step old, which is fine for monitoring and costs the engine nothing.
+    Each read is guarded, so an engine without some attribute just omits that metric.
+
+Each app gets its own `CollectorRegistry`, so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+NS = "jaxserve:"
+FINISH_REASONS = ("stop", "length", "content_filter", "abort", "error")
+ERROR_TYPES = ("bad_request", "unauthorized", "not_found", "too_large", "rate_limited", "unavailable",
+               "content_policy", "timeout", "oom", "client_disconnect", "internal")
+GUARDRAIL_STAGES = ("input_length", "prompt_injection", "content_policy", "pii")
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0)
+
+
+def token_buckets(max_len: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (vLLM's build_1_2_5_buckets)."""
+    out, exp = [], 0
+    while True:
+        for m in (1, 2, 5):
+            value = m * 10**exp
+            if value > max_len:
+                return tuple(out)
+            out.append(float(value))
+        exp += 1
+
+
+class ServerMetrics:
+    def __init__(self, max_model_len: int = 8192):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        tokens = token_buckets(max_model_len)
+        self.ttft = Histogram(NS + "time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram(NS + "inter_token_latency_seconds", "Time between two streamed tokens of a choice.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.tpot = Histogram(NS + "time_per_output_token_seconds", "Per request: (e2e - ttft) / (tokens - 1).",
+                              buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(NS + "e2e_request_latency_seconds", "Arrival to last token.", buckets=REQUEST_BUCKETS,
+                             registry=r)
+        self.queue_time = Histogram(NS + "request_queue_time_seconds", "Arrival to first scheduled.",
+                                    buckets=REQUEST_BUCKETS, registry=r)
+        self.prompt_len = Histogram(NS + "request_prompt_tokens", "Prompt tokens per request.", buckets=tokens,
+                                    registry=r)
+        self.gen_len = Histogram(NS + "request_generation_tokens", "Generated tokens per request.", buckets=tokens,
+                                 registry=r)
+        self.prompt_tokens = Counter(NS + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter(NS + "generation_tokens", "Generated tokens.", registry=r)
+        self.request_success = Counter(NS + "request_success", "Finished requests by finish reason.",
+                                       ["finished_reason"], registry=r)
+        self.errors = Counter(NS + "request_errors", "Failed requests by error type.", ["type"], registry=r)
+        self.guardrail_hits = Counter(NS + "guardrail_hits", "Guardrail findings by stage and direction.",
+                                      ["stage", "direction"], registry=r)
+        self.rate_limited = Counter(NS + "rate_limit_rejections", "Requests refused by a rate limit, by bucket.",
+                                    ["kind"], registry=r)
+        # Pre-create the label values so rate() works from the first scrape and dashboards show zeros.
+        for reason in FINISH_REASONS:
+            self.request_success.labels(reason)
+        for kind in ERROR_TYPES:
+            self.errors.labels(kind)
+        for stage in GUARDRAIL_STAGES:
+            for direction in ("input", "output"):
+                self.guardrail_hits.labels(stage, direction)
+        for kind in ("requests", "tokens"):
+            self.rate_limited.labels(kind)
+
+    def add_collector(self, collector: Any) -> None:
+        self.registry.register(collector)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def finished(self, reason: str, prompt_tokens: int, generation_tokens: int, e2e: float,
+                 ttft: float | None, queue_time: float | None) -> None:
+        self.request_success.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.prompt_len.observe(prompt_tokens)
+        self.gen_len.observe(generation_tokens)
+        self.e2e.observe(e2e)
+        if queue_time is not None:
+            self.queue_time.observe(max(0.0, queue_time))
+        if ttft is not None and generation_tokens > 1:
+            self.tpot.observe(max(0.0, e2e - ttft) / (generation_tokens - 1))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _read(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        if obj is None:
+            return None
+        obj = getattr(obj, name, None)
+    return obj
+
+
+class EngineCollector:
+    """Engine and server gauges read at scrape time.
+
+    Args:
+      get_engine: returns the engine, or None while it is being built.
+      server_values: returns {metric suffix: value} for server-side gauges (in flight, draining, ...).
+    """
+
+    def __init__(self, get_engine: Callable[[], Any], server_values: Callable[[], dict[str, float]]):
+        self.get_engine = get_engine
+        self.server_values = server_values
+
+    def describe(self):
+        return []  # NOTE: no describe() round: collect() reads the engine, which may not exist yet
+
+    def collect(self):
+        engine = self.get_engine()
+        gauges = {
+            "num_requests_running": ("Requests being computed by the engine.",
+                                     lambda: len(_read(engine, "scheduler.running"))),
+            "num_requests_waiting": ("Requests waiting for the engine (queued or preempted).",
+                                     lambda: len(_read(engine, "scheduler.waiting"))),
+            "kv_cache_usage_perc": ("Fraction of KV pages held by requests (0..1).",
+                                    lambda: _read(engine, "kv_cache.usage")),
+            "kv_cache_used_pages": ("KV pages held by requests.",
+                                    lambda: _read(engine, "kv_cache.pool.num_used_pages")),
+            "kv_cache_total_pages": ("Usable KV pages (the null page excluded).",
+                                     lambda: _read(engine, "kv_cache.num_usable_pages")),
+            "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens, since start.",
+                                      lambda: _read(engine, "kv_cache.prefix_hit_rate")),
+            "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.",
+                                      lambda: _read(engine, "warmup_seconds")),
+        }
+        counters = {
+            "num_preemptions": ("Requests preempted (recomputed later) since start.",
+                                lambda: _read(engine, "scheduler.num_preemptions")),
+            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
+                                     lambda: _read(engine, "kv_cache.prefix_queries")),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.",
+                                  lambda: _read(engine, "kv_cache.prefix_hits")),
+            "engine_steps": ("Engine steps that computed tokens.", lambda: _read(engine, "stats.steps")),
+            "engine_step_tokens": ("Tokens computed by engine steps (prompt and generated).",
+                                   lambda: _read(engine, "stats.tokens")),
+        }
+        for name, (doc, read) in gauges.items():
+            value = self._value(read) if engine is not None else None
+            if value is not None:
+                family = GaugeMetricFamily(NS + name, doc)
+                family.add_metric([], float(value))
+                yield family
+        for name, (doc, read) in counters.items():
+            value = self._value(read) if engine is not None else None
+            if value is not None:
+                family = CounterMetricFamily(NS + name, doc)
+                family.add_metric([], float(value))
+                yield family
+        for name, value in self.server_values().items():
+            family = GaugeMetricFamily(NS + name, name.replace("_", " ") + ".")
+            family.add_metric([], float(value))
+            yield family
+
+    @staticmethod
+    def _value(read: Callable[[], Any]) -> float | None:
+        try:
+            value = read()
+        except (TypeError, AttributeError, RuntimeError):  # missing attribute, or a dict resized mid-read
+            return None
+        return None if value is None else float(value)

@@ -1,0 +1,330 @@
+"""OpenAI request parsing and validation (→ SamplingParams) and the response / chunk builders.
+
+Requests arrive as parsed JSON objects. Every field we know is type-checked and range-checked here or by
+`SamplingParams`, and a bad one raises a 400 `APIError` whose `param` names it. Unknown fields are
+ignored, as vLLM does, so clients that send extras keep working.
+
+The builders return plain dicts in exactly OpenAI's shapes; `json.dumps` is the caller's business.
+No JAX, no engine: this module is tested on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+from jaxserve.outputs import TokenLogprob
+from jaxserve.sampling_params import SamplingParams, SamplingParamsError
+from jaxserve.server.errors import bad_request
+
+MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
+MAX_PROMPTS = 64  # prompts in one /v1/completions batch
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+Prompt = str | list[int]
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What both endpoints hand the serving layer: prompts (text or ids), one SamplingParams, stream options.
+
+    `params.max_tokens` None means "up to the context": the serving layer fills it in per prompt once the
+    prompt's length is known, so that rate limits reserve the real worst case.
+    """
+
+    kind: str  # "completion" | "chat"
+    model: str | None
+    prompts: list[Prompt]  # one per prompt; chat: filled in after rendering the messages
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+    echo: bool = False  # completions only
+    logprobs: int | None = None  # completions: top-n per token; chat: top_logprobs when logprobs is true
+    messages: list[dict[str, str]] | None = None  # chat only, normalised to {"role", "content": str}
+    priority: int = 0
+
+
+# ---------------------------------------------------------------------------- field readers
+
+_MISSING = object()
+
+
+def _typename(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+             dict: "an object"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _field(body: dict, name: str, types: tuple[type, ...], default: Any = None, *, nullable: bool = True) -> Any:
+    """body[name] checked against `types`; JSON numbers: an int is a valid float, a bool is never a number."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and nullable):
+        return default
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise bad_request(f"'{name}' must be {_typename(types)}, got {json_type(value)}", param=name)
+    return float(value) if float in types and int not in types and isinstance(value, int) else value
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or an array of non-empty strings", param="stop")
+    return tuple(stop)
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    bias = _field(body, "logit_bias", (dict,))
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(f"'logit_bias' values must be numbers, got {json_type(value)}", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    n = _field(body, "n", (int,), 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    best_of = _field(body, "best_of", (int,))
+    if best_of is not None and best_of != n:
+        raise bad_request("'best_of' other than n is not supported", param="best_of")
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not _int_list(stop_token_ids):
+        raise bad_request("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    temperature = _field(body, "temperature", (float,), 1.0)
+    if temperature > 2.0:  # OpenAI's range; beyond it sampling is noise
+        raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    try:
+        return SamplingParams(
+            n=n, temperature=temperature, top_p=_field(body, "top_p", (float,), 1.0),
+            top_k=_field(body, "top_k", (int,), 0), min_p=_field(body, "min_p", (float,), 0.0),
+            repetition_penalty=_field(body, "repetition_penalty", (float,), 1.0),
+            presence_penalty=_field(body, "presence_penalty", (float,), 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
+            logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=_stop(body),
+            stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs)
+    except SamplingParamsError as e:
+        raise bad_request(str(e), param=e.field) from None
+
+
+def _max_tokens(body: dict, *names: str) -> int | None:
+    for name in names:
+        value = _field(body, name, (int,))
+        if value is not None:
+            if value < 1:
+                raise bad_request(f"'{name}' must be at least 1, got {value}", param=name)
+            return value
+    return None
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = _field(body, "stream_options", (dict,))
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", param="stream_options")
+    return include
+
+
+def _common(body: Any) -> tuple[str | None, bool, bool, str | None, int]:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
+    model = _field(body, "model", (str,))
+    stream = _field(body, "stream", (bool,), False)
+    include_usage = _stream_options(body, stream)
+    user = _field(body, "user", (str,))
+    priority = _field(body, "priority", (int,), 0)
+    return model, stream, include_usage, user, priority
+
+
+# ---------------------------------------------------------------------------- requests
+
+def parse_completion(body: Any) -> GenerationRequest:
+    """Validates a /v1/completions body."""
+    model, stream, include_usage, user, priority = _common(body)
+    if "prompt" not in body:
+        raise bad_request("'prompt' is required", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str) or _int_list(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _int_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad_request("'prompt' must be a string, an array of strings, an array of token ids or an array of "
+                          "token-id arrays", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise bad_request("prompts must not be empty", param="prompt")
+    if _field(body, "suffix", (str,)):
+        raise bad_request("'suffix' is not supported", param="suffix")
+    logprobs = _field(body, "logprobs", (int,))
+    if logprobs is not None and not 0 <= logprobs <= SamplingParams.MAX_LOGPROBS:
+        raise bad_request(f"'logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}], got {logprobs}",
+                          param="logprobs")
+    echo = _field(body, "echo", (bool,), False)
+    if echo and logprobs is not None:
+        # NOTE: echo with logprobs wants prompt log-probabilities, which the engine does not compute.
+        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", param="echo")
+    # OpenAI's default for completions is 16 tokens; an explicit null means "up to the context".
+    max_tokens = _max_tokens(body, "max_tokens") if "max_tokens" in body else 16
+    params = _sampling_params(body, max_tokens, logprobs)
+    return GenerationRequest("completion", model, prompts, params, stream=stream,
+                             include_usage=include_usage, user=user, echo=echo, logprobs=logprobs, priority=priority)
+
+
+def _message_content(i: int, content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else json_type(part)
+                raise bad_request(f"messages[{i}].content: only text parts are supported, got {kind!r}",
+                                  param=f"messages[{i}].content")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"messages[{i}].content must be a string or an array of text parts",
+                      param=f"messages[{i}].content")
+
+
+def parse_chat(body: Any) -> GenerationRequest:
+    """Validates a /v1/chat/completions body."""
+    model, stream, include_usage, user, priority = _common(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array", param="messages")
+    normalised = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}",
+                              param=f"messages[{i}].role")
+        role = "system" if message["role"] == "developer" else message["role"]
+        normalised.append({"role": role, "content": _message_content(i, message.get("content"))})
+    if body.get("tools"):
+        raise bad_request("'tools' are not supported", param="tools")
+    want_logprobs = _field(body, "logprobs", (bool,), False)
+    top = _field(body, "top_logprobs", (int,))
+    if top is not None and not want_logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+    if top is not None and not 0 <= top <= SamplingParams.MAX_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}], got {top}",
+                          param="top_logprobs")
+    logprobs = (top or 0) if want_logprobs else None
+    max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    params = _sampling_params(body, max_tokens, logprobs)
+    return GenerationRequest("chat", model, [], params, stream=stream,
+                             include_usage=include_usage, user=user, logprobs=logprobs, messages=normalised,
+                             priority=priority)
+
+
+def last_user_message(messages: Sequence[dict[str, str]]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    return ""
+
+
+# ---------------------------------------------------------------------------- responses
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str],
+                        text_offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel arrays of tokens, their logprobs, top alternatives, offsets."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for entry in entries:
+        text = token_text(entry.token_id)
+        tokens.append(text)
+        token_logprobs.append(entry.logprob)
+        top: dict[str, float] = {}
+        for token_id, logprob in entry.top:
+            top.setdefault(token_text(token_id), logprob)
+        tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(item(e.token_id, e.logprob), top_logprobs=[item(t, lp) for t, lp in e.top])
+                        for e in entries], "refusal": None}
+
+
+def completion_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict | None,
+                      finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+             usage_: dict | None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": created, "model": model, "system_fingerprint": None, "choices": choices, "usage": usage_}
+
+
+def chunk(kind: str, request_id: str, created: int, model: str, choices: list[dict],
+          usage_: dict | None = None, *, include_usage: bool = False) -> dict[str, Any]:
+    """One SSE chunk. With include_usage every chunk carries `usage` (null but on the last one), as OpenAI's do."""
+    out = {"id": request_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+           "created": created, "model": model, "system_fingerprint": None, "choices": choices}
+    if include_usage or usage_ is not None:
+        out["usage"] = usage_
+    return out

@@ -1,0 +1,98 @@
+"""From engine thread to HTTP client: the delta bridge and the SSE writer.
+
+`DeltaBridge` carries the deltas of one HTTP request's engine streams onto the event loop. NOTE: the
+engine's `on_delta` callback is used only as a doorbell (`call_soon_threadsafe(event.set)`); the deltas
+themselves are read from each `RequestStream`'s own thread-safe queue. That way a delta the engine emits
+before we attach the callback is not lost, and order is the engine's order.
+
+`SSEWriter` writes OpenAI's server-sent events: `data: {json}` per chunk, a `: keep-alive` comment line
+when nothing else was written for a while (so proxies keep long streams open), an in-stream error event
+(`data: {"error": {...}}`, which the openai client raises as an APIError) for failures after the stream
+has started, and the final `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+from typing import Any, Sequence
+
+from aiohttp import web
+
+from jaxserve.outputs import RequestDelta
+from jaxserve.server.errors import APIError
+
+
+class DeltaBridge:
+    def __init__(self, streams: Sequence[Any], loop: asyncio.AbstractEventLoop):
+        self.streams = list(streams)
+        self._loop = loop
+        self._event = asyncio.Event()
+        for stream in self.streams:
+            stream.on_delta = self._ring
+        self._event.set()  # deltas may have arrived before on_delta was set
+
+    def _ring(self, delta: RequestDelta) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._event.set)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            pass
+
+    def _drain(self) -> list[RequestDelta]:
+        out = []
+        for stream in self.streams:
+            while True:
+                try:
+                    out.append(stream.get(timeout=0))
+                except queue.Empty:
+                    break
+        return out
+
+    async def next(self, timeout: float) -> list[RequestDelta]:
+        """The deltas available now, waiting up to `timeout` seconds for some; [] when none came."""
+        while True:
+            self._event.clear()
+            deltas = self._drain()
+            if deltas:
+                return deltas
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+
+
+class SSEWriter:
+    HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
+               "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
+
+    def __init__(self, request: web.Request, extra_headers: dict[str, str] | None = None):
+        self.request = request
+        self.response = web.StreamResponse(status=200, headers={**self.HEADERS, **(extra_headers or {})})
+        self.started = False
+        self.closed = False
+
+    async def start(self) -> None:
+        await self.response.prepare(self.request)
+        self.started = True
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self._write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    async def keepalive(self) -> None:
+        await self._write(b": keep-alive\n\n")
+
+    async def error(self, err: APIError) -> None:
+        await self.send(err.to_dict())
+
+    async def done(self) -> None:
+        if self.closed:
+            return
+        await self._write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        self.closed = True
+
+    async def _write(self, data: bytes) -> None:
+        if not self.started:
+            await self.start()
+        await self.response.write(data)

@@ -36,6 +36,7 @@ from jaxserve.server.limits import Limits, parse_override
 
 logger = logging.getLogger("jaxserve.server")
 
+_BUILDER = "jaxserve-engine-builder"
 _UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -204,8 +205,7 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    threading.Thread(target=_build_engine, args=(engine_cfg, loop, state), name="jaxserve-engine-builder",
-                     daemon=True).start()
+    threading.Thread(target=_build_engine, args=(engine_cfg, loop, state), name=_BUILDER, daemon=True).start()
     started = last_log = time.monotonic()
     while state.engine is None and state.engine_error is None and not signals.is_set():
         await asyncio.sleep(0.2)
@@ -243,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logger.info("config: %s", _describe(engine_cfg, serving))
-    return asyncio.run(serve(engine_cfg, serving, args.host, args.port, args.access_log))
+    rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port, args.access_log))
+    if any(t.name == _BUILDER and t.is_alive() for t in threading.enumerate()):
+        # NOTE: stopped during warm-up. Interpreter shutdown under a thread that is inside an XLA compile
+        # aborts the process, so leave at once: nothing is in flight and nothing needs flushing but the logs.
+        logging.shutdown()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":

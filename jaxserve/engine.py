@@ -1,0 +1,288 @@
+"""LLMEngine: requests in, streams of text and token deltas out.
+
+Threads and ownership:
+  * The engine thread (`start()`), or the caller itself when it drives `step()` (offline `LLM`), is
+    the only one that touches the scheduler, the KV cache manager, the model runner and the per-choice
+    text state.
+  * Any other thread may call `add_request()` and `abort()`: they validate, then put a command on
+    `self._inbox` (a `queue.Queue`) which the engine thread drains at the top of every step.
+  * Each request's deltas go to its `RequestStream` (a `queue.Queue` per request) which the caller's
+    thread reads; the server bridges it to asyncio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jaxserve.config import EngineConfig
+from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.model_registry import resolve_model
+from jaxserve.model_runner import ModelRunner
+from jaxserve.output_processor import ChoiceText
+from jaxserve.outputs import RequestDelta, TokenLogprob
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampler import RowSampling
+from jaxserve.sampling_params import SamplingParams, SamplingParamsError
+from jaxserve.scheduler import Scheduler, SchedulerConfig
+from jaxserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class RequestTooLongError(ValueError):
+    """Prompt plus max_tokens exceed the context; the message carries the numbers."""
+
+
+class RequestStream:
+    """The deltas of one request (all its `n` choices), in order; iterate it from any thread."""
+
+    def __init__(self, request_id: str, n: int, prompt_token_ids: list[int]):
+        self.request_id = request_id
+        self.n = n
+        self.prompt_token_ids = prompt_token_ids
+        self.arrival_time = time.monotonic()
+        self._queue: queue.Queue[RequestDelta] = queue.Queue()
+        self._open = n
+        self.on_delta = None  # optional callback, called from the engine thread (the server's asyncio bridge)
+
+    def put(self, delta: RequestDelta) -> None:
+        self._queue.put(delta)
+        if self.on_delta is not None:
+            self.on_delta(delta)
+
+    def get(self, timeout: float | None = None) -> RequestDelta:
+        return self._queue.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[RequestDelta]:
+        while self._open:
+            delta = self._queue.get()
+            if delta.finished:
+                self._open -= 1
+            yield delta
+
+
+@dataclasses.dataclass
+class _Choice:
+    stream: RequestStream
+    index: int
+    request: Request
+    text: ChoiceText
+    sent_first: bool = False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, warmup: bool = True):
+        self.config = config
+        checkpoint_dir = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(checkpoint_dir)
+        self.runner = ModelRunner(config, checkpoint_dir)
+        self.max_model_len = self.runner.max_model_len
+        self.kv_cache = KVCacheManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching,
+                                       self.max_model_len)
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                                   max_model_len=self.max_model_len), self.kv_cache)
+        self.eos_token_ids = frozenset(self.tokenizer.eog_ids)
+        self._choices: dict[str, _Choice] = {}  # sub-request id -> its choice state
+        self._inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wakeup = threading.Event()
+        self.warmup_seconds = self.runner.warmup() if warmup else 0.0
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ any thread
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, priority: int = 0) -> RequestStream:
+        """Validates and enqueues a request; raises ValueError (RequestTooLongError, SamplingParamsError)."""
+        params = params or SamplingParams()
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.validate(prompt_ids, params)
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, params.n, prompt_ids)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        for i in range(params.n):
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            # Siblings of a seeded request must differ from each other but stay reproducible.
+            seed = (base_seed + 1_000_003 * i) % 2**31
+            req = Request(sub_id, prompt_ids, params, arrival_time=stream.arrival_time, priority=priority,
+                          eos_token_ids=self.eos_token_ids, seed=seed, group_id=request_id)
+            self._inbox.put(("add", _Choice(stream, i, req, ChoiceText(self.tokenizer, params, prompt_ids))))
+        self._wakeup.set()
+        return stream
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise SamplingParamsError("prompt", "the prompt is empty")
+        vocab = self.runner.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise SamplingParamsError("prompt", f"prompt token ids must be in [0, {vocab})")
+        for token in itertools.chain(params.stop_token_ids, (params.logit_bias or {})):
+            if not 0 <= int(token) < vocab:
+                raise SamplingParamsError("logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids",
+                                          f"token id {token} is outside the vocabulary [0, {vocab})")
+        wanted = len(prompt_ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise RequestTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{wanted} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens or 1} for the completion).")
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    def start(self) -> None:
+        """Runs the step loop in a daemon thread until `shutdown()`."""
+        self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # NOTE: one bad step must not kill the server; fail the requests in it
+                logger.exception("engine step failed; aborting the running requests")
+                self._fail_all("internal error in the engine step")
+                worked = True
+            if not worked:
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._choices) or not self._inbox.empty()
+
+    def step(self) -> bool:
+        """One scheduling + model step. Returns False when there was nothing to do."""
+        self._drain_inbox()
+        sched = self.scheduler.schedule()
+        for req in sched.finished:
+            self._finish(req.request_id, [], None)
+        if not sched.chunks:
+            return bool(sched.finished)
+        rows = [self._row_sampling(c.request) if c.sample else None for c in sched.chunks]
+        out = self.runner.execute(sched.chunks, rows)
+        sampled = dict(zip(out.request_ids, (int(t) for t in out.token_ids)))
+        row_of = {rid: i for i, rid in enumerate(out.request_ids)}
+        updates = self.scheduler.update_from_output(sched, sampled)
+        self.stats.record_step(sched.num_scheduled_tokens, out.step_seconds, out.host_seconds)
+        for update in updates:
+            i = row_of.get(update.request_id)
+            logprobs = None
+            choice = self._choices.get(update.request_id)
+            if choice is None:
+                continue
+            if i is not None and choice.request.sampling_params.logprobs is not None and update.new_token_ids:
+                n = choice.request.sampling_params.logprobs
+                logprobs = [TokenLogprob(int(out.token_ids[i]), float(out.logprobs[i]),
+                                         [(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:n],
+                                                                               out.top_logprobs[i][:n])])]
+            self._emit(choice, update, logprobs)
+        return True
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "add":
+                self._choices[arg.request.request_id] = arg
+                self.scheduler.add_request(arg.request)
+            else:
+                for sub_id, choice in list(self._choices.items()):
+                    if choice.stream.request_id == arg:
+                        self.scheduler.abort_request(sub_id)
+                        self._finish(sub_id, [], "abort")
+
+    def _row_sampling(self, req: Request) -> RowSampling:
+        params = req.sampling_params
+        banned = ()
+        if len(req.output_token_ids) < params.min_tokens:
+            banned = tuple(self.eos_token_ids | set(params.stop_token_ids))
+        return RowSampling(params=params, seed=req.seed, position=req.num_tokens,
+                           prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+                           banned_ids=banned)
+
+    def _emit(self, choice: _Choice, update, logprobs) -> None:
+        text, stopped = choice.text.add_tokens(update.new_token_ids, finishing=update.finished)
+        finish_reason = update.finish_reason if update.finished else None
+        if stopped and not update.finished:
+            self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED)
+            finish_reason = "stop"
+        self._send(choice, update.new_token_ids, text, logprobs, finish_reason)
+
+    def _finish(self, sub_id: str, token_ids: list[int], reason: str | None) -> None:
+        choice = self._choices.get(sub_id)
+        if choice is None:
+            return
+        req = choice.request
+        reason = reason or req.status.finish_reason or "abort"
+        self._send(choice, token_ids, choice.text.flush(), None, reason, error=req.error)
+
+    def _send(self, choice: _Choice, token_ids, text, logprobs, finish_reason, error=None) -> None:
+        req = choice.request
+        delta = RequestDelta(
+            request_id=choice.stream.request_id, index=choice.index, new_token_ids=list(token_ids), new_text=text,
+            logprobs=logprobs, finished=finish_reason is not None, finish_reason=finish_reason, error=error,
+            num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens, time=time.monotonic(),
+            first_scheduled_time=None if choice.sent_first else req.first_scheduled_time)
+        choice.sent_first = True
+        if delta.finished:
+            del self._choices[req.request_id]
+        if delta.finished or token_ids or text:
+            choice.stream.put(delta)
+
+    def _fail_all(self, message: str) -> None:
+        for sub_id, choice in list(self._choices.items()):
+            self.scheduler.abort_request(sub_id)
+            choice.request.error = message
+            self._finish(sub_id, [], "error")
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Engine-wide counters (the server exports them as Prometheus metrics)."""
+
+    steps: int = 0
+    tokens: int = 0
+    step_seconds: float = 0.0
+    host_seconds: float = 0.0
+    recent_tokens_per_step: list[int] = dataclasses.field(default_factory=list)
+
+    def record_step(self, num_tokens: int, step_seconds: float, host_seconds: float) -> None:
+        self.steps += 1
+        self.tokens += num_tokens
+        self.step_seconds += step_seconds
+        self.host_seconds += host_seconds
+        self.recent_tokens_per_step = (self.recent_tokens_per_step + [num_tokens])[-256:]
+
+    @property
+    def host_fraction(self) -> float:
+        return self.host_seconds / self.step_seconds if self.step_seconds else 0.0
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        return float(np.mean(self.recent_tokens_per_step)) if self.recent_tokens_per_step else 0.0

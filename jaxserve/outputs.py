@@ -1,0 +1,69 @@
+"""What the engine hands back: per-step deltas for streaming, and whole results for the offline API."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the top-n alternatives (raw distribution), best first
+
+
+@dataclasses.dataclass
+class RequestDelta:
+    """New output of one choice (`index`) of one request since its previous delta."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "content_filter"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    time: float = 0.0  # time.monotonic() when the delta was produced
+    first_scheduled_time: float | None = None  # set on the first delta (queue time = this - arrival)
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    def add(self, delta: RequestDelta) -> None:
+        out = self.outputs[delta.index]
+        out.text += delta.new_text
+        out.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + delta.logprobs
+        if delta.new_token_ids and self.first_token_time is None:
+            self.first_token_time = delta.time
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        if delta.finished:
+            out.finish_reason, out.error = delta.finish_reason, delta.error
+            self.finished = all(o.finish_reason is not None for o in self.outputs)
+            if self.finished:
+                self.finished_time = delta.time

@@ -68,7 +68,10 @@ class ModelRunner:
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.dtype))
-        self.kv_pages = jnp.zeros(llama.kv_cache_shape(cfg, self.num_pages, self.page_size), self.dtype)
+        # NOTE: committed to a device like the step's outputs, or the first shape compiles twice (an
+        # uncommitted argument is a different cache key from the donated, committed pages it gets back).
+        self.kv_pages = jax.device_put(jnp.zeros(llama.kv_cache_shape(cfg, self.num_pages, self.page_size),
+                                                 self.dtype), jax.local_devices()[0])
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens)
         self.attention = resolve_attention(config.attention_backend)
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention), donate_argnums=(1,))

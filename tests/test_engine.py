@@ -1,0 +1,135 @@
+"""The engine on the real SmolLM2-135M: continuous batching, prefix caching, preemption and seeded sampling.
+
+The reference is the transformers golden file (tests/data/golden_smollm2.json, one prompt at a time, float32):
+whatever the batch, the chunking, the cache hits or the preemptions, greedy rows must give its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_smollm2.json").read_text())
+PROMPTS = GOLDEN["prompts"]
+# The golden continuations run past EOS (transformers was told to), so greedy rows ignore EOS too.
+GREEDY = SamplingParams(max_tokens=GOLDEN["num_generated"], temperature=0.0, ignore_eos=True,
+                        logprobs=GOLDEN["top_logprobs"])
+LOGPROB_ATOL = 1e-3
+# Small buckets keep warm-up short: 4 rows, 32 tokens a step, so the 327-token prompt takes 11 chunks.
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory=64 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(**ENGINE)
+
+
+def assert_idle_and_accounted(llm: LLM) -> None:
+    """Nothing in flight, no page held, and free + used pages cover the pool (page 0 is the null page)."""
+    pool = llm.engine.kv_cache.pool
+    assert not llm.engine.has_unfinished()
+    assert pool.num_used_pages == 0
+    assert pool.num_free_pages + pool.num_used_pages == pool.num_pages - 1
+    pool.check_invariants()
+
+
+def assert_matches_golden(out, prompt) -> None:
+    got = out.outputs[0]
+    assert got.token_ids == prompt["greedy_ids"], prompt["name"]
+    for pos, (lp, want) in enumerate(zip(got.logprobs, prompt["top_logprobs"])):
+        top = dict(lp.top)
+        for token_id, logprob in want:
+            assert token_id in top, (prompt["name"], pos, token_id)
+            assert abs(top[token_id] - logprob) <= LOGPROB_ATOL, (prompt["name"], pos, top[token_id], logprob)
+
+
+@pytest.mark.slow
+def test_batched_greedy_matches_golden_beside_random_rows(llm):
+    """All golden prompts at once (more than max_num_seqs, so requests queue and join mid-flight), with
+    sampled rows in the same steps; then the same again, now hitting the prefix cache."""
+    rng = np.random.default_rng(0)
+    noise = [[int(t) for t in rng.integers(100, 40000, n)] for n in (3, 70, 130)]
+    random_params = [SamplingParams(max_tokens=20, temperature=t, top_p=0.9, top_k=k, seed=s)
+                     for t, k, s in ((0.7, 0, 1), (1.2, 40, 2), (0.5, 5, 3))]
+    prompts = [p["prompt_ids"] for p in PROMPTS] + noise
+    params = [GREEDY] * len(PROMPTS) + random_params
+    compiled = llm.engine.runner.num_compiled()
+
+    first = llm.generate(prompts, params, use_tqdm=False)
+    for out, prompt in zip(first, PROMPTS):
+        assert_matches_golden(out, prompt)
+    assert all(len(o.outputs[0].token_ids) <= 20 for o in first[len(PROMPTS):])
+    assert_idle_and_accounted(llm)
+
+    again = llm.generate(prompts, params, use_tqdm=False)
+    for out, prompt in zip(again, PROMPTS):
+        assert_matches_golden(out, prompt)
+    # Hits are whole pages (LRU eviction in this small pool may have taken some); seeded rows repeat exactly.
+    assert all(o.num_cached_tokens % 16 == 0 for o in again) and sum(o.num_cached_tokens for o in again) > 0
+    assert [o.outputs[0].token_ids for o in again[len(PROMPTS):]] == \
+        [o.outputs[0].token_ids for o in first[len(PROMPTS):]]
+    assert llm.engine.scheduler.stats().prefix_cache_hits > 0
+    # Right after a request, every full page of its prompt is cached.
+    long_prompt = next(p for p in PROMPTS if len(p["prompt_ids"]) > 300)
+    hit = llm.generate([long_prompt["prompt_ids"]], GREEDY, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == len(long_prompt["prompt_ids"]) // 16 * 16
+    assert_matches_golden(hit, long_prompt)
+    assert_idle_and_accounted(llm)
+    # Varied prompt lengths, batch sizes and sampling parameters: every shape was compiled at warm-up.
+    assert llm.engine.runner.num_compiled() == compiled == len(llm.engine.runner.buckets.shapes())
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_independent_of_the_batch(llm):
+    prompt = PROMPTS[1]["prompt_ids"]
+    seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    crowd = [p["prompt_ids"] for p in PROMPTS[2:5]]
+    batched = llm.generate(crowd + [prompt] + crowd, [SamplingParams(max_tokens=24, temperature=1.0, seed=9)] * 3
+                           + [seeded] + [GREEDY] * 3, use_tqdm=False)
+    assert batched[3].outputs[0].token_ids == alone
+    other_seed = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=4321),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+    assert_idle_and_accounted(llm)
+
+
+@pytest.mark.slow
+def test_n_choices_share_the_prompt_and_stop_strings_are_cut(llm):
+    prompt = PROMPTS[4]  # dickens_text
+    out = llm.generate([prompt["prompt_ids"]], SamplingParams(max_tokens=12, temperature=1.0, n=3, seed=7),
+                       use_tqdm=False)[0]
+    texts = [o.text for o in out.outputs]
+    assert len(texts) == 3 and len(set(texts)) > 1
+    greedy_text = llm.tokenizer.decode(prompt["greedy_ids"])
+    stop = greedy_text[10:14]
+    cut = llm.generate([prompt["prompt_ids"]], SamplingParams(max_tokens=32, temperature=0.0, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == greedy_text[:greedy_text.index(stop)]
+    assert_idle_and_accounted(llm)
+
+
+@pytest.mark.slow
+def test_preemption_under_a_tiny_pool_keeps_greedy_outputs():
+    """13 usable pages of 16 tokens for four 32-token continuations of 31-67-token prompts: they cannot all
+    hold their pages at once, so the scheduler preempts and recomputes, and the tokens stay the golden ones."""
+    chosen = [p for p in PROMPTS if 30 <= len(p["prompt_ids"]) <= 70][:4]
+    tiny = LLM(**{**ENGINE, "num_pages": 14}, warmup=False)
+    outs = tiny.generate([p["prompt_ids"] for p in chosen], GREEDY, use_tqdm=False)
+    for out, prompt in zip(outs, chosen):
+        assert_matches_golden(out, prompt)
+    assert tiny.engine.scheduler.stats().num_preemptions > 0
+    assert_idle_and_accounted(tiny)
+
+
+@pytest.mark.slow
+def test_request_that_can_never_fit_gets_a_clear_error():
+    tiny = LLM(**{**ENGINE, "num_pages": 4}, warmup=False)  # 3 usable pages: 48 tokens
+    out = tiny.generate([PROMPTS[5]["prompt_ids"][:60]], SamplingParams(max_tokens=4), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error" and "KV pages" in out.outputs[0].error
+    assert_idle_and_accounted(tiny)

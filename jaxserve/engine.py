@@ -175,6 +175,7 @@ class LLMEngine:
 
     def step(self) -> bool:
         """One scheduling + model step. Returns False when there was nothing to do."""
+        t0 = time.perf_counter()
         self._drain_inbox()
         sched = self.scheduler.schedule()
         for req in sched.finished:
@@ -186,7 +187,6 @@ class LLMEngine:
         sampled = dict(zip(out.request_ids, (int(t) for t in out.token_ids)))
         row_of = {rid: i for i, rid in enumerate(out.request_ids)}
         updates = self.scheduler.update_from_output(sched, sampled)
-        self.stats.record_step(sched.num_scheduled_tokens, out.step_seconds, out.host_seconds)
         for update in updates:
             i = row_of.get(update.request_id)
             logprobs = None
@@ -199,6 +199,8 @@ class LLMEngine:
                                          [(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:n],
                                                                                out.top_logprobs[i][:n])])]
             self._emit(choice, update, logprobs)
+        self.stats.record_step(sched.num_scheduled_tokens, time.perf_counter() - t0,
+                               device_seconds=out.step_seconds - out.host_seconds)
         return True
 
     def _drain_inbox(self) -> None:
@@ -268,15 +270,15 @@ class EngineStats:
 
     steps: int = 0
     tokens: int = 0
-    step_seconds: float = 0.0
-    host_seconds: float = 0.0
+    step_seconds: float = 0.0  # wall time of whole engine steps
+    host_seconds: float = 0.0  # the part of it not spent waiting for the device: scheduling, packing, outputs
     recent_tokens_per_step: list[int] = dataclasses.field(default_factory=list)
 
-    def record_step(self, num_tokens: int, step_seconds: float, host_seconds: float) -> None:
+    def record_step(self, num_tokens: int, step_seconds: float, *, device_seconds: float) -> None:
         self.steps += 1
         self.tokens += num_tokens
         self.step_seconds += step_seconds
-        self.host_seconds += host_seconds
+        self.host_seconds += step_seconds - device_seconds
         self.recent_tokens_per_step = (self.recent_tokens_per_step + [num_tokens])[-256:]
 
     @property

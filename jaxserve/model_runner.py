@@ -39,7 +39,7 @@ class ModelRunnerOutput:
     top_ids: np.ndarray  # [n, NUM_LOGPROBS]
     top_logprobs: np.ndarray  # [n, NUM_LOGPROBS]
     step_seconds: float = 0.0
-    host_seconds: float = 0.0  # time spent preparing inputs on the host before dispatch
+    host_seconds: float = 0.0  # of which preparing inputs on the host before dispatch
 
 
 def resolve_dtype(name: str):

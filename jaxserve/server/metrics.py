@@ -145,6 +145,10 @@ class EngineCollector:
                                      lambda: _read(engine, "kv_cache.num_usable_pages")),
             "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens, since start.",
                                       lambda: _read(engine, "kv_cache.prefix_hit_rate")),
+            "kv_cache_waste_tokens": ("Allocated but unfilled KV token slots (at most a page per sequence).",
+                                      lambda: _read(engine, "kv_cache.kv_waste_tokens")()),
+            "engine_host_fraction": ("Share of engine step time not spent waiting for the device, since start.",
+                                     lambda: _read(engine, "stats.host_fraction")),
             "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.",
                                       lambda: _read(engine, "warmup_seconds")),
         }

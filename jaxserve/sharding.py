@@ -129,8 +129,9 @@ class ShardingPlan:
             for i, (entry, size) in enumerate(zip(spec, shape)):
                 ways = math.prod(self.mesh.shape[a] for a in _as_tuple(entry))
                 if size % ways:
-                    logger.warning("dimension %d (%s) of size %d does not split %d ways: replicated", i, axes[i],
-                                   size, ways)
+                    # KV heads are expected here: the checkpoint's are loaded whole, then repeated (repeat_kv_heads).
+                    log = logger.debug if axes[i] == "kv_heads" else logger.warning
+                    log("dimension %d (%s) of size %d does not split %d ways: replicated", i, axes[i], size, ways)
                     spec[i] = None
         return NamedSharding(self.mesh, PartitionSpec(*spec))
 

@@ -83,7 +83,7 @@ class ModelRunner:
         kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
         self.kv_pages = jax.jit(lambda: jnp.zeros(kv_shape, self.dtype), out_shardings=kv_sharding)()
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens)
-        self.attention = resolve_attention(config.attention_backend)
+        self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
                              in_shardings=(sharding.weight_sharding_tree(cfg, self.plan), kv_sharding, rep, rep),

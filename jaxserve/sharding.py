@@ -21,6 +21,7 @@ ValueError that names the valid sizes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Sequence, Union
@@ -189,6 +190,29 @@ KV_CACHE_AXES = ("layers", "pages", None, "kv_heads", None)
 
 def kv_cache_sharding(plan: ShardingPlan) -> NamedSharding:
     return plan.sharding(KV_CACHE_AXES)
+
+
+def shard_attention(attention, plan: ShardingPlan):
+    """Runs an attention function per device on its own heads (`shard_map`), so kernels need no sharding rules.
+
+    Each query head attends only to its own KV head, and both live on the same device (`kv_replicas_for`), so
+    the per-device computation is exact and needs no collective. XLA cannot partition a Pallas kernel (a
+    custom call) by itself; this is what lets `--attention-backend pallas` run under tensor parallelism.
+    """
+    if plan.rules.mesh_axes("heads") != plan.rules.mesh_axes("kv_heads"):
+        raise ValueError(f"per-device attention needs query and KV heads on the same mesh axes; rules map heads to "
+                         f"{plan.rules.heads!r} and kv_heads to {plan.rules.kv_heads!r}")
+    if plan.mesh.size == 1:
+        return attention
+    heads = plan.rules.spec((None, "heads", None))  # q and the output: [T, N, H]
+    in_specs = (heads, plan.rules.spec(KV_CACHE_AXES), PartitionSpec(), PartitionSpec())  # q, kv_pages, layer, step
+
+    def sharded(q, kv_pages, layer, step, *, scale):
+        per_device = functools.partial(attention, scale=scale)
+        return jax.shard_map(per_device, mesh=plan.mesh, in_specs=in_specs, out_specs=heads,
+                             check_vma=False)(q, kv_pages, layer, step)
+
+    return sharded
 
 
 def repeat_kv_heads(weights: LlamaWeights, cfg: ModelConfig, plan: ShardingPlan) -> LlamaWeights:

@@ -76,7 +76,8 @@ def run_two_steps(weights, tp: int, dp: int):
                                            TINY, plan)
         kv_sharding = sharding.kv_cache_sharding(plan)
         kv = jax.device_put(jnp.zeros(llama.kv_cache_shape(cfg, NUM_PAGES, PAGE)), kv_sharding)
-        fn = jax.jit(functools.partial(llama.forward, cfg=cfg, attention=paged_attention_xla, plan=plan),
+        attention = sharding.shard_attention(paged_attention_xla, plan)
+        fn = jax.jit(functools.partial(llama.forward, cfg=cfg, attention=attention, plan=plan),
                      in_shardings=(sharding.weight_sharding_tree(cfg, plan), kv_sharding, plan.replicated),
                      out_shardings=(plan.replicated, kv_sharding))
     steps = two_steps()

@@ -50,7 +50,7 @@ def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,
     if need > len(devices):
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} x data_parallel_size={data_parallel_size} "
                          f"needs {need} devices; {len(devices)} are visible")
-    # NOTE: devices of one process are adjacent in jax.devices(), so the model axis (the chatty one: two
+    # NOTE: devices of one process are normally adjacent in jax.devices(), so the model axis (the chatty one: two
     # all-reduces a layer) stays within a host whenever tensor_parallel_size fits in one.
     grid = np.array(devices[:need], dtype=object).reshape(data_parallel_size, tensor_parallel_size)
     return Mesh(grid, MESH_AXES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 import shutil
 from pathlib import Path
@@ -259,7 +260,9 @@ def test_rules_refuse_collisions_and_unknown_axes():
 
 @pytest.mark.slow
 def test_smollm2_tp3_greedy_matches_tp1_through_the_engine():
-    prompts = ["The capital of France is", "def fibonacci(n):"]
+    golden = json.loads((Path(__file__).parent / "data" / "golden_smollm2.json").read_text())
+    short = next(p for p in golden["prompts"] if p["name"] == "short_text")  # from HF transformers, float32
+    prompts = [short["text"], "def fibonacci(n):"]
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
     options = dict(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64, kv_cache_memory=8 * 2**20,
                    warmup=False)
@@ -277,3 +280,5 @@ def test_smollm2_tp3_greedy_matches_tp1_through_the_engine():
         lp1 = [lp.logprob for lp in one.outputs[0].logprobs]
         lp3 = [lp.logprob for lp in three.outputs[0].logprobs]
         np.testing.assert_allclose(lp3, lp1, atol=1e-4)
+    assert results[3][0].prompt_token_ids == short["prompt_ids"]
+    assert results[3][0].outputs[0].token_ids == short["greedy_ids"][:6]

@@ -138,6 +138,11 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
 
+    def step_hlo(self, num_tokens: int, num_rows: int) -> str:
+        """The compiled HLO text of the step for one bucket (to inspect its collectives and fusions)."""
+        step, md = self._placeholder_inputs(num_tokens, num_rows)
+        return self._step.lower(self.weights, self.kv_pages, step, md).compile().as_text()
+
     def num_compiled(self) -> int:
         return self._step._cache_size()
 

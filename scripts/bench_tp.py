@@ -120,9 +120,7 @@ def main() -> int:
         pre = [Chunk("p", list(range(1, prefill + 1)), 0, list(range(1, 1 + pages_per)))]
         t_decode = timed(runner, decode, [greedy] * rows_n, steps)
         t_prefill = timed(runner, pre, [greedy], steps)
-        step, md = runner._placeholder_inputs(*runner.buckets.choose(prefill, 1))
-        per_layer, outside = collectives(runner._step.lower(runner.weights, runner.kv_pages, step, md)
-                                         .compile().as_text())
+        per_layer, outside = collectives(runner.step_hlo(*runner.buckets.choose(prefill, 1)))
         print(f"{tp:>3} {t_decode * 1e3:>10.1f} {t_prefill * 1e3:>11.1f} {per_layer:>17} {outside:>19}", flush=True)
         del runner
     return 0

@@ -179,8 +179,12 @@ def test_runner_loads_into_shardings_and_compiles_two_all_reduces_per_layer(runn
     assert runner.kv_pages.sharding.spec == P(None, None, None, "model", None)
     assert runner.kv_pages.addressable_shards[0].data.shape[3] == 2 * cfg.num_kv_heads // tp
 
-    step, md = runner._placeholder_inputs(16, 2)
-    hlo = runner._step.lower(runner.weights, runner.kv_pages, step, md).compile().as_text()
+    # Each device holds an eighth of every split weight: about an eighth of the model (norms are replicated).
+    held = sharding.per_device_bytes(runner.weights)
+    total = sum(np.prod(i.shape) * 4 for i in llama.param_table(cfg).values())
+    assert len(held) == tp and len(set(held.values())) == 1 and total / tp <= held["0"] < 1.01 * total / tp
+
+    hlo = runner.step_hlo(16, 2)
     per_computation = collectives_by_computation(hlo)
     entry = per_computation.pop("ENTRY", [])
     # The whole step, sampler included: still two all-reduces per layer, the embedding's all-reduce, and the

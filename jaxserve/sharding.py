@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -36,7 +36,7 @@ from jaxserve.llama import LlamaWeights, param_table, weights_from_flat
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")
-MeshAxes = Union[str, tuple[str, ...], None]
+MeshAxes = str | tuple[str, ...] | None
 
 
 def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1,

@@ -43,15 +43,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from jaxserve import llama  # noqa: E402
-from jaxserve.checkpoint import save_checkpoint  # noqa: E402
-from jaxserve.config import EngineConfig, ModelConfig  # noqa: E402
-from jaxserve.model_registry import resolve_model  # noqa: E402
-from jaxserve.model_runner import ModelRunner  # noqa: E402
-from jaxserve.sampler import RowSampling  # noqa: E402
-from jaxserve.sampling_params import SamplingParams  # noqa: E402
+from jaxserve import llama
+from jaxserve.checkpoint import save_checkpoint
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.model_registry import resolve_model
+from jaxserve.model_runner import ModelRunner
+from jaxserve.sampler import RowSampling
+from jaxserve.sampling_params import SamplingParams
 
 RANDOM_MODEL = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                            num_kv_heads=4, head_dim=64, max_position_embeddings=2048)

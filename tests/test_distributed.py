@@ -17,9 +17,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from test_sharding import tiny_checkpoint  # noqa: F401 (a fixture)
 
 from jaxserve import LLM, SamplingParams
-from test_sharding import tiny_checkpoint  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -147,7 +147,7 @@ EXPECTED_SPECS = {
 def tiny_checkpoint(tmp_path_factory):
     """The tiny model saved as a checkpoint with SmolLM2's tokenizer (vocabulary widened to match it)."""
     smol = Path(resolve_model("SmolLM2-135M-Instruct"))
-    cfg = ModelConfig(**{**TINY.to_dict(), "vocab_size": read_config(smol)[0].vocab_size, "rope_scaling": TINY.rope_scaling})
+    cfg = dataclasses.replace(TINY, vocab_size=read_config(smol)[0].vocab_size)
     dest = tmp_path_factory.mktemp("tiny_ckpt")
     save_checkpoint(dest, cfg, random_weights(cfg, 11), source={"format": "random"})
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -270,8 +270,8 @@ def test_smollm2_tp3_greedy_matches_tp1_through_the_engine():
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
     # One token a step (prompts prefilled a token at a time, one sequence at a time): one step shape to compile
     # per TP size, which is most of this test's time. The tiny model's tests above cover batches of rows.
-    options = dict(max_num_seqs=1, max_num_batched_tokens=1, max_model_len=64, kv_cache_memory=8 * 2**20,
-                   warmup=False)
+    options = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 64, "kv_cache_memory": 8 * 2**20,
+               "warmup": False}
     results = {}
     for tp in (1, 3):
         llm = LLM(tensor_parallel_size=tp, **options)

@@ -204,7 +204,12 @@ class EngineConfig:
     num_pages: int = 0  # 0: derive from kv_cache_memory
     kv_cache_memory: int = 2**30
     enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # devices each model replica is split over (the mesh's `model` axis)
+    data_parallel_size: int = 1  # replicas of the weights (the mesh's `data` axis), each taking part of every step
+    distributed: bool = False  # multi-host: initialise jax.distributed; process 0 serves, the others follow
+    coordinator_address: str | None = None  # host:port of process 0 (None: $JAX_COORDINATOR_ADDRESS or auto-detect)
+    num_processes: int | None = None  # None: $JAX_NUM_PROCESSES or auto-detect (TPU VMs, SLURM, ...)
+    process_id: int | None = None  # None: $JAX_PROCESS_ID or auto-detect
     seed: int = 0
 
     def __post_init__(self):
@@ -219,8 +224,13 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and data_parallel_size must be positive, got "
+                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be positive, got {self.num_processes}")
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
+            raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
         CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
 
     @property

@@ -155,6 +155,7 @@ class LLMEngine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.runner.close()  # multi-process: releases the followers
 
     # ------------------------------------------------------------------ the engine thread
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ import numpy as np
 from jaxserve.attention import AttentionFn, write_kv
 from jaxserve.config import ModelConfig
 from jaxserve.step_inputs import SeqChunk, StepInputs, build_step_inputs
+
+if TYPE_CHECKING:
+    from jaxserve.sharding import ShardingPlan
 
 
 @jax.tree_util.register_dataclass
@@ -163,7 +167,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: ModelConfig,
-            attention: AttentionFn) -> tuple[jax.Array, jax.Array]:
+            attention: AttentionFn, plan: ShardingPlan | None = None) -> tuple[jax.Array, jax.Array]:
     """One model step over a flat batch of tokens from many sequences.
 
     Args:
@@ -171,13 +175,17 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
       kv_pages: [L, P, page_size, 2K, H], K and V interleaved per KV head.
       step: token ids, positions, KV slots and block tables (see `StepInputs`).
       attention: the paged-attention implementation (`jaxserve.attention.ATTENTION_BACKENDS`).
+      plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
+        `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
     Returns:
       (logits [M, V] float32 at `step.logits_indices`, updated kv_pages).
     """
     dtype = weights.embed.dtype
     inv_freq = rope_inv_freq(cfg)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    x = weights.embed[step.token_ids]  # [T, D]
+    # NOTE: the only tensor-parallel lines: sharding constraints by logical axis (see jaxserve.sharding).
+    shard = (lambda a, axes: a) if plan is None else plan.constrain
+    x = shard(weights.embed[step.token_ids], ("batch", "embed"))  # [T, D]
 
     def layer(carry, layer_in):
         x, kv_pages = carry
@@ -189,16 +197,20 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             v = jnp.einsum("TD,DKH->TKH", h, w.wv)
             if w.bq is not None:
                 q, k, v = q + w.bq, k + w.bk, v + w.bv
+            q = shard(q, ("batch", "heads", None))
+            k, v = (shard(a, ("batch", "kv_heads", None)) for a in (k, v))
             q = apply_rope(q, step.positions, inv_freq)
             k = apply_rope(k, step.positions, inv_freq)
             kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
             attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
-            x = x + jnp.einsum("TNH,NHD->TD", attn.astype(dtype), w.wo)
+            attn = shard(attn, ("batch", "heads", None))
+            x = shard(x + jnp.einsum("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
             gate = jnp.einsum("TD,DF->TF", h, w.w_gate)
             up = jnp.einsum("TD,DF->TF", h, w.w_up)
-            x = x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w.w_down)
+            act = shard(jax.nn.silu(gate) * up, ("batch", "ffw"))
+            x = shard(x + jnp.einsum("TF,FD->TD", act, w.w_down), ("batch", "embed"))
         return (x, kv_pages), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -207,7 +219,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
         h = rms_norm(x[step.logits_indices], weights.final_norm, cfg.rms_norm_eps)  # [M, D]
         head = weights.embed.T if weights.lm_head is None else weights.lm_head
         logits = jnp.einsum("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
-    return logits, kv_pages
+    return shard(logits, ("batch", "vocab")), kv_pages
 
 
 def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:

@@ -3,10 +3,16 @@
 It turns a `SchedulerOutput` (plain host data) into a bucketed `StepInputs` plus `SamplingMetadata`,
 runs forward + sample as one compiled program with the KV pages donated (updated in place), and
 returns a `ModelRunnerOutput` of host numpy arrays. Every bucket is compiled in `warmup()`.
+
+Under tensor / data parallelism (`jaxserve.sharding`) the weights are restored straight into their
+shardings, the KV pages are created sharded over KV heads, and the step is jitted with explicit in/out
+shardings: host inputs in replicated, sampled tokens out replicated. With several processes
+(`jaxserve.distributed`) process 0 broadcasts each step's inputs and the others run the same step.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
@@ -17,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve import llama
+from jaxserve import distributed, llama, sharding
 from jaxserve.attention import ATTENTION_BACKENDS
-from jaxserve.checkpoint import load_checkpoint
+from jaxserve.checkpoint import load_checkpoint, read_config
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.sampler import RowSampling, SamplingMetadata, build_sampling_metadata, sample
 from jaxserve.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
@@ -59,26 +65,83 @@ def resolve_attention(name: str):
 class ModelRunner:
     def __init__(self, config: EngineConfig, checkpoint_dir: str):
         self.config = config
+        distributed.initialize(config)
         self.dtype = resolve_dtype(config.dtype)
         t0 = time.perf_counter()
-        self.model_config, self.weights = load_checkpoint(checkpoint_dir, self.dtype)
+        stored_cfg, _ = read_config(checkpoint_dir)
+        self.plan = sharding.plan_sharding(stored_cfg, config.tensor_parallel_size, config.data_parallel_size)
+        _, weights = load_checkpoint(checkpoint_dir, self.dtype, sharding.weight_shardings(stored_cfg, self.plan))
+        self.weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
+        # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
+        self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)
         logger.info("loaded %s (%s) in %.1fs", checkpoint_dir, jnp.dtype(self.dtype).name, time.perf_counter() - t0)
-        cfg = self.model_config
         self.max_model_len = config.resolve_max_model_len(cfg)
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.dtype))
-        # NOTE: committed to a device like the step's outputs, or the first shape compiles twice (an
-        # uncommitted argument is a different cache key from the donated, committed pages it gets back).
-        self.kv_pages = jax.device_put(jnp.zeros(llama.kv_cache_shape(cfg, self.num_pages, self.page_size),
-                                                 self.dtype), jax.local_devices()[0])
+        kv_sharding = sharding.kv_cache_sharding(self.plan)
+        kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
+        self.kv_pages = jax.jit(lambda: jnp.zeros(kv_shape, self.dtype), out_shardings=kv_sharding)()
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens)
-        self.attention = resolve_attention(config.attention_backend)
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention), donate_argnums=(1,))
+        self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
+        rep = self.plan.replicated
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
+                             in_shardings=(sharding.weight_sharding_tree(cfg, self.plan), kv_sharding, rep, rep),
+                             out_shardings=(rep, kv_sharding), donate_argnums=(1,))
+        self._log_memory()
+        self._channel = None
+        if jax.process_count() > 1:
+            self._channel = distributed.StepChannel(self._placeholder_inputs(1, 1))
+            if distributed.is_leader():
+                atexit.register(self.close)
+
+    def _log_memory(self) -> None:
+        held = sharding.per_device_bytes(self.weights, self.kv_pages)
+        mib = sorted({round(b / 2**20, 1) for b in held.values()})
+        logger.info("mesh %s; per-device memory after load (weights + KV pages): %s MiB on %d device(s)%s",
+                    dict(self.plan.mesh.shape), " / ".join(map(str, mib)), len(held),
+                    f"; each KV head repeated {self.plan.kv_replicas}x" if self.plan.kv_replicas > 1 else "")
+        for device in self.plan.mesh.devices.flat:
+            stats = device.memory_stats() if device.process_index == jax.process_index() else None
+            if stats and "bytes_in_use" in stats:
+                logger.info("device %s: %.1f MiB in use", device, stats["bytes_in_use"] / 2**20)
+
+    def _placeholder_inputs(self, num_tokens: int, num_rows: int):
+        # All-padding inputs: K/V writes land in the null page 0 and outputs are discarded.
+        step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+                                 max_pages_per_seq=self.max_pages_per_seq)
+        return step, build_sampling_metadata([None] * num_rows, num_rows, self.vocab_size, self.max_model_len)
+
+    def _run(self, step: StepInputs, md: SamplingMetadata):
+        """Runs the jitted step on every process (the leader broadcasts the inputs first)."""
+        if self._channel is not None:
+            if distributed.is_leader():
+                self._channel.send((step, md))
+            step, md = distributed.to_global((step, md), self.plan.replicated)
+        out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
+        return out
+
+    def follow(self) -> None:
+        """Followers of a multi-process run: run the leader's steps until it sends STOP."""
+        if self._channel is None or distributed.is_leader():
+            raise RuntimeError("follow() runs only on processes other than 0 of a multi-process run")
+        while (inputs := self._channel.receive()) is not None:
+            jax.block_until_ready(self._run(*inputs))
+
+    def close(self) -> None:
+        """Leader of a multi-process run: tells the followers to stop (idempotent; no-op otherwise)."""
+        if self._channel is not None and distributed.is_leader():
+            self._channel.send_stop()
+            self._channel = None
 
     @property
     def vocab_size(self) -> int:
         return self.model_config.vocab_size
+
+    def step_hlo(self, num_tokens: int, num_rows: int) -> str:
+        """The compiled HLO text of the step for one bucket (to inspect its collectives and fusions)."""
+        step, md = self._placeholder_inputs(num_tokens, num_rows)
+        return self._step.lower(self.weights, self.kv_pages, step, md).compile().as_text()
 
     def num_compiled(self) -> int:
         return self._step._cache_size()
@@ -87,12 +150,7 @@ class ModelRunner:
         """Compiles every step shape once; returns the seconds it took."""
         t0 = time.perf_counter()
         for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape"):
-            # All-padding inputs: K/V writes land in the null page 0 and outputs are discarded.
-            step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
-                                     max_pages_per_seq=self.max_pages_per_seq)
-            md = build_sampling_metadata([None] * num_rows, num_rows, self.vocab_size, self.max_model_len)
-            out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
-            jax.block_until_ready(out)
+            jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))
         seconds = time.perf_counter() - t0
         logger.info("warm-up compiled %d step shapes in %.1fs", len(self.buckets.shapes()), seconds)
         return seconds
@@ -107,7 +165,7 @@ class ModelRunner:
         md = build_sampling_metadata(list(rows) + [None] * (num_rows - len(rows)), num_rows, self.vocab_size,
                                      self.max_model_len)
         t1 = time.perf_counter()
-        out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
+        out = self._run(step, md)
         picked = [i for i, r in enumerate(rows) if r is not None]
         token_ids, logprobs, top_ids, top_logprobs = jax.device_get(
             (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
@@ -118,6 +176,7 @@ class ModelRunner:
 
 
 def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,
-          cfg: ModelConfig, attention):
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention)
+          cfg: ModelConfig, attention, plan: sharding.ShardingPlan):
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)
+    logits = plan.constrain(logits, (None, None))  # [R, V] gathered over the vocabulary: sampling needs it whole
     return sample(logits, md, num_logprobs=NUM_LOGPROBS), kv_pages

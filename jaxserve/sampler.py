@@ -250,7 +250,9 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
         ids = jnp.take_along_axis(block_ids, pos // BLOCK, 1) * BLOCK + pos % BLOCK
     # NOTE: the barrier keeps XLA from folding a caller's slice of the result into the sort + slice that
     # TopK lowers to on CPU; folded, it no longer matches the fast TopK rewrite and becomes a full sort (~100x).
-    return lax.optimization_barrier((vals, ids.astype(jnp.int32)))
+    # One barrier per output: a barrier over the (vals, ids) pair takes the TopK tuple itself once the module is
+    # partitioned over several devices (tensor parallelism), and XLA's CPU TopkDecomposer then aborts.
+    return lax.optimization_barrier(vals), lax.optimization_barrier(ids.astype(jnp.int32))
 
 
 def _argmax(x: jax.Array) -> jax.Array:

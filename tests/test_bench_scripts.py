@@ -1,0 +1,224 @@
+"""The benchmark, batch and cost helpers behind `scripts/`, and the scripts end to end.
+
+Hand-computed cases for the statistics and the cost arithmetic; the dataset generators with a whitespace
+counter (exact) and the real tokenizer; the loopback guard; `generate_batch` on the real SmolLM2 (golden
+greedy outputs from transformers) with a bad line and a resume; `bench_serving` against a real server
+process on an ephemeral loopback port; the server's cost gauges in /metrics (fake engine, exact values).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from jaxserve.bench import client, cost, datasets
+from jaxserve.bench.stats import RequestResult, aggregate, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = json.loads((ROOT / "tests/data/golden_smollm2.json").read_text())
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+# ---------------------------------------------------------------------------- statistics
+
+def test_request_timings_follow_the_vllm_definitions():
+    # sent at 10.0; four content chunks; the last one ends the stream; five tokens (one chunk held two)
+    r = RequestResult(prompt_tokens=7, start=10.0, chunk_times=[10.5, 10.7, 11.0, 11.6], end=11.6, output_tokens=5,
+                      success=True)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(1.6)
+    assert r.tpot == pytest.approx(1.1 / 4)  # (e2e - ttft) / (tokens - 1): per token
+    assert r.itls == pytest.approx([0.2, 0.3, 0.6])  # per chunk
+    one = RequestResult(prompt_tokens=1, start=0.0, chunk_times=[0.2], end=0.2, output_tokens=1, success=True)
+    assert one.tpot is None and one.itls == []
+
+
+def test_summaries_and_aggregate():
+    s = summarize([4.0, 1.0, 3.0, 2.0])
+    # linear interpolation between order statistics: p95 at rank 0.95 * 3 = 2.85 -> 3 + 0.85
+    assert s == pytest.approx({"mean": 2.5, "median": 2.5, "std": math.sqrt(1.25), "p50": 2.5, "p95": 3.85,
+                               "p99": 3.97})
+    assert summarize([]) == {"mean": None, "median": None, "std": None, "p50": None, "p95": None, "p99": None}
+    a = RequestResult(10, 0.0, [0.1, 0.2, 0.4], 0.4, 3, True)
+    b = RequestResult(20, 0.0, [0.3, 0.5], 0.5, 2, True)
+    bad = RequestResult(30, 0.0, error="HTTP 503: busy")
+    r = aggregate([a, b, bad], duration=2.0)
+    assert (r["completed"], r["errors"], r["error_samples"]) == (2, 1, ["HTTP 503: busy"])
+    assert (r["total_input_tokens"], r["total_output_tokens"]) == (30, 5)
+    assert r["request_throughput"] == 1.0 and r["input_throughput"] == 15.0 and r["output_throughput"] == 2.5
+    assert r["ttft_ms"]["mean"] == pytest.approx(200.0)
+    assert r["tpot_ms"]["mean"] == pytest.approx((150.0 + 200.0) / 2)  # a: 0.3 / 2, b: 0.2 / 1
+    assert r["itl_ms"]["median"] == pytest.approx(200.0)  # pooled gaps 100, 200, 200
+    assert r["e2e_ms"]["p99"] == pytest.approx(499.0)
+
+
+def test_poisson_gaps_have_the_rate_and_are_seeded():
+    gaps = client.arrival_gaps(20000, rate=4.0, seed=1)
+    assert sum(gaps) / len(gaps) == pytest.approx(0.25, rel=0.03)
+    assert sum(g > 0.5 for g in gaps) / len(gaps) == pytest.approx(math.exp(-2.0), abs=0.01)  # P(gap > t) = e^{-rt}
+    assert gaps[:10] == client.arrival_gaps(10, rate=4.0, seed=1)
+    assert client.arrival_gaps(3, math.inf) == [0.0, 0.0, 0.0]
+    bursty = client.arrival_gaps(20000, rate=4.0, burstiness=0.5, seed=1)
+    assert sum(bursty) / len(bursty) == pytest.approx(0.25, rel=0.05)
+
+
+# ---------------------------------------------------------------------------- datasets
+
+def test_synthetic_is_seeded_and_respects_the_length_bounds():
+    spec = datasets.SyntheticSpec(num_prompts=40, input_len=50, output_len=20, range_ratio=0.5, seed=3)
+    first = datasets.synthetic(spec, words)
+    assert first == datasets.synthetic(spec, words)
+    assert first != datasets.synthetic(datasets.SyntheticSpec(40, 50, 20, 0.5, seed=4), words)
+    assert all(25 <= r.prompt_tokens <= 75 and words(r.prompt) == r.prompt_tokens for r in first)
+    assert all(10 <= r.output_tokens <= 30 for r in first)
+    assert len({r.prompt for r in first}) == 40 and len({r.prompt_tokens for r in first}) > 10
+    fixed = datasets.synthetic(datasets.SyntheticSpec(5, 16, 8, 0.0, seed=0), words)
+    assert [(r.prompt_tokens, r.output_tokens) for r in fixed] == [(16, 8)] * 5
+    with pytest.raises(ValueError):
+        datasets.SyntheticSpec(range_ratio=1.0)
+
+
+def test_synthetic_with_the_real_tokenizer():
+    count = datasets.local_counter("SmolLM2-135M-Instruct")
+    spec = datasets.SyntheticSpec(num_prompts=20, input_len=60, output_len=8, range_ratio=0.5, seed=0)
+    reqs = datasets.synthetic(spec, count)
+    lo, hi = spec.bounds(60)
+    for r in reqs:
+        assert count(r.prompt) == r.prompt_tokens
+        assert lo - 3 <= r.prompt_tokens <= hi  # at the drawn length, or short of it by less than a word
+    assert len({r.prompt_tokens for r in reqs}) > 5
+
+
+def test_sharegpt_and_jsonl_loaders(tmp_path):
+    convs = [{"conversations": [{"from": "human", "value": " ".join(["q"] * n)},
+                                {"from": "gpt", "value": " ".join(["a"] * m)}]}
+             for n, m in [(5, 6), (2, 9), (7, 3), (8, 8), (9, 10), (1200, 5)]]
+    convs.append({"conversations": [{"from": "human", "value": "only one turn"}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(convs))
+    got = datasets.load_sharegpt(path, words, seed=0)
+    # too short a prompt (2), too short a reply (3), too long a prompt (1200) and a one-turn entry are skipped
+    assert sorted((r.prompt_tokens, r.output_tokens) for r in got) == [(5, 6), (8, 8), (9, 10)]
+    assert got == datasets.load_sharegpt(path, words, seed=0)
+    assert len(datasets.load_sharegpt(path, words, num_prompts=2, seed=1)) == 2
+    assert {r.output_tokens for r in datasets.load_sharegpt(path, words, output_len=64)} == {64}
+
+    jl = tmp_path / "prompts.jsonl"
+    jl.write_text('"just a string"\n\n{"prompt": "one two three", "max_tokens": 7}\n{"text": "four five"}\n')
+    got = sorted(datasets.load_jsonl(jl, words, output_len=11), key=lambda r: r.prompt)
+    assert [(r.prompt, r.prompt_tokens, r.output_tokens) for r in got] == [
+        ("four five", 2, 11), ("just a string", 3, 11), ("one two three", 3, 7)]
+    jl.write_text('{"prompt": "ok"}\n{"no_prompt": 1}\n')
+    with pytest.raises(ValueError, match=":2:"):
+        datasets.load_jsonl(jl, words)
+
+
+# ---------------------------------------------------------------------------- loopback guard
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:8000/v1", "http://[::1]:80",
+                                 "http://127.3.2.1:9", "https://localhost"])
+def test_loopback_targets_are_accepted(url):
+    assert client.check_target(url) == url.removesuffix("/v1")
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:8000",
+                                 "http://127.0.0.1.example.com", "http://[2001:db8::1]:8000"])
+def test_remote_targets_need_allow_remote(url):
+    with pytest.raises(client.RemoteTargetError, match="--allow-remote"):
+        client.check_target(url)
+    assert client.check_target(url, allow_remote=True)
+
+
+def test_bench_serving_script_refuses_a_remote_host_before_connecting(capsys):
+    script = load_script("bench_serving")
+    assert script.main(["--base-url", "http://192.0.2.1:8000", "--num-requests", "1"]) == 2
+    assert "--allow-remote" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        client.check_target("ftp://127.0.0.1")
+
+
+# ---------------------------------------------------------------------------- cost arithmetic
+
+def test_cost_worked_example():
+    # $3.60/h at 50% utilisation: a busy second costs 3.6 / 3600 / 0.5 = $0.002. Measured 800 input + 1000
+    # output tok/s; an input token weighs 0.15 / 0.60 = 0.25 output tokens (the API list's ratio), so a busy
+    # second does 0.25 * 800 + 1000 = 1200 output-token equivalents: $0.002 / 1200 per output token.
+    acc = cost.Accelerator(price_per_hour=3.6, utilization=0.5, input_tokens_per_s=800, output_tokens_per_s=1000)
+    traffic = cost.Traffic(requests_per_day=100_000, input_tokens=400, output_tokens=200)
+    cheap, dear = cost.ApiPrice.parse("cheap=0.15,0.60"), cost.ApiPrice.parse("dear=2.5,10")
+    r = cost.analyse(acc, traffic, [cheap, dear])
+    assert r["input_weight"] == 0.25
+    assert r["unit"]["cost_per_million_output_tokens"] == pytest.approx(0.002 / 1200 * 1e6)  # $1.6667
+    assert r["unit"]["cost_per_million_input_tokens"] == pytest.approx(0.25 * 0.002 / 1200 * 1e6)
+    # a request is 0.25 * 400 + 200 = 300 units: 1200 / 300 = 4 req per busy second, 86400 * 0.5 busy s/day
+    m = r["monthly"]
+    assert m["capacity_requests_per_day"] == pytest.approx(172_800)
+    assert m["accelerators"] == 1 and m["cost_per_month"] == pytest.approx(3.6 * 730)
+    # the cheap API: 400 * 0.15e-6 + 200 * 0.6e-6 = $0.00018 per request: cheaper than us even at capacity
+    low, high = r["apis"]
+    assert low["api_cost_per_request"] == pytest.approx(0.00018) and low["break_even_requests_per_day"] is None
+    # the dear one: $0.003 per request; one accelerator's month (2628) / (0.003 * 365 / 12) = 28,800 req/day
+    assert high["break_even_requests_per_day"] == pytest.approx(28_800)
+    assert high["api_cost_per_month"] == pytest.approx(0.003 * 100_000 * 365 / 12)
+    # 400,000 req/day needs ceil(400000 / 172800) = 3 accelerators
+    assert cost.monthly(acc, cost.Traffic(400_000, 400, 200), 0.25)["accelerators"] == 3
+    assert cost.unit_costs(acc, 0.0)["cost_per_million_input_tokens"] == 0.0
+    for bad in ("nameonly", "x=1", "x=a,b", "=1,2", "x=-1,2"):
+        with pytest.raises(ValueError):
+            cost.ApiPrice.parse(bad)
+    with pytest.raises(ValueError):
+        cost.Accelerator(1.0, utilization=0.0, output_tokens_per_s=1.0)
+
+
+def test_cost_script_reads_a_bench_json(tmp_path, capsys):
+    run = lambda label, out: {"label": label, "result": {"input_throughput": 50.0, "output_throughput": out,
+                                                         "completed": 10, "total_input_tokens": 1000,
+                                                         "total_output_tokens": 500}}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"runs": [run("c=1", 20.0), run("c=4", 100.0)]}))
+    out = tmp_path / "cost.json"
+    assert load_script("cost").main(["--bench-json", str(bench), "--price-per-hour", "1.8", "--input-weight", "0",
+                                     "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["accelerator"]["output_tokens_per_s"] == 100.0  # the best run
+    assert (r["traffic"]["input_tokens"], r["traffic"]["output_tokens"]) == (100.0, 50.0)  # its means
+    assert r["unit"]["cost_per_million_output_tokens"] == pytest.approx(1.8 / 3600 / 100 * 1e6)  # $5
+    assert "$ per 1M output tokens" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- the server's cost gauges
+
+def test_cost_gauges_in_metrics():
+    from test_server import FakeEngine, async_test, metric, serving
+
+    @async_test
+    async def check():
+        engine = FakeEngine()
+        async with serving(engine, accelerator_price_per_hour=3.6, accelerator_utilization=0.5) as c:
+            await (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 5})).read()
+            assert await metric(c, "jaxserve:accelerator_price_per_hour") == 3.6
+            assert await metric(c, "jaxserve:accelerator_utilization") == 0.5
+            assert await metric(c, "jaxserve:cost_per_million_output_tokens") is None  # no busy time yet
+            engine.stats.step_seconds = 2.0  # 2 prompt + 5 generated tokens in 2 busy seconds
+            # a busy second costs 3.6 / 3600 / 0.5 = $0.002 for 1 + 2.5 tokens (input weight 1)
+            assert await metric(c, "jaxserve:cost_per_million_output_tokens") == pytest.approx(0.002 / 3.5 * 1e6)
+            assert await metric(c, "jaxserve:cost_per_million_input_tokens") == pytest.approx(0.002 / 3.5 * 1e6)
+            assert 0 < await metric(c, "jaxserve:accelerator_busy_fraction") <= 1
+        async with serving(FakeEngine()) as c:
+            assert await metric(c, "jaxserve:accelerator_price_per_hour") is None
+
+    check()

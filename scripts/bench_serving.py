@@ -5,8 +5,8 @@
     python scripts/bench_serving.py --request-rate 4 --num-requests 200              # Poisson arrivals
     python scripts/bench_serving.py --dataset sharegpt --dataset-path ShareGPT_V3.json --sweep-rate 1,2,4,inf
 
-Prompts: synthetic (seeded random words, prompt and output lengths uniform in len*(1 +- range-ratio)),
-ShareGPT-style JSON, or JSONL. Prompt lengths are counted with the server's /tokenize, else the local
+Prompts: synthetic (seeded random words; prompt lengths uniform in input-len*(1 +- range-ratio), output
+lengths likewise with output-range-ratio, fixed by default), ShareGPT-style JSON, or JSONL. Prompt lengths are counted with the server's /tokenize, else the local
 tokenizer of --tokenizer-model. Reports request and token throughput and TTFT / TPOT / ITL / E2E mean,
 median, p95, p99 (see jaxserve/bench/stats.py for the definitions); writes JSON and, for a sweep, a
 latency-vs-throughput PNG. Only loopback servers unless --allow-remote.
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-len", type=int, default=128,
                    help="synthetic and jsonl: output tokens; sharegpt: override the reply lengths")
     d.add_argument("--range-ratio", type=float, default=0.8,
-                   help="synthetic: lengths uniform in len*(1 +- ratio); 0: fixed")
+                   help="synthetic: prompt lengths uniform in input-len*(1 +- ratio); 0: fixed")
+    d.add_argument("--output-range-ratio", type=float, default=0.0,
+                   help="synthetic: output lengths uniform in output-len*(1 +- ratio); 0: fixed")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--tokenizer", choices=("server", "local"), default="server",
                    help="count prompt tokens with the server's /tokenize (falls back to local) or locally")
@@ -88,7 +90,8 @@ def make_dataset(args, base_url: str) -> list[datasets.BenchRequest]:
     count = count or datasets.local_counter(args.tokenizer_model)
     n = args.num_requests
     if args.dataset == "synthetic":
-        spec = datasets.SyntheticSpec(n, args.input_len, args.output_len, args.range_ratio, args.seed)
+        spec = datasets.SyntheticSpec(n, args.input_len, args.output_len, args.range_ratio, args.seed,
+                                      args.output_range_ratio)
         return datasets.synthetic(spec, count)
     if not args.dataset_path:
         raise SystemExit(f"--dataset {args.dataset} needs --dataset-path")

@@ -79,10 +79,11 @@ def test_poisson_gaps_have_the_rate_and_are_seeded():
 # ---------------------------------------------------------------------------- datasets
 
 def test_synthetic_is_seeded_and_respects_the_length_bounds():
-    spec = datasets.SyntheticSpec(num_prompts=40, input_len=50, output_len=20, range_ratio=0.5, seed=3)
+    spec = datasets.SyntheticSpec(num_prompts=40, input_len=50, output_len=20, range_ratio=0.5, seed=3,
+                                  output_range_ratio=0.5)
     first = datasets.synthetic(spec, words)
     assert first == datasets.synthetic(spec, words)
-    assert first != datasets.synthetic(datasets.SyntheticSpec(40, 50, 20, 0.5, seed=4), words)
+    assert first != datasets.synthetic(datasets.SyntheticSpec(40, 50, 20, 0.5, seed=4, output_range_ratio=0.5), words)
     assert all(25 <= r.prompt_tokens <= 75 and words(r.prompt) == r.prompt_tokens for r in first)
     assert all(10 <= r.output_tokens <= 30 for r in first)
     assert len({r.prompt for r in first}) == 40 and len({r.prompt_tokens for r in first}) > 10
@@ -90,13 +91,16 @@ def test_synthetic_is_seeded_and_respects_the_length_bounds():
     assert [(r.prompt_tokens, r.output_tokens) for r in fixed] == [(16, 8)] * 5
     with pytest.raises(ValueError):
         datasets.SyntheticSpec(range_ratio=1.0)
+    with pytest.raises(ValueError):
+        datasets.SyntheticSpec(output_range_ratio=-0.1)
 
 
 def test_synthetic_with_the_real_tokenizer():
     count = datasets.local_counter("SmolLM2-135M-Instruct")
     spec = datasets.SyntheticSpec(num_prompts=20, input_len=60, output_len=8, range_ratio=0.5, seed=0)
     reqs = datasets.synthetic(spec, count)
-    lo, hi = spec.bounds(60)
+    lo, hi = spec.input_bounds()
+    assert {r.output_tokens for r in reqs} == {8}
     for r in reqs:
         assert count(r.prompt) == r.prompt_tokens
         assert lo - 3 <= r.prompt_tokens <= hi  # at the drawn length, or short of it by less than a word
@@ -222,3 +226,117 @@ def test_cost_gauges_in_metrics():
             assert await metric(c, "jaxserve:accelerator_price_per_hour") is None
 
     check()
+
+
+# ---------------------------------------------------------------------------- generate_batch, real model
+
+def _golden(name: str) -> dict:
+    return next(p for p in GOLDEN["prompts"] if p["name"] == name)
+
+
+@pytest.mark.slow
+def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path):
+    from jaxserve.bench.batch import run_batch
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine import LLMEngine
+
+    text, chat = _golden("short_text"), _golden("capital_chat")
+    lines = [
+        {"custom_id": "text", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": [text["text"], text["text"]], "max_tokens": 6, "temperature": 0, "logprobs": 2}},
+        "this line is not JSON",
+        {"custom_id": "hot", "url": "/v1/completions", "body": {"prompt": "x", "temperature": 7}},
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": chat["messages"], "max_tokens": 12, "temperature": 0}},
+    ]
+    later = {"custom_id": "later", "url": "/v1/completions", "body": {"prompt": text["prompt_ids"], "max_tokens": 3,
+                                                                     "temperature": 0}}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    engine = LLMEngine(EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128,
+                                    kv_cache_memory=8 * 2**20), warmup=False)
+    summary = run_batch(engine, src, out, model="smol", progress=False)
+    assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (2, 2, 0)
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records[None]["response"] is None and records[None]["error"]["code"] == "invalid_json_line"
+    hot = records["hot"]["response"]
+    assert hot["status_code"] == 400 and hot["body"]["error"]["param"] == "temperature"
+
+    tok = engine.tokenizer
+    body = records["text"]["response"]["body"]
+    assert records["text"]["response"]["status_code"] == 200 and body["object"] == "text_completion"
+    assert body["model"] == "smol" and records["text"]["response"]["request_id"] == body["id"]
+    want = tok.decode(text["greedy_ids"][:6])  # transformers' greedy tokens
+    assert [c["index"] for c in body["choices"]] == [0, 1] and {c["text"] for c in body["choices"]} == {want}
+    assert body["choices"][0]["finish_reason"] == "length"
+    first = body["choices"][0]["logprobs"]
+    assert first["token_logprobs"][0] == pytest.approx(text["top_logprobs"][0][0][1], abs=1e-3)
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22,
+                             "prompt_tokens_details": {"cached_tokens": body["usage"]["prompt_tokens_details"]
+                                                       ["cached_tokens"]}}
+    reply = records["chat"]["response"]["body"]
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    assert reply["choices"][0]["finish_reason"] == "stop"
+
+    # resume: the finished custom_ids are skipped, the new line runs, a torn last line is dropped first
+    with open(out, "a") as f:
+        f.write('{"id": "batch_req_torn", "custom_id": "la')
+    src.write_text(src.read_text() + json.dumps(later) + "\n")
+    summary = run_batch(engine, src, out, model="smol", progress=False)
+    assert summary["skipped"] == 3 and summary["succeeded"] == 1  # the id-less bad line is reported again
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in records].count("later") == 1 and len(records) == 6
+    late = next(r for r in records if r["custom_id"] == "later")["response"]["body"]
+    assert late["choices"][0]["text"] == tok.decode(text["greedy_ids"][:3])
+
+
+# ---------------------------------------------------------------------------- bench_serving, real server
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    from server_process import running_server
+
+    args = ["--host", "127.0.0.1", "--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "16",
+            "--max-model-len", "64", "--kv-cache-memory", "8MiB", "--accelerator-price-per-hour", "2.0",
+            "--no-guardrail-pii", "--no-guardrail-content-policy"]
+    with running_server(args, tmp_path_factory.mktemp("bench") / "server.log", timeout=300) as srv:
+        yield srv
+
+
+async def _metrics(url: str) -> dict[str, float]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s, s.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+@pytest.mark.slow
+def test_bench_serving_end_to_end(small_server, tmp_path, capsys):
+    import asyncio
+
+    result, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = load_script("bench_serving").main([
+        "--base-url", small_server.url, "--num-requests", "3", "--input-len", "12", "--output-len", "4",
+        "--range-ratio", "0", "--sweep-concurrency", "1,2", "--result-json", str(result), "--plot", str(plot),
+        "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    report = json.loads(result.read_text())
+    assert [r["label"] for r in report["runs"]] == ["concurrency=1", "concurrency=2"]
+    assert report["settings"]["prompt_tokens"] == "12-12"  # counted with the server's /tokenize
+    for run in report["runs"]:
+        r = run["result"]
+        assert (r["completed"], r["errors"]) == (3, 0)
+        assert r["total_output_tokens"] == 12 and r["total_input_tokens"] == 36  # the server's usage
+        assert 0 < r["ttft_ms"]["median"] <= r["e2e_ms"]["median"]
+        assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["median"]
+        assert r["output_throughput"] == pytest.approx(12 / r["duration_s"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "concurrency=2" in printed and "TPOT (ms)" in printed
+    m = asyncio.run(_metrics(small_server.url))
+    assert m["jaxserve:generation_tokens_total"] == 24  # what the server counted = what the client counted
+    assert m["jaxserve:accelerator_price_per_hour"] == 2.0
+    assert m["jaxserve:cost_per_million_output_tokens"] > 0 and 0 < m["jaxserve:accelerator_busy_fraction"] <= 1

@@ -42,23 +42,32 @@ class BenchRequest:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-    """Lengths are drawn uniformly from [len * (1 - range_ratio), len * (1 + range_ratio)] (vLLM's random dataset),
-    then clipped to [1, ...]; range_ratio 0 gives fixed lengths."""
+    """Prompt lengths are drawn uniformly from [input_len * (1 - range_ratio), input_len * (1 + range_ratio)]
+    (vLLM's random dataset), output lengths likewise with `output_range_ratio`; 0 gives fixed lengths."""
 
     num_prompts: int = 100
     input_len: int = 128
     output_len: int = 128
     range_ratio: float = 0.0
     seed: int = 0
+    output_range_ratio: float = 0.0
 
     def __post_init__(self):
         if self.num_prompts < 1 or self.input_len < 1 or self.output_len < 1:
             raise ValueError("num_prompts, input_len and output_len must be positive")
-        if not 0.0 <= self.range_ratio < 1.0:
-            raise ValueError(f"range_ratio must be in [0, 1), got {self.range_ratio}")
+        for name in ("range_ratio", "output_range_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
-    def bounds(self, length: int) -> tuple[int, int]:
-        return max(1, int(length * (1 - self.range_ratio))), max(1, int(length * (1 + self.range_ratio)))
+    @staticmethod
+    def _bounds(length: int, ratio: float) -> tuple[int, int]:
+        return max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio)))
+
+    def input_bounds(self) -> tuple[int, int]:
+        return self._bounds(self.input_len, self.range_ratio)
+
+    def output_bounds(self) -> tuple[int, int]:
+        return self._bounds(self.output_len, self.output_range_ratio)
 
 
 def synthetic_prompt(rng: random.Random, target: int, count: TokenCounter) -> tuple[str, int]:
@@ -81,8 +90,8 @@ def synthetic_prompt(rng: random.Random, target: int, count: TokenCounter) -> tu
 
 def synthetic(spec: SyntheticSpec, count: TokenCounter) -> list[BenchRequest]:
     rng = random.Random(spec.seed)
-    lo_in, hi_in = spec.bounds(spec.input_len)
-    lo_out, hi_out = spec.bounds(spec.output_len)
+    lo_in, hi_in = spec.input_bounds()
+    lo_out, hi_out = spec.output_bounds()
     lengths = [(rng.randint(lo_in, hi_in), rng.randint(lo_out, hi_out)) for _ in range(spec.num_prompts)]
     out = []
     for input_len, output_len in lengths:

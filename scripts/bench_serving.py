@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset-path", default=None, help="for sharegpt and jsonl")
     d.add_argument("--num-requests", type=int, default=64, help="requests per run")
     d.add_argument("--input-len", type=int, default=100, help="synthetic: mean prompt tokens")
-    d.add_argument("--output-len", type=int, default=128,
-                   help="synthetic and jsonl: output tokens; sharegpt: override the reply lengths")
+    d.add_argument("--output-len", type=int, default=None,
+                   help="synthetic and jsonl: output tokens (default 128); sharegpt: override the reply lengths")
     d.add_argument("--range-ratio", type=float, default=0.8,
                    help="synthetic: prompt lengths uniform in input-len*(1 +- ratio); 0: fixed")
     d.add_argument("--output-range-ratio", type=float, default=0.0,
@@ -88,17 +88,17 @@ def make_dataset(args, base_url: str) -> list[datasets.BenchRequest]:
                   file=sys.stderr)
             count = None
     count = count or datasets.local_counter(args.tokenizer_model)
-    n = args.num_requests
+    n, out_len = args.num_requests, args.output_len or 128
     if args.dataset == "synthetic":
-        spec = datasets.SyntheticSpec(n, args.input_len, args.output_len, args.range_ratio, args.seed,
+        spec = datasets.SyntheticSpec(n, args.input_len, out_len, args.range_ratio, args.seed,
                                       args.output_range_ratio)
         return datasets.synthetic(spec, count)
     if not args.dataset_path:
         raise SystemExit(f"--dataset {args.dataset} needs --dataset-path")
     if args.dataset == "sharegpt":
-        out_len = args.output_len if "--output-len" in sys.argv else None
-        return datasets.load_sharegpt(args.dataset_path, count, num_prompts=n, seed=args.seed, output_len=out_len)
-    return datasets.load_jsonl(args.dataset_path, count, num_prompts=n, seed=args.seed, output_len=args.output_len)
+        return datasets.load_sharegpt(args.dataset_path, count, num_prompts=n, seed=args.seed,
+                                      output_len=args.output_len)
+    return datasets.load_jsonl(args.dataset_path, count, num_prompts=n, seed=args.seed, output_len=out_len)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,27 @@ def test_poisson_gaps_have_the_rate_and_are_seeded():
     assert sum(bursty) / len(bursty) == pytest.approx(0.25, rel=0.05)
 
 
+def test_sweep_configurations_and_request_bodies():
+    base = client.LoadConfig("http://127.0.0.1:1", "m", request_rate=2.0, max_concurrency=8)
+    runs = client.sweep_configs(base, concurrencies=[1, 4])
+    assert [(label, c.request_rate, c.max_concurrency) for label, c in runs] == [
+        ("concurrency=1", math.inf, 1), ("concurrency=4", math.inf, 4)]
+    runs = client.sweep_configs(base, rates=[1.0, math.inf])
+    assert [(label, c.request_rate, c.max_concurrency) for label, c in runs] == [
+        ("rate=1/s", 1.0, 8), ("rate=inf/s", math.inf, 8)]
+    assert client.sweep_configs(base)[0][0] == "rate=2/s concurrency=8"
+    with pytest.raises(ValueError):
+        client.sweep_configs(base, rates=[1.0], concurrencies=[1])
+    req = datasets.BenchRequest("hello there", 2, 5)
+    body = client.request_body(req, base)
+    assert body["prompt"] == "hello there" and body["max_tokens"] == 5 and body["ignore_eos"] is True
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    chat = client.request_body(req, client.LoadConfig("u", "m", endpoint="chat", ignore_eos=False))
+    assert chat["messages"] == [{"role": "user", "content": "hello there"}] and "ignore_eos" not in chat
+    with pytest.raises(ValueError):
+        client.LoadConfig("u", "m", request_rate=0.0)
+
+
 # ---------------------------------------------------------------------------- datasets
 
 def test_synthetic_is_seeded_and_respects_the_length_bounds():
@@ -253,7 +274,7 @@ def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path):
                                                                      "temperature": 0}}
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
-    engine = LLMEngine(EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128,
+    engine = LLMEngine(EngineConfig(max_num_seqs=2, max_num_batched_tokens=4, max_model_len=128,
                                     kv_cache_memory=8 * 2**20), warmup=False)
     summary = run_batch(engine, src, out, model="smol", progress=False)
     assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (2, 2, 0)
@@ -297,7 +318,8 @@ def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path):
 def small_server(tmp_path_factory):
     from server_process import running_server
 
-    args = ["--host", "127.0.0.1", "--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "16",
+    # NOTE: three step shapes only ((1, 1), (2, 2), (4, 2)): the warm-up dominates this module's runtime.
+    args = ["--host", "127.0.0.1", "--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "4",
             "--max-model-len", "64", "--kv-cache-memory", "8MiB", "--accelerator-price-per-hour", "2.0",
             "--no-guardrail-pii", "--no-guardrail-content-policy"]
     with running_server(args, tmp_path_factory.mktemp("bench") / "server.log", timeout=300) as srv:

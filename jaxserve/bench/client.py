@@ -201,7 +201,9 @@ def sweep_configs(base: LoadConfig, *, rates: Sequence[float] = (), concurrencie
     if concurrencies:
         return [(f"concurrency={c}", dataclasses.replace(base, request_rate=math.inf, max_concurrency=c))
                 for c in concurrencies]
-    label = f"rate={base.request_rate:g}/s" + (f" conc={base.max_concurrency}" if base.max_concurrency else "")
+    if math.isinf(base.request_rate) and base.max_concurrency:
+        return [(f"concurrency={base.max_concurrency}", base)]
+    label = f"rate={base.request_rate:g}/s" + (f" concurrency={base.max_concurrency}" if base.max_concurrency else "")
     return [(label, base)]
 
 

@@ -6,10 +6,11 @@
     python scripts/bench_serving.py --dataset sharegpt --dataset-path ShareGPT_V3.json --sweep-rate 1,2,4,inf
 
 Prompts: synthetic (seeded random words; prompt lengths uniform in input-len*(1 +- range-ratio), output
-lengths likewise with output-range-ratio, fixed by default), ShareGPT-style JSON, or JSONL. Prompt lengths are counted with the server's /tokenize, else the local
-tokenizer of --tokenizer-model. Reports request and token throughput and TTFT / TPOT / ITL / E2E mean,
-median, p95, p99 (see jaxserve/bench/stats.py for the definitions); writes JSON and, for a sweep, a
-latency-vs-throughput PNG. Only loopback servers unless --allow-remote.
+lengths likewise with output-range-ratio, fixed by default), ShareGPT-style JSON, or JSONL. Prompt
+lengths are counted with the server's /tokenize, else the local tokenizer of --tokenizer-model.
+Reports request and token throughput and TTFT / TPOT / ITL / E2E mean, median, p95, p99 (see
+jaxserve/bench/stats.py for the definitions); writes JSON and, for a sweep, a latency-vs-throughput PNG.
+Only loopback servers unless --allow-remote.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count prompt tokens with the server's /tokenize (falls back to local) or locally")
     d.add_argument("--tokenizer-model", default="SmolLM2-135M-Instruct", help="the local tokenizer's model")
     lo = p.add_argument_group("load")
-    lo.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second; inf: all at once")
+    lo.add_argument("--request-rate", type=float, default=math.inf,
+                    help="Poisson arrivals per second; inf: all at once")
     lo.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1: Poisson")
     lo.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     lo.add_argument("--sweep-rate", type=_floats, default=[], metavar="R1,R2,...", help="one run per rate (inf ok)")

@@ -183,7 +183,6 @@ def run_batch(engine: Any, input_path: str | Path, output_path: str | Path, *, m
     done = read_done(output_path)
     seen: set[str] = set()
     summary = {"skipped": 0, "succeeded": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    jobs: dict[str, _Job] = {}  # engine request id -> job
     pending: list[_Job] = []
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "a") as out:
@@ -215,11 +214,15 @@ def run_batch(engine: Any, input_path: str | Path, output_path: str | Path, *, m
             except APIError as e:
                 write(response_record(custom_id, request_id, e.status, e.to_dict()))
                 continue
-            for p, (ids, sp) in enumerate(zip(job.prompt_ids, params)):
-                engine_id = f"{job.request_id}-{p}"
-                job.streams.append(engine.add_request(ids, sp, request_id=engine_id,
-                                                     priority=job.req.priority))
-                jobs[engine_id] = job
+            try:
+                for p, (ids, sp) in enumerate(zip(job.prompt_ids, params)):
+                    job.streams.append(engine.add_request(ids, sp, request_id=f"{job.request_id}-{p}",
+                                                         priority=job.req.priority))
+            except ValueError as e:  # validated above, so only a change of engine limits gets here
+                for stream in job.streams:
+                    engine.abort(stream.request_id)
+                write(response_record(custom_id, request_id, 400, errors.bad_request(str(e)).to_dict()))
+                continue
             pending.append(job)
 
         start = time.perf_counter()

@@ -76,7 +76,8 @@ class ApiPrice:
         return cls(name, inp, out)
 
     def per_request(self, traffic: Traffic) -> float:
-        return (traffic.input_tokens * self.input_per_million + traffic.output_tokens * self.output_per_million) / MILLION
+        return (traffic.input_tokens * self.input_per_million
+                + traffic.output_tokens * self.output_per_million) / MILLION
 
 
 def work_per_second(acc: Accelerator, input_weight: float) -> float:

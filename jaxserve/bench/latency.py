@@ -80,8 +80,10 @@ def run(engine: Any, cases: Sequence[LatencyCase], machine: roofline.Machine, *,
         ctx = case.prompt_len + case.output_len // 2
         dec = roofline.decode_floor(cfg, wbytes, itemsize, [ctx] * case.batch_size, machine)
         rows.append({**dataclasses.asdict(case), **got,
-                     "ttft_floor_s": pre.seconds, "ttft_bound": pre.bound, "ttft_frac_of_floor": pre.seconds / got["ttft_s"],
-                     "tpot_floor_s": dec.seconds, "tpot_bound": dec.bound, "tpot_frac_of_floor": dec.seconds / got["tpot_s"],
+                     "ttft_floor_s": pre.seconds, "ttft_bound": pre.bound,
+                     "ttft_frac_of_floor": pre.seconds / got["ttft_s"],
+                     "tpot_floor_s": dec.seconds, "tpot_bound": dec.bound,
+                     "tpot_frac_of_floor": dec.seconds / got["tpot_s"],
                      "decode_tok_s": case.batch_size / got["tpot_s"]})
         if progress is not None:
             progress.update(1)
@@ -95,7 +97,8 @@ def run(engine: Any, cases: Sequence[LatencyCase], machine: roofline.Machine, *,
 def format_table(report: dict) -> str:
     lines = [f"{report['device']}: measured bandwidth {report['bandwidth_gbps']:.1f} GB/s "
              f"(read {report['read_gbps']:.1f}, copy {report['copy_gbps']:.1f}), matmul "
-             f"{report['matmul_gflops']:.1f} GFLOP/s ({report['dtype']}); weights {report['weight_bytes'] / 2**20:.1f} MiB, "
+             f"{report['matmul_gflops']:.1f} GFLOP/s ({report['dtype']}); "
+             f"weights {report['weight_bytes'] / 2**20:.1f} MiB, "
              f"KV {report['kv_bytes_per_token'] / 1024:.1f} KiB/token",
              f"{'batch':>5}{'prompt':>7}{'output':>7} | {'TTFT ms':>9}{'floor':>8}{'% floor':>8} {'bound':<8}| "
              f"{'TPOT ms':>8}{'floor':>8}{'% floor':>8} {'bound':<8}| {'decode tok/s':>12}"]

@@ -54,7 +54,8 @@ def run_table(report: dict) -> str:
                   f"{'':<14}{'mean':>9}{'median':>9}{'p95':>9}{'p99':>9}"]
         for key, name in METRICS:
             v = r[key]
-            lines.append(f"{name + ' (ms)':<14}" + "".join(f"{_fmt(v[k]):>9}" for k in ("mean", "median", "p95", "p99")))
+            cells = "".join(f"{_fmt(v[k]):>9}" for k in ("mean", "median", "p95", "p99"))
+            lines.append(f"{name + ' (ms)':<14}{cells}")
         for e in r["error_samples"]:
             lines.append(f"error: {e}")
     return "\n".join(lines)
@@ -70,7 +71,8 @@ def sweep_table(report: dict) -> str:
         lines.append(f"{run['label']:<18}{r['completed']:>5}{r['errors']:>5}{r['request_throughput']:>8.2f}"
                      f"{r['input_throughput']:>10.1f}{r['output_throughput']:>10.1f}"
                      f"{_fmt(r['ttft_ms']['median']):>10}{_fmt(r['ttft_ms']['p99']):>10}"
-                     f"{_fmt(r['tpot_ms']['median']):>10}{_fmt(r['itl_ms']['p99']):>9}{_fmt(r['e2e_ms']['median']):>10}")
+                     f"{_fmt(r['tpot_ms']['median']):>10}{_fmt(r['itl_ms']['p99']):>9}"
+                     f"{_fmt(r['e2e_ms']['median']):>10}")
     return "\n".join(lines)
 
 

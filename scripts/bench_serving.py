@@ -3,6 +3,7 @@
     python -m jaxserve.server --no-guardrail-pii --no-guardrail-content-policy &   # token-by-token streaming
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000 --sweep-concurrency 1,4,16,32
     python scripts/bench_serving.py --request-rate 4 --num-requests 200              # Poisson arrivals
+    python scripts/bench_serving.py --smoke --sweep-concurrency 1,4                  # a quick check
     python scripts/bench_serving.py --dataset sharegpt --dataset-path ShareGPT_V3.json --sweep-rate 1,2,4,inf
 
 Prompts: synthetic (seeded random words; prompt lengths uniform in input-len*(1 +- range-ratio), output
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--plot", default="bench_results/bench_serving.png", help="sweeps: the PNG ('' for none)")
     o.add_argument("--label", default="", help="a note stored in the JSON and the plot title (e.g. 'jaxserve')")
     o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--smoke", action="store_true", help="a quick check: 4 requests of 16 output tokens per run")
     return p
 
 
@@ -105,6 +107,8 @@ def make_dataset(args, base_url: str) -> list[datasets.BenchRequest]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.output_len = min(args.num_requests, 4), 16
     try:
         base_url = client.check_target(args.base_url, args.allow_remote)
     except ValueError as e:

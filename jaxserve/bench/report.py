@@ -37,7 +37,7 @@ def _fmt(value, spec: str = ".1f") -> str:
 def run_table(report: dict) -> str:
     """One run: settings, counts, throughputs and the latency summaries."""
     m, s = report["machine"], report["settings"]
-    lines = [f"machine: {m.get('cpu')} x{m.get('cpu_count')}, {m.get('memory_gib', '?')} GiB, "
+    lines = [f"client machine: {m.get('cpu')} x{m.get('cpu_count')}, {m.get('memory_gib', '?')} GiB, "
              f"load {m.get('load_avg_1m', '?')} at start",
              "settings: " + ", ".join(f"{k}={v}" for k, v in s.items())]
     for run in report["runs"]:

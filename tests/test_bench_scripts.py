@@ -362,3 +362,11 @@ def test_bench_serving_end_to_end(small_server, tmp_path, capsys):
     assert m["jaxserve:generation_tokens_total"] == 24  # what the server counted = what the client counted
     assert m["jaxserve:accelerator_price_per_hour"] == 2.0
     assert m["jaxserve:cost_per_million_output_tokens"] > 0 and 0 < m["jaxserve:accelerator_busy_fraction"] <= 1
+    # the chat endpoint: content arrives in `delta.content`; the chat template adds to the prompt's tokens
+    chat = tmp_path / "chat.json"
+    assert load_script("bench_serving").main([
+        "--base-url", small_server.url, "--endpoint", "chat", "--num-requests", "2", "--input-len", "8",
+        "--output-len", "3", "--range-ratio", "0", "--max-concurrency", "2", "--result-json", str(chat),
+        "--no-progress"]) == 0
+    r = json.loads(chat.read_text())["runs"][0]["result"]
+    assert (r["completed"], r["total_output_tokens"]) == (2, 6) and r["total_input_tokens"] > 2 * 8

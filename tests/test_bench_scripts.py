@@ -256,7 +256,8 @@ def _golden(name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path):
+def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path, small_server):
+    # NOTE: `small_server` is only started here (not used), so its warm-up runs alongside this test's compiles.
     from jaxserve.bench.batch import run_batch
     from jaxserve.config import EngineConfig
     from jaxserve.engine import LLMEngine
@@ -314,16 +315,34 @@ def test_generate_batch_end_to_end_with_a_bad_line_and_a_resume(tmp_path):
 
 # ---------------------------------------------------------------------------- bench_serving, real server
 
+class _LaunchedServer:
+    """A server process started at once; `ready()` waits for its warm-up (the first time only)."""
+
+    def __init__(self, proc, log_path):
+        self.proc, self.log_path, self._ready = proc, log_path, None
+
+    def ready(self):
+        from server_process import wait_ready
+
+        self._ready = self._ready or wait_ready(self.proc, self.log_path, timeout=300)
+        return self._ready
+
+
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory):
-    from server_process import running_server
+    """Started before the generate_batch test so that its warm-up overlaps that test's in-process compiles."""
+    from server_process import launch, stop
 
     # NOTE: three step shapes only ((1, 1), (2, 2), (4, 2)): the warm-up dominates this module's runtime.
     args = ["--host", "127.0.0.1", "--port", "0", "--max-num-seqs", "2", "--max-num-batched-tokens", "4",
             "--max-model-len", "64", "--kv-cache-memory", "8MiB", "--accelerator-price-per-hour", "2.0",
             "--no-guardrail-pii", "--no-guardrail-content-policy"]
-    with running_server(args, tmp_path_factory.mktemp("bench") / "server.log", timeout=300) as srv:
-        yield srv
+    log_path = tmp_path_factory.mktemp("bench") / "server.log"
+    launched = _LaunchedServer(launch(args, log_path), log_path)
+    try:
+        yield launched
+    finally:
+        stop(launched.proc)
 
 
 async def _metrics(url: str) -> dict[str, float]:
@@ -339,6 +358,7 @@ async def _metrics(url: str) -> dict[str, float]:
 def test_bench_serving_end_to_end(small_server, tmp_path, capsys):
     import asyncio
 
+    small_server = small_server.ready()
     result, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = load_script("bench_serving").main([
         "--base-url", small_server.url, "--num-requests", "3", "--input-len", "12", "--output-len", "4",

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     engine = LLMEngine(cfg, warmup=True)
-    machine = roofline.Machine.measure(engine.runner.dtype)
+    mc = engine.runner.model_config
+    machine = roofline.Machine.measure(
+        engine.runner.dtype, matmul_shapes=((cfg.max_num_batched_tokens, mc.hidden_size, mc.intermediate_size),))
     with tqdm(total=len(cases), desc="cases", unit="case") as bar:
         report = latency.run(engine, cases, machine, repeats=args.repeats, progress=bar)
     report["engine"] = dataclasses.asdict(cfg)

@@ -100,11 +100,11 @@ def format_table(report: dict) -> str:
              f"{report['matmul_gflops']:.1f} GFLOP/s ({report['dtype']}); "
              f"weights {report['weight_bytes'] / 2**20:.1f} MiB, "
              f"KV {report['kv_bytes_per_token'] / 1024:.1f} KiB/token",
-             f"{'batch':>5}{'prompt':>7}{'output':>7} | {'TTFT ms':>9}{'floor':>8}{'% floor':>8} {'bound':<8}| "
-             f"{'TPOT ms':>8}{'floor':>8}{'% floor':>8} {'bound':<8}| {'decode tok/s':>12}"]
+             f"{'batch':>5}{'prompt':>7}{'output':>7} | {'TTFT ms':>9}{'floor':>9}{'% floor':>8} {'bound':<8}| "
+             f"{'TPOT ms':>8}{'floor':>9}{'% floor':>8} {'bound':<8}| {'decode tok/s':>12}"]
     for r in report["rows"]:
         lines.append(f"{r['batch_size']:>5}{r['prompt_len']:>7}{r['output_len']:>7} | {1e3 * r['ttft_s']:>9.1f}"
-                     f"{1e3 * r['ttft_floor_s']:>8.2f}{100 * r['ttft_frac_of_floor']:>7.1f}% {r['ttft_bound']:<8}| "
-                     f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>8.2f}{100 * r['tpot_frac_of_floor']:>7.1f}% "
+                     f"{1e3 * r['ttft_floor_s']:>9.1f}{100 * r['ttft_frac_of_floor']:>7.1f}% {r['ttft_bound']:<8}| "
+                     f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>9.2f}{100 * r['tpot_frac_of_floor']:>7.1f}% "
                      f"{r['tpot_bound']:<8}| {r['decode_tok_s']:>12.1f}")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ A step can be no faster than the larger of
 Both rates are measured here with small jitted probes, not taken from a datasheet: the bandwidth is the
 better of `pallas_kernels.benchmark.measure_copy_bandwidth` (a jitted `x + 1`, read and write) and a
 jitted sum (reads only; on a CPU the copy probe pays for touching a fresh output buffer every call), the
-matmul rate the best of jitted [n, n] @ [n, n] products in the engine's dtype. So "fraction of the floor" says how close
+matmul rate the best of jitted products in the engine's dtype: two squares and the model's own
+[max tokens per step, D] @ [D, F] MLP matmul. A fraction
+above 1 means the probes missed this machine's peak (or the load on a shared machine changed). So "fraction of the floor" says how close
 the engine gets to what this machine's XLA can do, not to the chip's marketing numbers.
 
 Decode (TPOT): a step of B sequences with contexts c_b reads the weights and sum(c_b) KV tokens and does
@@ -40,11 +42,13 @@ def _best_seconds(fn, args, iters: int) -> float:
     return best
 
 
-def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, iters: int = 10) -> float:
-    """FLOP/s of a jitted [n, n] @ [n, n] matmul (2 n^3 FLOPs), best of `iters` calls."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    return 2 * n**3 / _best_seconds(jax.jit(jnp.matmul), (a, b), iters)
+def measure_matmul_flops(m: int = 1024, k: int | None = None, n: int | None = None, dtype=jnp.float32,
+                         iters: int = 10) -> float:
+    """FLOP/s of a jitted [m, k] @ [k, n] matmul (2 m k n FLOPs; square by default), best of `iters` calls."""
+    k, n = k or m, n or m
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+    return 2 * m * k * n / _best_seconds(jax.jit(jnp.matmul), (a, b), iters)
 
 
 def measure_read_bandwidth(mib: int = 256, iters: int = 10) -> float:
@@ -62,12 +66,15 @@ class Machine:
     read_bandwidth: float = 0.0
 
     @classmethod
-    def measure(cls, dtype=jnp.float32, copy_mib: int | None = None, matmul_n: int | None = None) -> "Machine":
+    def measure(cls, dtype=jnp.float32, copy_mib: int | None = None,
+                matmul_shapes: tuple[tuple[int, int, int], ...] = ()) -> "Machine":
+        """`matmul_shapes`: (m, k, n) products to try besides the squares, e.g. the model's own MLP matmul."""
         on_cpu = jax.default_backend() == "cpu"
         mib = copy_mib or (256 if on_cpu else 2048)
         copy = measure_copy_bandwidth(mib)
         read = measure_read_bandwidth(mib)
-        flops = measure_matmul_flops(matmul_n or (1024 if on_cpu else 8192), dtype)
+        squares = ((1024,) * 3, (2048,) * 3) if on_cpu else ((4096,) * 3, (8192,) * 3)
+        flops = max(measure_matmul_flops(m, k, n, dtype) for m, k, n in squares + tuple(matmul_shapes))
         return cls(max(copy, read), flops, f"{jax.default_backend()} ({jax.devices()[0].device_kind})", copy, read)
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+
 # NOTE: import the checkout this script lives in, even where another one is installed in the environment.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -114,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    card = asyncio.run(client.served_model(base_url, args.api_key))
+    try:
+        card = asyncio.run(client.served_model(base_url, args.api_key))
+    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        if not args.model:
+            print(f"error: {base_url}/v1/models failed ({type(e).__name__}: {e}); is the server up? "
+                  "(or pass --model)", file=sys.stderr)
+            return 2
+        card = {}
     model = args.model or card.get("id")
     requests = make_dataset(args, base_url)
     base = client.LoadConfig(base_url, model, args.endpoint, args.request_rate, args.max_concurrency,

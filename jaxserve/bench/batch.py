@@ -7,8 +7,9 @@ Output, one a line, in the order requests finish: `{"id", "custom_id", "response
 request it would have refused with a 400. A line that is not a request at all (bad JSON, no custom_id, a
 duplicate, an unknown url) gets `"response": null, "error": {"code", "message"}`.
 
-The bodies go through the server's own parsing (`jaxserve.server.protocol`), so the batch and the server
-accept and refuse the same requests and shape the same responses; guardrails and rate limits are the
+The bodies go through the server's own parsing and preparation (`jaxserve.server.protocol`: parse_*,
+tokenize_prompts, params_for_prompt, the response builders), so the batch and the server accept and
+refuse the same requests and shape the same responses; guardrails and rate limits are the
 server's and do not apply here. Every valid request is queued on the engine at once and the engine
 batches them (continuous batching); each result is appended and flushed as soon as it is done, so an
 interrupted run resumes by skipping the custom_ids already in the output (a torn last line is dropped).
@@ -28,8 +29,6 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from jaxserve.chat_template import render_chat
-from jaxserve.sampling_params import SamplingParamsError
 from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 
@@ -119,33 +118,10 @@ class _LineError(Exception):
 
 
 def _prepare(engine, job: _Job) -> list:
-    """Prompt ids and per-prompt params (max_tokens filled up to the context), validated as the server does."""
-    tok, req = engine.tokenizer, job.req
-    if req.kind == "chat":
-        try:
-            text = render_chat(tok.chat_template, req.messages, add_generation_prompt=True,
-                               bos_token=tok.bos_token, eos_token=tok.eos_token)
-        except ValueError as e:
-            raise errors.bad_request(str(e), param="messages") from None
-        job.prompt_texts, job.prompt_ids = [text], [tok.encode(text)]
-    else:
-        for prompt in req.prompts:
-            ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            job.prompt_ids.append(ids)
-            job.prompt_texts.append(prompt if isinstance(prompt, str) else tok.decode(prompt))
-    params = []
-    for ids in job.prompt_ids:
-        p = req.params
-        if p.max_tokens is None:
-            p = dataclasses.replace(p, max_tokens=max(1, engine.max_model_len - len(ids)))
-        try:
-            engine.validate(ids, p)
-        except SamplingParamsError as e:
-            raise errors.bad_request(str(e), param=e.field) from None
-        except ValueError as e:
-            raise errors.context_too_long(str(e)) from None
-        params.append(p)
-    return params
+    """Prompt ids and per-prompt params, exactly as the server prepares them (its 400s included)."""
+    job.prompt_texts, job.prompt_ids = protocol.tokenize_prompts(job.req, engine.tokenizer)
+    return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate)
+            for ids in job.prompt_ids]
 
 
 def _body(engine, job: _Job, model: str) -> dict:

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
 import aiohttp
 import openai
 import pytest
+from server_process import ServerProcess, running_server
+from server_process import get_status as _get_status
 
 pytestmark = pytest.mark.slow
 
@@ -40,59 +36,16 @@ SERVER_ARGS = [
 ]
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, log_path, port: int, saw_503: bool):
-        self.proc, self.log_path, self.port, self.saw_503 = proc, log_path, port, saw_503
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
+class Server(ServerProcess):
     def client(self, key: str = MAIN_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, timeout=HTTP_TIMEOUT, max_retries=0)
-
-
-def _get_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    # conftest.py asks for 8 virtual CPU devices for the sharding tests; the server needs one.
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "jaxserve.server", *SERVER_ARGS], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        port, saw_503 = None, False
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            if port is None:
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
-                port = int(m.group(1)) if m else None
-            if port is not None:
-                status = _get_status(f"http://127.0.0.1:{port}/health")
-                saw_503 = saw_503 or status == 503
-                if status == 200:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"server not healthy after {STARTUP_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
-        yield Server(proc, log_path, port, saw_503)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+    with running_server(SERVER_ARGS, log_path, STARTUP_TIMEOUT, cls=Server) as srv:
+        yield srv
 
 
 def run(coro):

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
     s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
     s.add_argument("--shutdown-grace-period", type=float, default=ServingConfig.shutdown_grace_period)
+    s.add_argument("--accelerator-price-per-hour", type=float, default=0.0,
+                   help="$ per accelerator hour; > 0 adds cost gauges to /metrics")
+    s.add_argument("--accelerator-utilization", "--accelerator-utilisation", type=float, default=1.0,
+                   help="the average busy fraction the cost gauges assume")
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     r = p.add_argument_group("rate limits (per API key, else per `user`, else per client address)")
@@ -152,7 +156,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
         max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
         rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),
         rate_limit_overrides=tuple(parse_override(o) for o in args.rate_limit_override), guardrails=guardrails,
-        max_model_len_hint=engine_cfg.max_model_len or 8192)
+        max_model_len_hint=engine_cfg.max_model_len or 8192,
+        accelerator_price_per_hour=args.accelerator_price_per_hour,
+        accelerator_utilization=args.accelerator_utilization)
     return engine_cfg, serving
 
 

@@ -35,7 +35,7 @@ from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
 from jaxserve.server.limits import Limits, RateLimiter
-from jaxserve.server.metrics import EngineCollector, ServerMetrics
+from jaxserve.server.metrics import EngineCollector, ServerMetrics, cost_gauges
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
 
@@ -58,12 +58,16 @@ class ServingConfig:
     rate_limit_overrides: tuple[tuple[str, Limits], ...] = ()
     guardrails: GuardrailConfig = GuardrailConfig()
     max_model_len_hint: int = 8192  # for the token-length histogram buckets, before the engine exists
+    accelerator_price_per_hour: float = 0.0  # > 0: cost gauges in /metrics (jaxserve/bench/cost.py)
+    accelerator_utilization: float = 1.0  # the average busy fraction the cost gauges assume
 
     def __post_init__(self):
         if self.max_waiting < 1 or self.max_request_bytes < 1:
             raise ValueError("max_waiting and max_request_bytes must be positive")
         if self.request_timeout < 0 or self.keepalive_interval <= 0 or self.shutdown_grace_period < 0:
             raise ValueError("request_timeout and shutdown_grace_period must be >= 0, keepalive_interval > 0")
+        if self.accelerator_price_per_hour < 0 or not 0 < self.accelerator_utilization <= 1:
+            raise ValueError("accelerator_price_per_hour must be >= 0 and accelerator_utilization in (0, 1]")
 
 
 class ServerState:
@@ -146,7 +150,9 @@ class ServerState:
     def _server_gauges(self) -> dict[str, float]:
         return {"server_requests_in_flight": len(self.inflight), "server_requests_queued": self.num_queued,
                 "server_draining": float(self.draining), "engine_ready": float(self.engine is not None),
-                "rate_limit_keys": self.limiter.num_keys}
+                "rate_limit_keys": self.limiter.num_keys,
+                **cost_gauges(self.metrics, self.engine, self.config.accelerator_price_per_hour,
+                              self.config.accelerator_utilization, time.time() - self.started_at)}
 
 
 STATE = web.AppKey("state", ServerState)

@@ -187,3 +187,32 @@ class EngineCollector:
         except (TypeError, AttributeError, RuntimeError):  # missing attribute, or a dict resized mid-read
             return None
         return None if value is None else float(value)
+
+
+def _counter_total(counter: Counter) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def cost_gauges(metrics: ServerMetrics, engine: Any, price_per_hour: float, utilization: float,
+                uptime: float) -> dict[str, float]:
+    """The serving arithmetic of `jaxserve.bench.cost` on this server's own throughput, as gauges.
+
+    Throughput is prompt and generated tokens over the seconds the engine spent in steps (its busy time),
+    so the figures are what a token costs at the load seen so far; every token weighs the same
+    (input_weight 1). Nothing when no price is set; no cost figures before the first token.
+    """
+    if price_per_hour <= 0:
+        return {}
+    from jaxserve.bench.cost import Accelerator, unit_costs
+
+    out = {"accelerator_price_per_hour": price_per_hour, "accelerator_utilization": utilization}
+    busy = float(_read(engine, "stats.step_seconds") or 0.0)
+    if uptime > 0:
+        out["accelerator_busy_fraction"] = min(1.0, busy / uptime)
+    generated = _counter_total(metrics.generation_tokens)
+    if busy > 0 and generated > 0:
+        acc = Accelerator(price_per_hour, utilization, _counter_total(metrics.prompt_tokens) / busy, generated / busy)
+        unit = unit_costs(acc, input_weight=1.0)
+        out["cost_per_million_input_tokens"] = unit["cost_per_million_input_tokens"]
+        out["cost_per_million_output_tokens"] = unit["cost_per_million_output_tokens"]
+    return out

@@ -5,7 +5,8 @@ Requests arrive as parsed JSON objects. Every field we know is type-checked and 
 ignored, as vLLM does, so clients that send extras keep working.
 
 The builders return plain dicts in exactly OpenAI's shapes; `json.dumps` is the caller's business.
-No JAX, no engine: this module is tested on its own.
+No JAX, no engine (the two prompt helpers take the tokenizer and the engine's `validate`): this module
+is tested on its own.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+from jaxserve.chat_template import render_chat
 from jaxserve.outputs import TokenLogprob
 from jaxserve.sampling_params import SamplingParams, SamplingParamsError
-from jaxserve.server.errors import bad_request
+from jaxserve.server.errors import bad_request, context_too_long
 
 MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -249,6 +251,46 @@ def parse_chat(body: Any) -> GenerationRequest:
     return GenerationRequest("chat", model, [], params, stream=stream,
                              include_usage=include_usage, user=user, logprobs=logprobs, messages=normalised,
                              priority=priority)
+
+
+def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
+    """(texts, token ids) of the request's prompts; chat messages are rendered with the model's template.
+
+    Shared by the server and the offline batch (`jaxserve.bench.batch`); a template error is a 400.
+    """
+    tok = tokenizer
+    if req.kind == "chat":
+        try:
+            text = render_chat(tok.chat_template, req.messages, add_generation_prompt=True,
+                               bos_token=tok.bos_token, eos_token=tok.eos_token)
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        return [text], [tok.encode(text)]
+    texts, ids = [], []
+    for prompt in req.prompts:
+        if isinstance(prompt, str):
+            texts.append(prompt)
+            ids.append(tok.encode(prompt))
+        else:
+            ids.append(list(prompt))
+            texts.append(tok.decode(prompt))
+    return texts, ids
+
+
+def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_len: int,
+                      validate: Callable[[list[int], SamplingParams], None] | None) -> SamplingParams:
+    """`params` with max_tokens None made explicit (up to the context), checked by the engine's `validate`:
+    a bad field is a 400 naming it, prompt + max_tokens over the context a 400 `context_length_exceeded`."""
+    if params.max_tokens is None:  # "up to the context": make the worst case explicit
+        params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(prompt_ids)))
+    if validate is not None:
+        try:
+            validate(prompt_ids, params)
+        except SamplingParamsError as e:
+            raise bad_request(str(e), param=e.field) from None
+        except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
+            raise context_too_long(str(e)) from None
+    return params
 
 
 def last_user_message(messages: Sequence[dict[str, str]]) -> str:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from jaxserve.chat_template import render_chat
 from jaxserve.outputs import RequestDelta, TokenLogprob
 from jaxserve.sampling_params import SamplingParamsError
 from jaxserve.server import errors, protocol
@@ -103,25 +102,12 @@ class Generation:
     # ------------------------------------------------------------------ 1. prepare
 
     def prepare(self) -> None:
-        engine, req, tok = self.state.engine, self.req, self.state.engine.tokenizer
+        engine, req = self.state.engine, self.req
+        self.prompt_texts, self.prompt_ids = protocol.tokenize_prompts(req, engine.tokenizer)
         if req.kind == "chat":
-            try:
-                text = render_chat(tok.chat_template, req.messages, add_generation_prompt=True,
-                                   bos_token=tok.bos_token, eos_token=tok.eos_token)
-            except ValueError as e:
-                raise errors.bad_request(str(e), param="messages") from None
-            self.prompt_texts = [text]
-            self.prompt_ids = [tok.encode(text)]
             screened = "\n".join(m["content"] for m in req.messages)
             last_user = protocol.last_user_message(req.messages)
         else:
-            for prompt in req.prompts:
-                if isinstance(prompt, str):
-                    self.prompt_texts.append(prompt)
-                    self.prompt_ids.append(tok.encode(prompt))
-                else:
-                    self.prompt_ids.append(list(prompt))
-                    self.prompt_texts.append(tok.decode(prompt))
             screened = "\n".join(self.prompt_texts)
             last_user = None
         finding = self.state.guardrails.check_input(screened, last_user)
@@ -130,18 +116,8 @@ class Generation:
             raise errors.content_policy(f"The request was blocked by the {finding.describe()} guardrail.",
                                         param="messages" if req.kind == "chat" else "prompt")
         validate = getattr(engine, "validate", None)
-        for ids in self.prompt_ids:
-            params = req.params
-            if params.max_tokens is None:  # "up to the context": make the worst case explicit
-                params = dataclasses.replace(params, max_tokens=max(1, engine.max_model_len - len(ids)))
-            self.params.append(params)
-            if validate is not None:
-                try:
-                    validate(ids, params)
-                except SamplingParamsError as e:
-                    raise errors.bad_request(str(e), param=e.field) from None
-                except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
-                    raise errors.context_too_long(str(e)) from None
+        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, validate)
+                       for ids in self.prompt_ids]
 
     @property
     def reserved_tokens(self) -> int:

@@ -8,10 +8,11 @@ scheduler admits one whenever a seat and pages are free), (b) static batching (m
 admitted together; the next batch only when every one of them has finished). Prompts are random token ids
 and every request generates exactly its output length (ignore_eos), so both runs do the same work.
 
-It also measures single-stream decode TPOT against the memory-bandwidth floor (weight bytes / measured copy
-bandwidth), batch-max_num_seqs decode throughput against the matmul roofline (measured FLOP/s / FLOPs per
-token), the host's share of step time (input packing before dispatch), and KV waste (allocated but unfilled
-token slots over allocated slots, sampled every step). Prints a table; writes JSON.
+It also measures single-stream decode TPOT against the memory-bandwidth floor (weight bytes / measured
+bandwidth, probes from `jaxserve.bench.roofline`), batch-max_num_seqs decode throughput against the matmul
+roofline (measured FLOP/s / FLOPs per token), the host's share of step time (all but waiting for the
+device), and KV waste (allocated but unfilled token slots over allocated slots, sampled every step).
+Prints a table; writes JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from jaxserve import LLMEngine, SamplingParams
+from jaxserve.bench import roofline
 from jaxserve.config import EngineConfig
-from pallas_kernels.benchmark import measure_copy_bandwidth, time_call
 
 
 def make_workload(num_requests: int, seed: int, vocab_size: int, prompt_range, output_range):
@@ -98,12 +98,6 @@ def decode_tpot(engine: LLMEngine, batch: int, num_tokens: int, vocab_size: int)
     return (last - first) / (num_tokens - 1)
 
 
-def measure_matmul_flops(n: int = 2048, dtype=jnp.float32) -> float:
-    a = jnp.ones((n, n), dtype)
-    seconds = time_call(jax.jit(lambda x: x @ x), (a,), 5)
-    return 2 * n ** 3 / seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EngineConfig.model)
@@ -132,14 +126,15 @@ def main() -> None:
         report["static"] = run(engine, prompts, outputs, static_batch=args.max_num_seqs, desc="static")
         report["continuous_over_static"] = (report["continuous"]["output_tokens_per_s"]
                                             / report["static"]["output_tokens_per_s"])
-        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.weights))
-        bandwidth = measure_copy_bandwidth(256)
-        flops = measure_matmul_flops(dtype=runner.dtype)
+        weight_bytes = roofline.weight_bytes(runner.weights)
+        machine = roofline.Machine.measure(runner.dtype, matmul_shapes=(
+            (args.max_num_seqs, cfg.hidden_size, cfg.intermediate_size),))
+        bandwidth, flops = machine.bandwidth, machine.flops
         tpot_1 = decode_tpot(engine, 1, 64, cfg.vocab_size)
         tpot_b = decode_tpot(engine, args.max_num_seqs, 32, cfg.vocab_size)
-        flops_per_token = 2 * cfg.num_params()
+        flops_per_token = 2 * roofline.matmul_params(cfg)
         report["roofline"] = dict(
-            weight_bytes=weight_bytes, copy_bandwidth_bytes_per_s=bandwidth, matmul_flops_per_s=flops,
+            weight_bytes=weight_bytes, bandwidth_bytes_per_s=bandwidth, matmul_flops_per_s=flops,
             tpot_batch1_s=tpot_1, tpot_floor_s=weight_bytes / bandwidth,
             floor_over_tpot_batch1=weight_bytes / bandwidth / tpot_1,
             decode_tokens_per_s_at_max_batch=args.max_num_seqs / tpot_b,
@@ -171,7 +166,7 @@ def format_table(r: dict) -> str:
     if "roofline" in r:
         f = r["roofline"]
         lines += [f"single-stream TPOT {1e3 * f['tpot_batch1_s']:.1f} ms; bandwidth floor {1e3 * f['tpot_floor_s']:.1f} ms "
-                  f"({f['weight_bytes'] / 2**20:.0f} MiB weights at {f['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s): "
+                  f"({f['weight_bytes'] / 2**20:.0f} MiB weights at {f['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s): "
                   f"{100 * f['floor_over_tpot_batch1']:.0f}% of the floor",
                   f"batch-{s['max_num_seqs']} decode {f['decode_tokens_per_s_at_max_batch']:.0f} tok/s; matmul roofline "
                   f"{f['matmul_roofline_tokens_per_s']:.0f} tok/s ({f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s): "

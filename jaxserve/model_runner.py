@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve import llama
+from jaxserve import llama, quantization
 from jaxserve.attention import ATTENTION_BACKENDS
 from jaxserve.checkpoint import load_checkpoint
 from jaxserve.config import EngineConfig, ModelConfig
@@ -62,8 +62,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype)
         t0 = time.perf_counter()
         self.model_config, self.weights = load_checkpoint(checkpoint_dir, self.dtype)
-        logger.info("loaded %s (%s) in %.1fs", checkpoint_dir, jnp.dtype(self.dtype).name, time.perf_counter() - t0)
         cfg = self.model_config
+        self.weights = llama.weights_from_flat(quantization.engine_quantization(
+            llama.weights_to_flat(self.weights), llama.param_table(cfg), config.quantization,
+            config.quantize_embeddings, self.dtype))
+        logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
+                    jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
+                    time.perf_counter() - t0)
         self.max_model_len = config.resolve_max_model_len(cfg)
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)

@@ -13,7 +13,8 @@ G groups of g = I / G consecutive inputs, with layers stacked in front as usual:
     Int4Weight  packed uint8 [L, G, g/2, *out]   w = q * scales + mins, q in 0..15 (asymmetric)
                 scales, mins [L, G, *out]
 
-int8 defaults to one group (G = 1: per output channel); int4 to g = 128 along the input dimension. Byte b
+int8 defaults to one group (G = 1: per output channel); int4 to g = 128 along the input dimension (lowered
+to the largest even divisor of I where 128 does not divide it: `effective_group`). Byte b
 of a packed int4 group holds inputs b (low nibble) and b + g/2 (high nibble): exactly the nibble order of
 GGUF's Q4_0 / Q4_1 blocks, so those (g = 32) repack by copying bytes (`checkpoints_conv.gguf_quant`).
 
@@ -101,14 +102,23 @@ def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
 # ---------------------------------------------------------------------------------- quantize / dequantize
 
 
+def effective_group(num_inputs: int, group_size: int | None) -> int:
+    """The group size used for a weight of `num_inputs` inputs: `group_size` (None: all inputs), or where it
+    does not divide them, the largest even divisor below it (SmolLM2's D = 576 takes 96 for 128)."""
+    if not group_size or group_size >= num_inputs:
+        return num_inputs
+    for g in range(group_size - group_size % 2, 1, -2):
+        if num_inputs % g == 0:
+            return g
+    raise ValueError(f"no even group size <= {group_size} divides {num_inputs} inputs")
+
+
 def _grouped(w: jax.Array, in_ndim: int, lead_ndim: int, group_size: int | None):
     """w [*lead, *in, *out] → (float32 [*lead, G, g, *out], in_shape, out_ndim)."""
     in_shape = tuple(w.shape[lead_ndim:lead_ndim + in_ndim])
     out_shape = tuple(w.shape[lead_ndim + in_ndim:])
     size = math.prod(in_shape)
-    g = group_size or size
-    if size % g:
-        raise ValueError(f"group size {g} does not divide the {size} inputs of a weight of shape {tuple(w.shape)}")
+    g = effective_group(size, group_size)
     x = jnp.asarray(w, jnp.float32).reshape(*w.shape[:lead_ndim], size // g, g, *out_shape)
     return x, in_shape, len(out_shape)
 
@@ -120,7 +130,8 @@ def quantize_int8(w: jax.Array, in_ndim: int, *, lead_ndim: int = 0, group_size:
     Args:
       w: dense [*lead, *in, *out]; `in_ndim` and `lead_ndim` count the `in` and leading (layer) axes.
     Returns:
-      an `Int8Weight` with |dequantize(q) - w| <= scale / 2 elementwise.
+      an `Int8Weight` with |dequantize(q) - w| <= scale / 2 elementwise. A group size that does not divide
+      the inputs is lowered to one that does (`effective_group`).
     """
     x, in_shape, out_ndim = _grouped(w, in_ndim, lead_ndim, group_size)
     g_axis = lead_ndim + 1
@@ -291,7 +302,7 @@ def quantized_axes(name: str, info, scheme: str, group_size: int | None) -> dict
     lead = 1 if axes[0] == "layers" else 0
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
     size = math.prod(in_shape)
-    g = group_size or size
+    g = effective_group(size, group_size)
     G = size // g
     lead_shape, lead_axes, out_axes = shape[:lead], axes[:lead], axes[lead + n_in:]
     in_name = axes[lead]  # the first input axis: the outermost part of the flattened I
@@ -368,3 +379,27 @@ def from_components(arrays: dict[str, Any], param_table: dict, spec: QuantSpec) 
 def np_tree(tree):
     """A pytree of host numpy arrays (for writing checkpoints)."""
     return jax.tree.map(np.asarray, tree)
+
+
+def engine_quantization(flat: dict[str, Any], param_table: dict, quantization: str, quantize_embeddings: bool,
+                        dtype) -> dict[str, Any]:
+    """The engine's `--quantization` applied to loaded weights.
+
+    auto: as stored. none: every weight dequantized to `dtype`. int8 / int4: the projections (and, with
+    `quantize_embeddings`, embed and lm_head) in that scheme at its default group size; a weight already
+    stored in that scheme (e.g. a repacked GGUF) is kept as it is, one stored in another is dequantized and
+    quantized again. Weights the request leaves out stay as stored.
+    """
+    if quantization == "auto":
+        return flat
+    if quantization == "none":
+        return dequantize_flat(flat, dtype)
+    spec = QuantSpec(quantization, quantization if quantize_embeddings else "none")
+    out = dict(flat)
+    for name, info in param_table.items():
+        scheme = spec.scheme_for(name, info.contract)
+        if scheme == "none" or scheme_of(flat[name]) == scheme:
+            continue
+        out[name] = dequantize_flat({name: flat[name]}, dtype)[name]
+        out.update(quantize_flat({name: out[name]}, {name: info}, spec))
+    return out

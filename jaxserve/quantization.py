@@ -31,6 +31,7 @@ single group (per-channel int8) the input axis name sits on g instead and the sc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -123,6 +124,9 @@ def _grouped(w: jax.Array, in_ndim: int, lead_ndim: int, group_size: int | None)
     return x, in_shape, len(out_shape)
 
 
+# NOTE: jitted so that quantizing a model while loading compiles one program per weight shape, instead of
+# dispatching (and compiling) each op eagerly.
+@functools.partial(jax.jit, static_argnames=("in_ndim", "lead_ndim", "group_size", "scale_dtype"))
 def quantize_int8(w: jax.Array, in_ndim: int, *, lead_ndim: int = 0, group_size: int | None = None,
                   scale_dtype=jnp.float32) -> Int8Weight:
     """Symmetric absmax int8 over groups of `group_size` inputs (None: all of them, i.e. per output channel).
@@ -143,6 +147,7 @@ def quantize_int8(w: jax.Array, in_ndim: int, *, lead_ndim: int = 0, group_size:
     return Int8Weight(values, scales, in_shape, out_ndim)
 
 
+@functools.partial(jax.jit, static_argnames=("in_ndim", "lead_ndim", "group_size", "scale_dtype"))
 def quantize_int4(w: jax.Array, in_ndim: int, *, lead_ndim: int = 0, group_size: int = INT4_GROUP,
                   scale_dtype=jnp.float32) -> Int4Weight:
     """Asymmetric (min/max) int4 over groups of `group_size` consecutive inputs, packed two per byte.
@@ -197,22 +202,41 @@ def dequantize(w: jax.Array | QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 
 
 def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwargs) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for a dense or quantized `w` whose out axes end the output (all our projections).
+    """`jnp.einsum(spec, x, w)` for a dense or quantized `w`, where x's contracted axes are its last ones and
+    w's out axes end the output (true of every projection in llama.py).
 
     Per-channel int8 (one group) multiplies the scales into the output: einsum over the int8 values converted
-    to x's dtype (exact: |q| <= 127), then one [*out] multiply. Grouped int8 and int4 dequantize, then dot.
-    Both are plain XLA: the convert / unpack / scale chain is elementwise on the weight operand, which XLA's
-    GPU and TPU compilers fuse into the matmul's operand read (the weight crosses HBM quantized); XLA:CPU
-    may materialise the dequantized weight per step instead.
+    to x's dtype (exact: |q| <= 127), then one [*out] multiply. Grouped int8 and int4 dequantize group by
+    group and contract x [..., G, g] with the [G, g, *out] weight in one dot; int4 does it as two dots, over
+    the low and the high nibbles (x's first and second half of each group), so no unpacked copy is built.
+    All of it is plain XLA: the convert / mask / shift / scale chain is elementwise on the weight operand,
+    which XLA fuses into the dot's operand read on GPU / TPU (and, measured, on CPU too).
     """
-    if isinstance(w, Int8Weight) and w.values.shape[-w.out_ndim - 2] == 1:
-        values = w.values.reshape(*w.values.shape[:-w.out_ndim - 2], *w.in_shape, *w.values.shape[-w.out_ndim:])
+    if not is_quantized(w):
+        return jnp.einsum(spec, x, w, **einsum_kwargs)
+    n_out, in_shape = w.out_ndim, w.in_shape
+    if tuple(x.shape[x.ndim - len(in_shape):]) != tuple(in_shape):
+        raise ValueError(f"qdot {spec!r}: x {tuple(x.shape)} does not end in the weight's inputs {in_shape}")
+    if isinstance(w, Int8Weight) and w.values.shape[-n_out - 2] == 1:
+        values = w.values.reshape(*w.values.shape[:-n_out - 2], *in_shape, *w.values.shape[-n_out:])
         y = jnp.einsum(spec, x, values.astype(x.dtype), **einsum_kwargs)
-        scales = w.scales.reshape(w.scales.shape[:-w.out_ndim - 1] + w.scales.shape[-w.out_ndim:])
+        scales = w.scales.reshape(w.scales.shape[:-n_out - 1] + w.scales.shape[-n_out:])
         return y * scales.astype(y.dtype)
-    if is_quantized(w):
-        w = dequantize(w, x.dtype)
-    return jnp.einsum(spec, x, w, **einsum_kwargs)
+    if (w.values if isinstance(w, Int8Weight) else w.packed).ndim != n_out + 2:
+        raise ValueError(f"qdot takes one layer's weight (inside the layer scan), not a stacked one")
+    kwargs = {"preferred_element_type": einsum_kwargs.get("preferred_element_type")}
+    batch = x.shape[:x.ndim - len(in_shape)]
+    s = w.scales.astype(x.dtype)[:, None]  # [G, 1, *out]
+    if isinstance(w, Int8Weight):
+        G, g = w.values.shape[:2]
+        return jnp.tensordot(x.reshape(*batch, G, g), w.values.astype(x.dtype) * s, axes=2, **kwargs)
+    G, half = w.packed.shape[:2]
+    m = w.mins.astype(x.dtype)[:, None]
+    xg = x.reshape(*batch, G, 2, half)
+    lo = (w.packed & 0xF).astype(x.dtype) * s + m  # inputs b of each group
+    hi = (w.packed >> 4).astype(x.dtype) * s + m  # inputs b + g/2
+    return (jnp.tensordot(xg[..., 0, :], lo, axes=2, **kwargs)
+            + jnp.tensordot(xg[..., 1, :], hi, axes=2, **kwargs))
 
 
 def embedding_lookup(embed: jax.Array | QuantizedWeight, token_ids: jax.Array, dtype) -> jax.Array:

@@ -43,7 +43,6 @@ SCHEMES = ("none", "int8", "int4")
 INT8_MAX = 127
 INT4_MAX = 15
 INT4_GROUP = 128  # default int4 group along the input dimension
-GGUF_GROUP = 32  # the block width of GGUF's Q8_0 / Q4_0 / Q4_1
 
 
 @jax.tree_util.register_dataclass

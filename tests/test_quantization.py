@@ -376,3 +376,21 @@ def test_real_gguf_q4_1_tensor_repacks_to_the_float_checkpoint(smollm2):
     parts = repack(np.asarray(t.data), "Q4_1", transform, target, 1, t.name)
     w = qz.Int4Weight(parts["packed"], parts["scales"], parts["mins"], in_shape=target[:1], out_ndim=2)
     np.testing.assert_array_equal(np.asarray(qz.dequantize(w)), np.asarray(weights.layers.wq[0]))
+
+
+@pytest.mark.slow
+def test_llm_quantization_option_serves_int8_weights_end_to_end(smollm2):
+    """`LLM(quantization="int8")` on the converted float checkpoint: the runner holds int8 projections (under
+    half the bytes) and greedy generation through the engine follows the golden tokens."""
+    from jaxserve import LLM, SamplingParams, model_registry
+
+    llm = LLM(model_registry.resolve_model(model_registry.DEFAULT_MODEL), quantization="int8", warmup=False,
+              max_num_seqs=2, max_num_batched_tokens=128, kv_cache_memory=16 * 2**20, max_model_len=256)
+    runner = llm.engine.runner
+    assert isinstance(runner.weights.layers.wq, qz.Int8Weight) and not qz.is_quantized(runner.weights.embed)
+    assert qz.weight_bytes(runner.weights) < 0.45 * qz.weight_bytes(smollm2["models"]["float32"])
+    prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]
+    outs = llm.generate([p["prompt_ids"] for p in prompts], SamplingParams(max_tokens=8, temperature=0.0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]

@@ -209,7 +209,8 @@ def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwarg
     group and contract x [..., G, g] with the [G, g, *out] weight in one dot; int4 does it as two dots, over
     the low and the high nibbles (x's first and second half of each group), so no unpacked copy is built.
     All of it is plain XLA: the convert / mask / shift / scale chain is elementwise on the weight operand,
-    which XLA fuses into the dot's operand read on GPU / TPU (and, measured, on CPU too).
+    which XLA can fuse into the dot's operand read (on CPU it does for the layer projections, not for the LM
+    head: docs/quantization.md). Dequantization is in float32, rounded once to x's dtype.
     """
     if not is_quantized(w):
         return jnp.einsum(spec, x, w, **einsum_kwargs)
@@ -225,15 +226,18 @@ def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwarg
         raise ValueError(f"qdot takes one layer's weight (inside the layer scan), not a stacked one")
     kwargs = {"preferred_element_type": einsum_kwargs.get("preferred_element_type")}
     batch = x.shape[:x.ndim - len(in_shape)]
-    s = w.scales.astype(x.dtype)[:, None]  # [G, 1, *out]
+    # NOTE: dequantize in float32 and round once to x's dtype, as a dense weight of that dtype would be
+    # (float16 GGUF scales do not fit bfloat16).
+    s = w.scales.astype(jnp.float32)[:, None]  # [G, 1, *out]
     if isinstance(w, Int8Weight):
         G, g = w.values.shape[:2]
-        return jnp.tensordot(x.reshape(*batch, G, g), w.values.astype(x.dtype) * s, axes=2, **kwargs)
+        dense = (w.values.astype(jnp.float32) * s).astype(x.dtype)  # [G, g, *out]
+        return jnp.tensordot(x.reshape(*batch, G, g), dense, axes=2, **kwargs)
     G, half = w.packed.shape[:2]
-    m = w.mins.astype(x.dtype)[:, None]
+    m = w.mins.astype(jnp.float32)[:, None]
     xg = x.reshape(*batch, G, 2, half)
-    lo = (w.packed & 0xF).astype(x.dtype) * s + m  # inputs b of each group
-    hi = (w.packed >> 4).astype(x.dtype) * s + m  # inputs b + g/2
+    lo = ((w.packed & 0xF).astype(jnp.float32) * s + m).astype(x.dtype)  # inputs b of each group
+    hi = ((w.packed >> 4).astype(jnp.float32) * s + m).astype(x.dtype)  # inputs b + g/2
     return (jnp.tensordot(xg[..., 0, :], lo, axes=2, **kwargs)
             + jnp.tensordot(xg[..., 1, :], hi, axes=2, **kwargs))
 

@@ -152,6 +152,20 @@ def test_qdot_matches_numpy_dense_reference(scheme, group):
         np.testing.assert_allclose(dense, np.einsum(spec.lower(), x, w), rtol=1e-5, atol=1e-5)
 
 
+def test_qdot_in_bfloat16_rounds_the_weight_once():
+    """bfloat16 activations: the weight is dequantized in float32 and rounded to bfloat16 once (float16 GGUF
+    scales do not fit bfloat16), so qdot equals the dense bfloat16 matmul of the rounded weight."""
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
+    w = qz.quantize_int4(rng.standard_normal((64, 48)).astype(np.float32) * 0.05, 1, group_size=32,
+                         scale_dtype=jnp.float16)
+    want = jnp.einsum("TD,DF->TF", x, qz.dequantize(w, jnp.float32).astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32)
+    got = qz.qdot("TD,DF->TF", x, w, preferred_element_type=jnp.float32)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tied,spec", [
     (True, qz.QuantSpec("int4", "int8", int4_group_size=32)),
     (False, qz.QuantSpec("int8", "int4", int8_group_size=16, int4_group_size=16)),

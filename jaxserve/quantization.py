@@ -223,7 +223,7 @@ def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwarg
         scales = w.scales.reshape(w.scales.shape[:-n_out - 1] + w.scales.shape[-n_out:])
         return y * scales.astype(y.dtype)
     if (w.values if isinstance(w, Int8Weight) else w.packed).ndim != n_out + 2:
-        raise ValueError(f"qdot takes one layer's weight (inside the layer scan), not a stacked one")
+        raise ValueError("qdot takes one layer's weight (inside the layer scan), not a stacked one")
     kwargs = {"preferred_element_type": einsum_kwargs.get("preferred_element_type")}
     batch = x.shape[:x.ndim - len(in_shape)]
     # NOTE: dequantize in float32 and round once to x's dtype, as a dense weight of that dtype would be

@@ -21,11 +21,12 @@ from typing import Iterable
 import numpy as np
 
 from checkpoints_conv import gguf as gguf_source
-from checkpoints_conv import hf_safetensors
-from checkpoints_conv.hf_safetensors import Loader, Table, Transform
+from checkpoints_conv import gguf_quant, hf_safetensors
+from checkpoints_conv.hf_safetensors import Loader, Table, Transform, linear
+from jaxserve import quantization as qz
 from jaxserve.checkpoint import STORED_DTYPES, save_checkpoint
 from jaxserve.config import ModelConfig
-from jaxserve.llama import param_table
+from jaxserve.llama import ParamInfo, param_table
 
 SOURCES: dict[str, ModuleType] = {"hf_safetensors": hf_safetensors, "gguf": gguf_source}
 
@@ -59,16 +60,44 @@ def lookup(table: Table, key: str) -> tuple[str | None, int | None, Transform | 
     raise ValueError(f"unknown tensor {key!r}: no conversion rule matches it")
 
 
+def quantize_tensor(name: str, info: ParamInfo, load: Loader, transform: Transform, target: tuple[int, ...],
+                    key: str, spec: qz.QuantSpec) -> dict[str, np.ndarray]:
+    """One source tensor (one layer's slice) → the arrays of its quantized weight.
+
+    GGUF Q8_0 / Q4_0 / Q4_1 tensors whose blocks fit the scheme are repacked byte for byte
+    (`gguf_quant.repack`); anything else is loaded as float32, transformed and quantized.
+    """
+    scheme = spec.scheme_for(name, info.contract)
+    group = spec.group_size(scheme)
+    n_in = 1 if name == "embed" else info.contract
+    t = getattr(load, "gguf_tensor", None)
+    if t is not None and gguf_quant.can_repack(t.tensor_type.name, scheme, group, spec.scale_dtype):
+        if name == "embed":  # token_embd is [V, D] = [out, in] like any GGUF matrix; ours is the head [D, V]
+            transform, target = linear(1), tuple(reversed(target))
+        parts = gguf_quant.repack(np.asarray(t.data), t.tensor_type.name, transform, target, n_in, key)
+    else:
+        w = transform(load(), target, key)
+        w = qz.quantize(w.T if name == "embed" else w, scheme, n_in, group_size=group,
+                        scale_dtype=spec.scale_dtype)
+        parts = {c: getattr(w, c) for c in qz.COMPONENTS[type(w)]}
+    return {c: np.asarray(a) for c, a in parts.items()}
+
+
 def fill_weights(cfg: ModelConfig, table: Table, tensors: Iterable[tuple[str, Loader]],
-                 dtype: str) -> dict[str, np.ndarray]:
+                 dtype: str, spec: qz.QuantSpec | None = None) -> dict[str, np.ndarray]:
     """Runs every source tensor through `table` into preallocated stacked arrays of `dtype`.
 
+    With a `spec` that quantizes, those weights come back as `Int8Weight` / `Int4Weight` of numpy arrays.
     Raises ValueError on an unknown key, a tensor of the wrong shape, a duplicate, or a weight never filled.
     """
     import jax.numpy as jnp
 
     params = param_table(cfg)
-    out = {name: np.empty(info.shape, jnp.dtype(dtype)) for name, info in params.items()}
+    spec = spec or qz.QuantSpec()
+    quantized = qz.component_table(params, spec)
+    out = {name: np.empty(info.shape, jnp.dtype(dtype)) for name, info in params.items() if name not in quantized}
+    out.update({f"{name}.{c}": np.empty(ci.shape, jnp.dtype(ci.dtype))
+                for name, comps in quantized.items() for c, ci in comps.items()})
     # NOTE: one flag per layer of a stacked weight, so a missing or doubled layer is caught.
     filled = {name: np.zeros(info.shape[0] if info.axes[0] == "layers" else 1, bool) for name, info in params.items()}
     for key, load in tensors:
@@ -86,17 +115,23 @@ def fill_weights(cfg: ModelConfig, table: Table, tensors: Iterable[tuple[str, Lo
         slot = layer if stacked else 0
         if filled[param][slot]:
             raise ValueError(f"tensor {key} fills {param}[{slot}] a second time")
-        w = transform(load(), info.shape[1:] if stacked else info.shape, key)
-        if stacked:
-            out[param][layer] = w
+        target = info.shape[1:] if stacked else info.shape
+        if param in quantized:
+            parts = {f"{param}.{c}": a for c, a in
+                     quantize_tensor(param, info, load, transform, target, key, spec).items()}
         else:
-            out[param][...] = w
+            parts = {param: transform(load(), target, key)}
+        for dest, w in parts.items():
+            if stacked:
+                out[dest][layer] = w
+            else:
+                out[dest][...] = w
         filled[param][slot] = True
     missing = [f"{name}" + (f" (layers {np.flatnonzero(~done).tolist()})" if params[name].axes[0] == "layers" else "")
                for name, done in filled.items() if not done.all()]
     if missing:
         raise ValueError(f"lacks weights the config needs: {', '.join(missing)}")
-    return out
+    return qz.from_components(out, params, spec)
 
 
 def write_tokenizer(kind: str, src: Path, dest: Path) -> None:
@@ -113,12 +148,28 @@ def write_tokenizer(kind: str, src: Path, dest: Path) -> None:
         Tokenizer.from_gguf(src).save(dest)
 
 
+def source_quant_spec(kind: str, quantize: str, quantize_embeddings: str = "none",
+                      group_size: int | None = None) -> qz.QuantSpec:
+    """The spec `--quantize` means for a source: GGUF files default to their own 32-wide blocks with float16
+    scales (so Q8_0 / Q4_0 / Q4_1 tensors repack exactly), other sources to int8 per channel / int4 g=128."""
+    if kind == "gguf":
+        group = group_size or gguf_quant.BLOCK
+        return qz.QuantSpec(quantize, quantize_embeddings, int8_group_size=group, int4_group_size=group,
+                            scale_dtype="float16")
+    return qz.QuantSpec(quantize, quantize_embeddings, int8_group_size=group_size or 0,
+                        int4_group_size=group_size or qz.INT4_GROUP)
+
+
 def convert(src: str | Path, dest: str | Path, *, dtype: str = "float32", force: bool = False,
-            progress: bool = True) -> ConversionStats:
+            progress: bool = True, quantize: str = "none", quantize_embeddings: str = "none",
+            group_size: int | None = None) -> ConversionStats:
     """Converts SRC (a Hugging Face folder or a .gguf file) into the checkpoint folder DEST.
 
     Args:
-      dtype: the stored dtype, "float32" or "bfloat16".
+      dtype: the stored dtype, "float32" or "bfloat16" (of the weights left in float).
+      quantize: "none", "int8" or "int4" for the projections (q/k/v/o, gate/up/down).
+      quantize_embeddings: the same for embed and lm_head.
+      group_size: quantization group along the input dimension (None: see `source_quant_spec`).
       force: replace an existing DEST (otherwise FileExistsError).
       progress: show a tqdm progress bar.
     Returns:
@@ -135,10 +186,11 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "float32", force:
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} already exists; pass --force to overwrite it")
     kind = detect_source(src)
+    spec = source_quant_spec(kind, quantize, quantize_embeddings, group_size)
     cfg, table, tensors = SOURCES[kind].read_source(src)
     bar = tqdm(tensors, desc=f"converting {src.name}", unit="tensor", disable=not progress)
     try:
-        flat = fill_weights(cfg, table, bar, dtype)
+        flat = fill_weights(cfg, table, bar, dtype, spec)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from e
 
@@ -146,7 +198,7 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "float32", force:
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_checkpoint(tmp, cfg, flat, source={"format": kind, "path": str(src)})
+        save_checkpoint(tmp, cfg, flat, source={"format": kind, "path": str(src)}, quantization=spec)
         del flat
         write_tokenizer(kind, src, tmp)
         if dest.exists():  # --force: swap, then drop the old one

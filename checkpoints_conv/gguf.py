@@ -131,4 +131,5 @@ def _loader(path: Path, t) -> Loader:
             raise ValueError(f"{path}: tensor {t.name} dequantized to {w.shape}, expected {shape}")
         return np.asarray(w, dtype=np.float32).reshape(shape)
 
+    load.gguf_tensor = t  # NOTE: the raw blocks, for repacking Q8_0 / Q4_0 / Q4_1 without dequantizing
     return load

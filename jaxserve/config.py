@@ -188,6 +188,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,8 @@ class EngineConfig:
     num_processes: int | None = None  # None: $JAX_NUM_PROCESSES or auto-detect (TPU VMs, SLURM, ...)
     process_id: int | None = None  # None: $JAX_PROCESS_ID or auto-detect
     seed: int = 0
+    quantization: str = "auto"  # weights: auto (as the checkpoint stores them), none, int8 or int4
+    quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
 
     def __post_init__(self):
         if self.dtype not in ("auto",) + DTYPES:
@@ -224,6 +227,8 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and data_parallel_size must be positive, got "
                              f"{self.tensor_parallel_size} and {self.data_parallel_size}")

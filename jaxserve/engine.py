@@ -82,7 +82,8 @@ class _Choice:
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, warmup: bool = True):
         self.config = config
-        checkpoint_dir = resolve_model(config.model)
+        checkpoint_dir = resolve_model(config.model, quantize=config.quantization,
+                                       quantize_embeddings=config.quantize_embeddings)
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.runner = ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxserve.attention import AttentionFn, write_kv
 from jaxserve.config import ModelConfig
+from jaxserve.quantization import embedding_lookup, qdot, tied_head
 from jaxserve.step_inputs import SeqChunk, StepInputs, build_step_inputs
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     norm: bool = False  # RMSNorm scales initialise to one and never get quantized
+    contract: int = 0  # the `in` axes a matmul contracts (after "layers", if stacked); > 0: quantizable
 
 
 def param_table(cfg: ModelConfig) -> dict[str, ParamInfo]:
@@ -72,21 +74,21 @@ def param_table(cfg: ModelConfig) -> dict[str, ParamInfo]:
         "embed": ParamInfo((V, D), ("vocab", "embed")),
         "final_norm": ParamInfo((D,), (None,), norm=True),
         "layers.attn_norm": ParamInfo((L, D), ("layers", None), norm=True),
-        "layers.wq": ParamInfo((L, D, N, H), ("layers", "embed", "heads", None)),
-        "layers.wk": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None)),
-        "layers.wv": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None)),
-        "layers.wo": ParamInfo((L, N, H, D), ("layers", "heads", None, "embed")),
+        "layers.wq": ParamInfo((L, D, N, H), ("layers", "embed", "heads", None), contract=1),
+        "layers.wk": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        "layers.wv": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        "layers.wo": ParamInfo((L, N, H, D), ("layers", "heads", None, "embed"), contract=2),
         "layers.mlp_norm": ParamInfo((L, D), ("layers", None), norm=True),
-        "layers.w_gate": ParamInfo((L, D, F), ("layers", "embed", "ffw")),
-        "layers.w_up": ParamInfo((L, D, F), ("layers", "embed", "ffw")),
-        "layers.w_down": ParamInfo((L, F, D), ("layers", "ffw", "embed")),
+        "layers.w_gate": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        "layers.w_up": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        "layers.w_down": ParamInfo((L, F, D), ("layers", "ffw", "embed"), contract=1),
     }
     if cfg.attention_bias:
         table["layers.bq"] = ParamInfo((L, N, H), ("layers", "heads", None))
         table["layers.bk"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
         table["layers.bv"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
     if not cfg.tie_word_embeddings:
-        table["lm_head"] = ParamInfo((D, V), ("embed", "vocab"))
+        table["lm_head"] = ParamInfo((D, V), ("embed", "vocab"), contract=1)
     return table
 
 
@@ -180,21 +182,21 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     Returns:
       (logits [M, V] float32 at `step.logits_indices`, updated kv_pages).
     """
-    dtype = weights.embed.dtype
+    dtype = weights.final_norm.dtype  # NOTE: norms stay in the model dtype; other weights may be quantized
     inv_freq = rope_inv_freq(cfg)
     scale = 1.0 / math.sqrt(cfg.head_dim)
     # NOTE: the only tensor-parallel lines: sharding constraints by logical axis (see jaxserve.sharding).
     shard = (lambda a, axes: a) if plan is None else plan.constrain
-    x = shard(weights.embed[step.token_ids], ("batch", "embed"))  # [T, D]
+    x = shard(embedding_lookup(weights.embed, step.token_ids, dtype), ("batch", "embed"))  # [T, D]
 
     def layer(carry, layer_in):
         x, kv_pages = carry
         w, layer_idx = layer_in
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            q = jnp.einsum("TD,DNH->TNH", h, w.wq)
-            k = jnp.einsum("TD,DKH->TKH", h, w.wk)
-            v = jnp.einsum("TD,DKH->TKH", h, w.wv)
+            q = qdot("TD,DNH->TNH", h, w.wq)
+            k = qdot("TD,DKH->TKH", h, w.wk)
+            v = qdot("TD,DKH->TKH", h, w.wv)
             if w.bq is not None:
                 q, k, v = q + w.bq, k + w.bk, v + w.bv
             q = shard(q, ("batch", "heads", None))
@@ -204,21 +206,21 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
             attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
             attn = shard(attn, ("batch", "heads", None))
-            x = shard(x + jnp.einsum("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
+            x = shard(x + qdot("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-            gate = jnp.einsum("TD,DF->TF", h, w.w_gate)
-            up = jnp.einsum("TD,DF->TF", h, w.w_up)
+            gate = qdot("TD,DF->TF", h, w.w_gate)
+            up = qdot("TD,DF->TF", h, w.w_up)
             act = shard(jax.nn.silu(gate) * up, ("batch", "ffw"))
-            x = shard(x + jnp.einsum("TF,FD->TD", act, w.w_down), ("batch", "embed"))
+            x = shard(x + qdot("TF,FD->TD", act, w.w_down), ("batch", "embed"))
         return (x, kv_pages), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, kv_pages), _ = jax.lax.scan(layer, (x, kv_pages), (weights.layers, layer_ids))
     with jax.named_scope("lm_head"):
         h = rms_norm(x[step.logits_indices], weights.final_norm, cfg.rms_norm_eps)  # [M, D]
-        head = weights.embed.T if weights.lm_head is None else weights.lm_head
-        logits = jnp.einsum("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
+        head = tied_head(weights.embed) if weights.lm_head is None else weights.lm_head
+        logits = qdot("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
     return shard(logits, ("batch", "vocab")), kv_pages
 
 
@@ -238,7 +240,7 @@ def sequence_logits(weights: LlamaWeights, cfg: ModelConfig, token_ids: list[int
     num_pages = -(-len(token_ids) // page_size)
     step = build_step_inputs([SeqChunk(token_ids, 0, list(range(1, num_pages + 1)))], num_tokens=len(token_ids),
                              num_rows=1, page_size=page_size, max_pages_per_seq=num_pages, all_logits=True)
-    kv = jnp.zeros(kv_cache_shape(cfg, num_pages + 1, page_size), weights.embed.dtype)
+    kv = jnp.zeros(kv_cache_shape(cfg, num_pages + 1, page_size), weights.final_norm.dtype)
     fn = jax.jit(forward, static_argnames=("cfg", "attention"))
     logits, _ = fn(weights, kv, jax.tree.map(jnp.asarray, step), cfg, attention or paged_attention_xla)
     return logits

@@ -60,11 +60,16 @@ def cache_key(src: Path) -> str:
     return f"{src.name}-{size}-{mtime}"
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
+def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
+                  quantize_embeddings: bool = False) -> str:
     """The checkpoint folder for a model name or path, converting the source into the cache on first use.
 
     Args:
       name_or_path: a name of `MODELS`, a converted checkpoint folder, a Hugging Face folder or a .gguf file.
+      quantize: "int8" / "int4": a GGUF source is converted quantized (its Q8_0 / Q4_0 / Q4_1 blocks repacked,
+        so it serves at its own size) into a cache entry of its own. Other sources convert to float (the
+        engine quantizes while loading); other values ("none", "auto") mean float.
+      quantize_embeddings: with `quantize`, embed and lm_head too.
     Returns:
       the path of a converted checkpoint folder.
     """
@@ -78,7 +83,12 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         if is_checkpoint(src):
             return str(src)
     src = src.absolute()
-    dest = cache_dir() / "checkpoints" / cache_key(src)
+    from checkpoints_conv.gguf import is_source as is_gguf
+
+    quantize = quantize if quantize in ("int8", "int4") and is_gguf(src) else "none"
+    embeddings = quantize if quantize != "none" and quantize_embeddings else "none"
+    suffix = "" if quantize == "none" else f"-{quantize}" + ("-emb" if embeddings != "none" else "")
+    dest = cache_dir() / "checkpoints" / (cache_key(src) + suffix)
     if is_checkpoint(dest):
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +98,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             from checkpoints_conv.convert import convert
 
             logger.info("converting %s into %s (once)", src, dest)
-            stats = convert(src, dest, dtype=CONVERTED_DTYPE, force=True, progress=False)
+            stats = convert(src, dest, dtype=CONVERTED_DTYPE, force=True, progress=False, quantize=quantize,
+                            quantize_embeddings=embeddings)
             logger.info("converted in %.1f s, peak RSS %.0f MiB", stats.seconds, stats.peak_rss_bytes / 2**20)
     return str(dest)

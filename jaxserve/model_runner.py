@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve import distributed, llama, sharding
+from jaxserve import distributed, llama, quantization, sharding
 from jaxserve.attention import ATTENTION_BACKENDS
 from jaxserve.checkpoint import load_checkpoint, read_config
 from jaxserve.config import EngineConfig, ModelConfig
@@ -68,13 +68,21 @@ class ModelRunner:
         distributed.initialize(config)
         self.dtype = resolve_dtype(config.dtype)
         t0 = time.perf_counter()
-        stored_cfg, _ = read_config(checkpoint_dir)
+        stored_cfg, meta = read_config(checkpoint_dir)
         self.plan = sharding.plan_sharding(stored_cfg, config.tensor_parallel_size, config.data_parallel_size)
+        if self.plan.mesh.size > 1 and (config.quantization not in ("auto", "none") or meta.get("quantization")):
+            raise ValueError("weight quantization with tensor or data parallelism is not supported yet: use "
+                             "--quantization none (a quantized checkpoint is dequantized), or a single device")
         _, weights = load_checkpoint(checkpoint_dir, self.dtype, sharding.weight_shardings(stored_cfg, self.plan))
-        self.weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
+        weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
         # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
         self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)
-        logger.info("loaded %s (%s) in %.1fs", checkpoint_dir, jnp.dtype(self.dtype).name, time.perf_counter() - t0)
+        self.weights = llama.weights_from_flat(quantization.engine_quantization(
+            llama.weights_to_flat(weights), llama.param_table(cfg), config.quantization,
+            config.quantize_embeddings, self.dtype))
+        logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
+                    jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
+                    time.perf_counter() - t0)
         self.max_model_len = config.resolve_max_model_len(cfg)
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
@@ -85,8 +93,12 @@ class ModelRunner:
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens)
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
+        quantized = any(quantization.is_quantized(w) for w in llama.weights_to_flat(self.weights).values())
+        # NOTE: quantized weights (one device only, see above) keep the layout they were loaded or packed in.
+        weight_shardings = (jax.tree.map(lambda a: a.sharding, self.weights) if quantized
+                            else sharding.weight_sharding_tree(cfg, self.plan))
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
-                             in_shardings=(sharding.weight_sharding_tree(cfg, self.plan), kv_sharding, rep, rep),
+                             in_shardings=(weight_shardings, kv_sharding, rep, rep),
                              out_shardings=(rep, kv_sharding), donate_argnums=(1,))
         self._log_memory()
         self._channel = None

@@ -184,3 +184,25 @@ def test_draft_model_greedy_equals_plain_greedy_on_the_real_model(tmp_path):
     proposer = llm.engine.spec.proposer
     proposer.kv.pool.check_invariants()
     assert proposer.kv.pool.num_used_pages == 0 and not proposer._seqs
+
+
+def test_server_metrics_export_the_speculative_counters():
+    import types
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jaxserve.server.metrics import EngineCollector
+
+    stats = SpecDecodeStats(2)
+    stats.record(2, 2)
+    engine = types.SimpleNamespace(spec=types.SimpleNamespace(stats=stats))
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: engine, dict))
+    text = generate_latest(registry).decode()
+    assert "jaxserve:spec_decode_num_draft_tokens_total 2.0" in text
+    assert "jaxserve:spec_decode_num_accepted_tokens_total 1.0" in text
+    assert 'jaxserve:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 0.0' in text
+    assert "jaxserve:spec_decode_acceptance_rate 0.5" in text
+    no_spec = CollectorRegistry()
+    no_spec.register(EngineCollector(lambda: types.SimpleNamespace(spec=None), dict))
+    assert "spec_decode" not in generate_latest(no_spec).decode()

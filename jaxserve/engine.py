@@ -285,6 +285,8 @@ class LLMEngine:
             choice.stream.put(delta)
 
     def _fail_all(self, message: str) -> None:
+        if self.spec is not None:
+            self.spec.release(list(self._choices))
         for sub_id, choice in list(self._choices.items()):
             self.scheduler.abort_request(sub_id)
             choice.request.error = message

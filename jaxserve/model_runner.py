@@ -95,9 +95,8 @@ class ModelRunner:
             # All-padding inputs: K/V writes land in the null page 0 and outputs are discarded.
             step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                      max_pages_per_seq=self.max_pages_per_seq)
-            if self.spec_tokens:
-                out = self.execute_spec([], [], num_tokens=num_tokens, num_rows=num_rows)
-                continue
+            if self.spec_tokens:  # verify steps; steps without proposals take the plain step below
+                self.execute_spec([], [], num_tokens=num_tokens, num_rows=num_rows)
             md = build_sampling_metadata([None] * num_rows, num_rows, self.vocab_size, self.max_model_len)
             out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
             jax.block_until_ready(out)

@@ -10,6 +10,8 @@ Per engine step (all on the engine thread):
   4. `SpecDecoder.propose` sets the next proposals of every decoding request: n-gram lookup on the host
      (`ngram_proposer.py`) or K decode steps of the draft model (`draft_proposer.py`).
 
+A step in which no request has proposals runs the runner's plain step instead (same tokens, less work).
+
 Settings are server-wide (method, K, the draft model). Per request, speculation is skipped for requests
 that ask for `logprobs` (a verify step reports log-probs of its first token only); such requests share
 verify steps with speculating ones as rows with zero proposals, which sample exactly as without speculation.
@@ -104,6 +106,13 @@ class SpecDecoder:
 
     def execute(self, chunks, row_fn: RowFn):
         """One verify step over the scheduled chunks; returns the runner's output (with `emitted`)."""
+        if not any(c.num_spec for c in chunks):
+            # NOTE: no proposals anywhere in the step (no n-gram match, all prefill): the plain step is cheaper
+            # (one logit row per request, no rejection sampler) and samples the very same tokens.
+            rows = [row_fn(c.request, []) if c.sample else None for c in chunks]
+            out = self.runner.execute(chunks, rows)
+            out.emitted = [[int(t)] for t in out.token_ids]
+            return out
         L = self.k + 1
         rows = []
         for c in chunks:

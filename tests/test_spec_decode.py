@@ -144,7 +144,7 @@ def test_speculative_steps_give_the_plain_outputs_and_never_leak_pages(shapes, k
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_smollm2.json").read_text())
 GOLDEN_PROMPTS = {p["name"]: p for p in GOLDEN["prompts"]}
-ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=256, kv_cache_memory=16 * 2**20,
+ENGINE = dict(max_num_seqs=2, max_num_batched_tokens=128, max_model_len=256, kv_cache_memory=16 * 2**20,
               warmup=False)
 
 
@@ -166,7 +166,7 @@ def test_ngram_greedy_equals_plain_greedy_on_the_real_model():
     from jaxserve import LLM
 
     llm = LLM(speculative_method="ngram", num_speculative_tokens=4, **ENGINE)
-    stats = golden_check(llm, ["digits_text", "dickens_text", "code_text"])
+    stats = golden_check(llm, ["digits_text", "dickens_text"])
     assert stats.num_accepted_tokens > 0  # repetitive prompts do accept proposals
 
 
@@ -179,7 +179,7 @@ def test_draft_model_greedy_equals_plain_greedy_on_the_real_model(tmp_path):
     # A 4-layer truncation of the target: it proposes wrong tokens often, so rollbacks get exercised.
     draft = make_truncated_draft(resolve_model("SmolLM2-135M-Instruct"), tmp_path / "draft", 4)
     llm = LLM(speculative_model=str(draft), num_speculative_tokens=2, **ENGINE)
-    stats = golden_check(llm, ["dickens_text", "short_text"])
+    stats = golden_check(llm, ["dickens_text"])
     assert stats.num_draft_tokens > 0
     proposer = llm.engine.spec.proposer
     proposer.kv.pool.check_invariants()

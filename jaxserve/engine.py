@@ -8,8 +8,8 @@ Threads and ownership:
     `self._inbox` (a `queue.Queue`) which the engine thread drains at the top of every step.
   * Each request's deltas go to its `RequestStream` (a `queue.Queue` per request) which the caller's
     thread reads; the server bridges it to asyncio.
-  * With speculative decoding on, `self.spec` (a `SpecDecoder`, engine thread only) runs each step as a
-    verify step and proposes the next step's tokens (see `spec_decode.py`).
+  * With speculative decoding on, `self.spec` (a `SpecDecoder`, engine thread only) runs each step (a
+    verify step when any request has proposals) and proposes the next step's tokens (see `spec_decode.py`).
 """
 
 from __future__ import annotations

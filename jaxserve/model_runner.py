@@ -73,7 +73,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.dtype))
         self.kv_pages = jnp.zeros(llama.kv_cache_shape(cfg, self.num_pages, self.page_size), self.dtype)
-        self.spec_tokens = config.spec_tokens  # K; every step is a verify step when > 0
+        self.spec_tokens = config.spec_tokens  # K > 0: verify steps (execute_spec) are compiled too
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
         self.attention = resolve_attention(config.attention_backend)
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention), donate_argnums=(1,))

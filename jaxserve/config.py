@@ -230,7 +230,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
         if self.speculative_method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; got {self.speculative_method!r}")
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; "
+                             f"got {self.speculative_method!r}")
         if self.speculative_method == "draft" and not self.speculative_model:
             raise ValueError("speculative_method 'draft' needs speculative_model (the draft checkpoint)")
         if self.speculative_model and self.speculative_method == "ngram":

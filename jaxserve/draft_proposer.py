@@ -101,6 +101,9 @@ class DraftProposer:
     def propose(self, todo, running) -> None:
         """Sets `spec_token_ids` of each request in `todo` (decoding requests) from K draft steps."""
         self._probs, self._row_of = None, {}
+        # NOTE: only this round's proposals may be verified: their q is what the verify step gets.
+        for request in running:
+            request.spec_token_ids = []
         active, partial, budget = [], [], self.budget
         for request in todo:
             if len(active) + len(partial) >= self.max_rows or budget <= 0:
@@ -130,10 +133,11 @@ class DraftProposer:
         if not active and not partial:
             return
         # 2. Catch-up chunks, sampling d_0 for the active ones.
-        chunks, rows = [], []
+        chunks = []
         for request, seq, n in active + partial:
             start = seq.num_computed_tokens
-            chunks.append(SeqChunk(request.token_slice(start, start + n), start, self.kv.get_block_table(seq.request_id)))
+            table = self.kv.get_block_table(seq.request_id)
+            chunks.append(SeqChunk(request.token_slice(start, start + n), start, table))
             seq.num_computed_tokens += n
         rows = [self._row(request, []) for request, _, _ in active]
         tokens, probs = self._run(chunks, rows)

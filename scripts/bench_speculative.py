@@ -135,7 +135,8 @@ def main():
         del engine
 
     print()
-    header = f"{'method':<7}{'set':<12}{'batch':>6}{'TPOT ms':>10}{'speedup':>9}{'e2e s':>8}{'accept':>8}{'len':>6}  same"
+    header = (f"{'method':<7}{'set':<12}{'batch':>6}{'TPOT ms':>10}{'speedup':>9}{'e2e s':>8}{'accept':>8}"
+              f"{'len':>6}  same")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -8,7 +8,7 @@ extraction prompts (copy, extract, edit: the output repeats the context) and (b)
 greedy generation through `LLMEngine` at batch 1 (one request at a time) and batch 8 (8 requests at
 once): TPOT = (last token time - first token time) / (tokens - 1) per request, averaged; end-to-end
 latency; acceptance rate and mean accepted length. Each workload first runs once untimed so that every
-step shape it needs is compiled. Greedy outputs are checked against method `none` ("same" column).
+step shape it needs is compiled, then `--repeats` times per method, interleaved (medians reported). Greedy outputs are checked against method `none` ("same" column).
 Prints a table and writes JSON (--out).
 """
 
@@ -23,7 +23,6 @@ import numpy as np
 from jaxserve import SamplingParams
 from jaxserve.config import EngineConfig
 from jaxserve.engine import LLMEngine
-from jaxserve.spec_decode import SpecDecodeStats
 
 PASSAGE = ("The Apollo 11 mission launched on July 16, 1969, from Kennedy Space Center. Neil Armstrong and Buzz "
            "Aldrin landed the lunar module Eagle on July 20, while Michael Collins orbited the Moon in the command "
@@ -89,9 +88,11 @@ def main():
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--quick", action="store_true", help="2 prompts a set, 32 tokens, batch 1 and 4")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload and method (median)")
     ap.add_argument("--out", default="bench_speculative.json")
     args = ap.parse_args()
     max_tokens = 32 if args.quick else args.max_tokens
+    repeats = 1 if args.quick else args.repeats
     sets = {"repetitive": REPETITIVE[:2] if args.quick else REPETITIVE, "chat": CHAT[:2] if args.quick else CHAT}
     batches = [1, 4] if args.quick else [1, 8]
     methods = {"none": {}, "ngram": {"speculative_method": "ngram"}}
@@ -100,39 +101,38 @@ def main():
     base = dict(model=args.model, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024,
                 kv_cache_memory=128 * 2**20, num_speculative_tokens=args.num_speculative_tokens)
 
-    rows, reference = [], {}
-    for method, extra in methods.items():
-        engine = LLMEngine(EngineConfig(**base, **extra), warmup=False)
-        for set_name, texts in sets.items():
-            prompts = chat_prompts(engine, texts)
-            for batch in batches:
-                # The batch-8 workload repeats the set's prompts up to 8 requests at once.
-                work = (prompts * batch)[:max(batch, len(prompts))] if batch > 1 else prompts
+    # NOTE: all engines are built first and each workload runs on them in turn, `--repeats` times, taking the
+    # median: on a shared machine the load drifts, and interleaving keeps it from favouring one method.
+    engines = {m: LLMEngine(EngineConfig(**base, **extra), warmup=False) for m, extra in methods.items()}
+    rows = []
+    for set_name, texts in sets.items():
+        prompts = chat_prompts(engines["none"], texts)
+        for batch in batches:
+            # The batch-8 workload repeats the set's prompts up to 8 requests at once.
+            work = (prompts * batch)[:max(batch, len(prompts))] if batch > 1 else prompts
+            for engine in engines.values():
                 run_workload(engine, work, batch, max_tokens)  # compile every shape this workload needs
-                before = SpecDecodeStats(**vars(engine.spec.stats)) if engine.spec else None
-                if before is not None:
-                    before.accepted_per_position = list(before.accepted_per_position)
-                    before.proposed_per_position = list(before.proposed_per_position)
-                result = run_workload(engine, work, batch, max_tokens)
-                row = {"method": method, "set": set_name, "batch": batch, "tpot_ms": result["tpot_ms"],
-                       "latency_s": result["latency_s"], "tokens": result["tokens"]}
+            before = {m: dict(vars(e.spec.stats)) for m, e in engines.items() if e.spec is not None}
+            results = {m: [] for m in engines}
+            for _ in range(repeats):
+                for method, engine in engines.items():
+                    results[method].append(run_workload(engine, work, batch, max_tokens))
+            base_tpot = float(np.median([r["tpot_ms"] for r in results["none"]]))
+            for method, engine in engines.items():
+                rs = results[method]
+                tpot = float(np.median([r["tpot_ms"] for r in rs]))
+                row = {"method": method, "set": set_name, "batch": batch, "tpot_ms": tpot,
+                       "latency_s": float(np.median([r["latency_s"] for r in rs])), "tokens": rs[0]["tokens"],
+                       "speedup": base_tpot / tpot}
                 if engine.spec is not None:
-                    s = engine.spec.stats
-                    drafts = s.num_drafts - before.num_drafts
-                    proposed = s.num_draft_tokens - before.num_draft_tokens
-                    accepted = s.num_accepted_tokens - before.num_accepted_tokens
-                    emitted = s.num_emitted_tokens - before.num_emitted_tokens
-                    row["acceptance_rate"] = accepted / proposed if proposed else 0.0
-                    row["mean_accepted_length"] = emitted / drafts if drafts else 0.0
-                key = (set_name, batch)
-                if method == "none":
-                    reference[key] = result
-                else:
-                    row["same_as_none"] = result["outputs"] == reference[key]["outputs"]
-                    row["speedup"] = reference[key]["tpot_ms"] / result["tpot_ms"]
+                    s, b = vars(engine.spec.stats), before[method]
+                    delta = {k: s[k] - b[k] for k in ("num_drafts", "num_draft_tokens", "num_accepted_tokens",
+                                                      "num_emitted_tokens")}
+                    row["acceptance_rate"] = delta["num_accepted_tokens"] / max(1, delta["num_draft_tokens"])
+                    row["mean_accepted_length"] = delta["num_emitted_tokens"] / max(1, delta["num_drafts"])
+                    row["same_as_none"] = all(r["outputs"] == results["none"][0]["outputs"] for r in rs)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del engine
 
     print()
     header = (f"{'method':<7}{'set':<12}{'batch':>6}{'TPOT ms':>10}{'speedup':>9}{'e2e s':>8}{'accept':>8}"
@@ -144,7 +144,8 @@ def main():
               f"{r['latency_s']:>8.2f}{r.get('acceptance_rate', float('nan')):>8.2f}"
               f"{r.get('mean_accepted_length', float('nan')):>6.2f}  {r.get('same_as_none', '')}")
     with open(args.out, "w") as f:
-        json.dump({"config": {**base, "max_tokens": max_tokens, "quick": args.quick, "draft": args.draft},
+        json.dump({"config": {**base, "max_tokens": max_tokens, "quick": args.quick, "draft": args.draft,
+                              "repeats": repeats},
                    "rows": rows}, f, indent=2)
     print(f"\nwrote {args.out}")
 

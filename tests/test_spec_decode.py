@@ -168,6 +168,16 @@ def test_ngram_greedy_equals_plain_greedy_on_the_real_model():
     llm = LLM(speculative_method="ngram", num_speculative_tokens=4, **ENGINE)
     stats = golden_check(llm, ["digits_text", "dickens_text"])
     assert stats.num_accepted_tokens > 0  # repetitive prompts do accept proposals
+    # Sampled rows (filters and a penalty on, so proposals enter the history): seeded runs repeat exactly.
+    prompt = GOLDEN_PROMPTS["dickens_text"]["prompt_ids"]
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.1, max_tokens=16,
+                            ignore_eos=True, seed=7)
+    before = stats.num_draft_tokens
+    runs = [llm.generate([prompt, prompt], params, use_tqdm=False) for _ in range(2)]
+    tokens = [[o.outputs[0].token_ids for o in run] for run in runs]
+    assert tokens[0] == tokens[1] and all(len(t) == 16 for t in tokens[0])
+    assert stats.num_draft_tokens > before
+    assert llm.engine.kv_cache.pool.num_used_pages == 0
 
 
 @pytest.mark.slow

@@ -189,6 +189,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +215,12 @@ class EngineConfig:
     seed: int = 0
     quantization: str = "auto"  # weights: auto (as the checkpoint stores them), none, int8 or int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
+    # Speculative decoding (server-wide; see docs/speculative.md).
+    speculative_method: str = "none"  # none, ngram, or draft (implied by --speculative-model)
+    speculative_model: str | None = None  # draft checkpoint (same tokenizer as the model)
+    num_speculative_tokens: int = 4  # K: proposals verified per request and step
+    ngram_prompt_lookup_max: int = 4  # longest n-gram the ngram proposer matches
+    ngram_prompt_lookup_min: int = 1  # shortest n-gram the ngram proposer matches
 
     def __post_init__(self):
         if self.dtype not in ("auto",) + DTYPES:
@@ -237,6 +244,28 @@ class EngineConfig:
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
         CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; "
+                             f"got {self.speculative_method!r}")
+        if self.speculative_method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method 'draft' needs speculative_model (the draft checkpoint)")
+        if self.speculative_model and self.speculative_method == "ngram":
+            raise ValueError("speculative_model is set but speculative_method is 'ngram'; pick one")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
+            raise ValueError(f"need 1 <= ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min}) <= "
+                             f"ngram_prompt_lookup_max ({self.ngram_prompt_lookup_max})")
+
+    @property
+    def spec_method(self) -> str:
+        """The speculative method in effect: none, ngram or draft."""
+        return "draft" if self.speculative_model else self.speculative_method
+
+    @property
+    def spec_tokens(self) -> int:
+        """K when speculation is on, else 0."""
+        return 0 if self.spec_method == "none" else self.num_speculative_tokens
 
     @property
     def cache(self) -> CacheConfig:

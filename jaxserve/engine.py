@@ -8,6 +8,8 @@ Threads and ownership:
     `self._inbox` (a `queue.Queue`) which the engine thread drains at the top of every step.
   * Each request's deltas go to its `RequestStream` (a `queue.Queue` per request) which the caller's
     thread reads; the server bridges it to asyncio.
+  * With speculative decoding on, `self.spec` (a `SpecDecoder`, engine thread only) runs each step (a
+    verify step when any request has proposals) and proposes the next step's tokens (see `spec_decode.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.sampler import RowSampling
 from jaxserve.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.scheduler import Scheduler, SchedulerConfig
+from jaxserve.spec_decode import SpecDecoder
 from jaxserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,22 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wakeup = threading.Event()
+        self.spec = self._build_spec(config) if config.spec_tokens else None
         self.warmup_seconds = self.runner.warmup() if warmup else 0.0
+        if self.spec is not None and self.spec.method == "draft" and warmup:
+            self.warmup_seconds += self.spec.proposer.warmup()
         self.stats = EngineStats()
+
+    def _build_spec(self, config: EngineConfig) -> SpecDecoder:
+        draft = None
+        if config.spec_method == "draft":
+            from jaxserve.draft_proposer import DraftProposer  # NOTE: loads a second model; only when asked
+
+            draft = DraftProposer(config, resolve_model(config.speculative_model), self.runner, self._row_sampling)
+            if draft.vocab_size != self.runner.vocab_size:
+                raise ValueError(f"the draft's vocabulary ({draft.vocab_size}) differs from the model's "
+                                 f"({self.runner.vocab_size}); a draft must share the tokenizer")
+        return SpecDecoder(config, self.runner, draft=draft)
 
     # ------------------------------------------------------------------ any thread
 
@@ -182,11 +199,17 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         for req in sched.finished:
             self._finish(req.request_id, [], None)
+        if self.spec is not None:
+            self.spec.release([r.request_id for r in sched.finished] + list(sched.preempted_ids))
         if not sched.chunks:
             return bool(sched.finished)
-        rows = [self._row_sampling(c.request) if c.sample else None for c in sched.chunks]
-        out = self.runner.execute(sched.chunks, rows)
-        sampled = dict(zip(out.request_ids, (int(t) for t in out.token_ids)))
+        if self.spec is None:
+            rows = [self._row_sampling(c.request) if c.sample else None for c in sched.chunks]
+            out = self.runner.execute(sched.chunks, rows)
+            sampled = dict(zip(out.request_ids, (int(t) for t in out.token_ids)))
+        else:
+            out = self.spec.execute(sched.chunks, self._row_sampling)
+            sampled = dict(zip(out.request_ids, out.emitted))
         row_of = {rid: i for i, rid in enumerate(out.request_ids)}
         updates = self.scheduler.update_from_output(sched, sampled)
         for update in updates:
@@ -201,6 +224,10 @@ class LLMEngine:
                                          [(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:n],
                                                                                out.top_logprobs[i][:n])])]
             self._emit(choice, update, logprobs)
+        if self.spec is not None:
+            running = {r.request_id for r in self.scheduler.running}
+            self.spec.release([c.request_id for c in sched.chunks if c.request_id not in running])
+            self.spec.propose(self.scheduler.running)
         self.stats.record_step(sched.num_scheduled_tokens, time.perf_counter() - t0,
                                device_seconds=out.step_seconds - out.host_seconds)
         return True
@@ -220,13 +247,15 @@ class LLMEngine:
                         self.scheduler.abort_request(sub_id)
                         self._finish(sub_id, [], "abort")
 
-    def _row_sampling(self, req: Request) -> RowSampling:
+    def _row_sampling(self, req: Request, proposals: Sequence[int] = ()) -> RowSampling:
+        """The sampling of the token after `req`'s tokens and then `proposals` (speculative sub-rows)."""
         params = req.sampling_params
         banned = ()
-        if len(req.output_token_ids) < params.min_tokens:
+        if len(req.output_token_ids) + len(proposals) < params.min_tokens:
             banned = tuple(self.eos_token_ids | set(params.stop_token_ids))
-        return RowSampling(params=params, seed=req.seed, position=req.num_tokens,
-                           prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
+        output = req.output_token_ids if not proposals else req.output_token_ids + list(proposals)
+        return RowSampling(params=params, seed=req.seed, position=req.num_tokens + len(proposals),
+                           prompt_token_ids=req.prompt_token_ids, output_token_ids=output,
                            banned_ids=banned)
 
     def _emit(self, choice: _Choice, update, logprobs) -> None:
@@ -260,6 +289,8 @@ class LLMEngine:
             choice.stream.put(delta)
 
     def _fail_all(self, message: str) -> None:
+        if self.spec is not None:
+            self.spec.release(list(self._choices))
         for sub_id, choice in list(self._choices.items()):
             self.scheduler.abort_request(sub_id)
             choice.request.error = message

@@ -160,6 +160,18 @@ class KVCacheManager:
             self.pool.cache(table[i], hashes[i])
         self._num_cached[rid] = num_full
 
+    def trim(self, request: Request) -> None:
+        """Frees the pages past those holding the request's `num_computed_tokens` (speculative tokens that
+        were rejected). NOTE: such pages were never cached: only pages full of computed tokens are."""
+        table = self._tables.get(request.request_id)
+        if table is None:
+            return
+        keep = self.pages_for(request.num_computed_tokens)
+        if len(table) > keep:
+            extra = table[keep:]
+            del table[keep:]
+            self.pool.free(extra[::-1])
+
     def free(self, request: Request) -> None:
         """Releases every page of the request. NOTE: in reverse order, so the tail of a sequence (the page
         least likely to be shared) reaches the head of the eviction order before its prefix."""

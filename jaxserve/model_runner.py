@@ -27,7 +27,8 @@ from jaxserve import distributed, llama, quantization, sharding
 from jaxserve.attention import ATTENTION_BACKENDS
 from jaxserve.checkpoint import load_checkpoint, read_config
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.sampler import RowSampling, SamplingMetadata, build_sampling_metadata, sample
+from jaxserve.rejection_sampler import RejectionOutput, rejection_sample
+from jaxserve.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
 from jaxserve.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class ModelRunnerOutput:
     top_logprobs: np.ndarray  # [n, NUM_LOGPROBS]
     step_seconds: float = 0.0
     host_seconds: float = 0.0  # of which preparing inputs on the host before dispatch
+    # Speculative steps only: per sampled chunk, the emitted tokens (accepted proposals + one); token_ids,
+    # logprobs and top_* then describe the first of them.
+    emitted: list[list[int]] | None = None
 
 
 def resolve_dtype(name: str):
@@ -90,7 +94,8 @@ class ModelRunner:
         kv_sharding = sharding.kv_cache_sharding(self.plan)
         kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
         self.kv_pages = jax.jit(lambda: jnp.zeros(kv_shape, self.dtype), out_shardings=kv_sharding)()
-        self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens)
+        self.spec_tokens = config.spec_tokens  # K > 0: verify steps (execute_spec) are compiled too
+        self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
         quantized = any(quantization.is_quantized(w) for w in llama.weights_to_flat(self.weights).values())
@@ -100,9 +105,14 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
                              in_shardings=(weight_shardings, kv_sharding, rep, rep),
                              out_shardings=(rep, kv_sharding), donate_argnums=(1,))
+        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan),
+                               out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
+        self.draft_probs_in_verify = config.spec_method == "draft"
         self._log_memory()
         self._channel = None
         if jax.process_count() > 1:
+            if self.spec_tokens:
+                raise ValueError("speculative decoding is not supported with --distributed yet")
             self._channel = distributed.StepChannel(self._placeholder_inputs(1, 1))
             if distributed.is_leader():
                 atexit.register(self.close)
@@ -156,12 +166,14 @@ class ModelRunner:
         return self._step.lower(self.weights, self.kv_pages, step, md).compile().as_text()
 
     def num_compiled(self) -> int:
-        return self._step._cache_size()
+        return self._step._cache_size() + self._verify._cache_size()
 
     def warmup(self) -> float:
         """Compiles every step shape once; returns the seconds it took."""
         t0 = time.perf_counter()
         for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape"):
+            if self.spec_tokens:  # verify steps; steps without proposals take the plain step below
+                self.execute_spec([], [], num_tokens=num_tokens, num_rows=num_rows)
             jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))
         seconds = time.perf_counter() - t0
         logger.info("warm-up compiled %d step shapes in %.1fs", len(self.buckets.shapes()), seconds)
@@ -185,6 +197,70 @@ class ModelRunner:
             request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
             logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
             step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0)
+
+    def execute_spec(self, chunks, rows: list[list[RowSampling] | None], draft_probs: jax.Array | None = None, *,
+                     num_tokens: int | None = None, num_rows: int | None = None) -> ModelRunnerOutput:
+        """Runs one verify step: chunks may end with `num_spec` proposals, checked by rejection sampling.
+
+        Args:
+          chunks: `SeqChunk`-like, with `num_spec`.
+          rows: per chunk, its L = K + 1 sub-row samplings (sub-row j samples position num_tokens + j), or None.
+          draft_probs: [len(chunks), K, V] device array of the draft's probabilities when the method is
+            "draft" (rows without proposals: anything), else None.
+          num_tokens, num_rows: force a bucket (warm-up).
+        """
+        t0 = time.perf_counter()
+        K, L = self.spec_tokens, self.spec_tokens + 1
+        if num_tokens is None:
+            num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
+        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.block_table, c.num_spec) for c in chunks],
+                                 num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+                                 max_pages_per_seq=self.max_pages_per_seq, logits_per_row=L)
+        sub_rows: list[RowSampling | None] = []
+        draft_ids = np.zeros((num_rows, K), np.int32)
+        num_draft = np.zeros(num_rows, np.int32)
+        for r in range(num_rows):
+            sub_rows.extend(rows[r] if r < len(rows) and rows[r] is not None else [None] * L)
+            if r < len(chunks) and chunks[r].num_spec:
+                k = chunks[r].num_spec
+                draft_ids[r, :k] = chunks[r].token_ids[-k:]
+                num_draft[r] = k
+        md = build_sampling_metadata(sub_rows, num_rows * L, self.vocab_size, self.max_model_len)
+        if self.draft_probs_in_verify:
+            if draft_probs is None:
+                draft_probs = jnp.zeros((num_rows, K, self.vocab_size), jnp.float32)
+            elif draft_probs.shape[0] < num_rows:
+                draft_probs = jnp.pad(draft_probs, ((0, num_rows - draft_probs.shape[0]), (0, 0), (0, 0)))
+        else:
+            draft_probs = None
+        t1 = time.perf_counter()
+        out, rej, self.kv_pages = self._verify(self.weights, self.kv_pages, step, md, draft_ids, num_draft,
+                                               draft_probs)
+        picked = [i for i, r in enumerate(rows) if r is not None]
+        token_ids, logprobs, top_ids, top_logprobs, emitted, num_emitted = jax.device_get(
+            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, rej.token_ids, rej.num_emitted))
+        return ModelRunnerOutput(
+            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
+            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
+            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0,
+            emitted=[emitted[i, :num_emitted[i]].tolist() for i in picked])
+
+
+def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,
+                 draft_ids: jax.Array, num_draft: jax.Array, draft_probs: jax.Array | None, *, cfg: ModelConfig,
+                 attention, plan: sharding.ShardingPlan) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)  # [R * L, V]
+    logits = plan.constrain(logits, (None, None))
+    num_rows, k = draft_ids.shape
+    logits = logits.reshape(num_rows, k + 1, -1)  # [R, L, V]
+    rej = rejection_sample(logits, draft_ids, num_draft, md, draft_probs)
+    # Log-probs of the first emitted token (rows with logprobs get no proposals: see docs/speculative.md).
+    raw = logits[:, 0]  # [R, V]
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    top_vals, top_ids = _top_k(raw, NUM_LOGPROBS)
+    first = rej.token_ids[:, 0]
+    chosen = jnp.take_along_axis(raw, first[:, None], axis=-1)[:, 0] - lse
+    return SampleOutput(first, chosen, top_ids, top_vals - lse[:, None]), rej, kv_pages
 
 
 def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,

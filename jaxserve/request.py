@@ -64,6 +64,9 @@ class Request:
     num_cached_tokens: int = 0  # prefix-cache hit at the first admission (tokens not computed for the prompt)
     num_preemptions: int = 0
     error: str | None = None
+    # Speculative proposals for the tokens after the last one, set by the engine's proposer between steps and
+    # verified by the next step (vLLM's `spec_token_ids`); never part of `output_token_ids` until accepted.
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)
 
     # Metric timestamps (time.monotonic()); None until the event happens.
     first_scheduled_time: float | None = None

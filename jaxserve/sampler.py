@@ -190,11 +190,7 @@ def _sample_rows(logits, md, num_logprobs, num_candidates):
             top_vals, top_ids = _top_k(logits, num_logprobs)  # [R, n]
         else:
             top_vals, top_ids = jnp.zeros((num_rows, 0), jnp.float32), jnp.zeros((num_rows, 0), jnp.int32)
-    with jax.named_scope("logit_bias"):
-        x = apply_logit_bias(logits, md)
-    with jax.named_scope("penalties"):
-        any_penalty = jnp.any((md.repetition_penalty != 1) | (md.presence_penalty != 0) | (md.frequency_penalty != 0))
-        x = lax.cond(any_penalty, apply_penalties, lambda x, md: x, x, md)
+    x = process_logits(logits, md)
     greedy_ids = _argmax(x)
     is_random = md.temperature > GREEDY_TEMPERATURE  # [R]
     token_ids = lax.cond(jnp.any(is_random),
@@ -202,6 +198,15 @@ def _sample_rows(logits, md, num_logprobs, num_candidates):
                          lambda: greedy_ids)
     logprobs = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - lse
     return SampleOutput(token_ids.astype(jnp.int32), logprobs, top_ids.astype(jnp.int32), top_vals - lse[:, None])
+
+
+def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Logit bias and banned ids, then penalties: [R, V] f32 logits that greedy rows take the argmax of."""
+    with jax.named_scope("logit_bias"):
+        x = apply_logit_bias(logits.astype(jnp.float32), md)
+    with jax.named_scope("penalties"):
+        any_penalty = jnp.any((md.repetition_penalty != 1) | (md.presence_penalty != 0) | (md.frequency_penalty != 0))
+        return lax.cond(any_penalty, apply_penalties, lambda x, md: x, x, md)
 
 
 def apply_logit_bias(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
@@ -270,6 +275,26 @@ def _argmax(x: jax.Array) -> jax.Array:
 
 def _sample_random(x: jax.Array, md: SamplingMetadata, is_random: jax.Array, num_candidates: int) -> jax.Array:
     """Temperature, top-k, top-p, min-p, then one draw per row. Returns [R] token ids."""
+    probs = filtered_probs(x, md, is_random, num_candidates)
+    with jax.named_scope("draw"):
+        return _inverse_cdf(probs, draw_uniforms(md))
+
+
+def draw_uniforms(md: SamplingMetadata, stream: int | None = None) -> jax.Array:
+    """[R] uniforms in [0, 1) from `fold_in(key(seed), position)` (the draw's); `stream` folds in once more,
+    for other independent draws at the same position (speculative acceptance tests)."""
+    def one(seed, pos):
+        key = jax.random.fold_in(jax.random.key(seed), pos)
+        if stream is not None:
+            key = jax.random.fold_in(key, stream)
+        return jax.random.uniform(key, (), jnp.float32)
+    return jax.vmap(one)(md.seeds, md.positions)
+
+
+def filtered_probs(x: jax.Array, md: SamplingMetadata, is_random: jax.Array,
+                   num_candidates: int = NUM_CANDIDATES) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p: [R, V] unnormalised probabilities (1 at each row's
+    maximum, 0 where filtered out). `x` is the biased / penalised logits of `process_logits`."""
     def temperature(x):
         scaled = x / jnp.where(is_random, md.temperature, 1.0)[:, None]  # [R, V]
         return scaled, jnp.exp(scaled - scaled.max(-1, keepdims=True))  # probs unnormalised, 1 at the max
@@ -285,10 +310,7 @@ def _sample_random(x: jax.Array, md: SamplingMetadata, is_random: jax.Array, num
     # NOTE: min-p compares with the most likely token, which top-k and top-p always keep, so it needs no
     # renormalisation: keep p_i >= min_p * p_max (as vLLM).
     keep = (scaled >= threshold[:, None]) & (probs >= md.min_p[:, None])
-    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(md.seeds, md.positions)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [R] in [0, 1)
-    with jax.named_scope("draw"):
-        return _inverse_cdf(jnp.where(keep, probs, 0.0), u)
+    return jnp.where(keep, probs, 0.0)
 
 
 def _top_k_top_p_threshold(scaled: jax.Array, probs: jax.Array, md: SamplingMetadata,

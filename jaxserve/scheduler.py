@@ -15,6 +15,8 @@ import bisect
 import dataclasses
 import time
 
+import numpy as np
+
 from jaxserve.kv_cache_manager import KVCacheManager
 from jaxserve.request import Request, RequestStatus
 
@@ -50,6 +52,7 @@ class ScheduledChunk:
     block_table: list[int]  # covers start_pos + len(token_ids) tokens
     sample: bool  # the chunk reaches the end of the known tokens: sample a new one from its last logits
     request: Request
+    num_spec: int = 0  # token_ids ends with this many proposals (request.spec_token_ids) to verify
 
 
 @dataclasses.dataclass
@@ -170,6 +173,9 @@ class Scheduler:
         #   2. Then waiting requests by (priority, preempted first, arrival), while seats and budget last.
         #      The queue head blocks the ones behind it (FCFS); siblings waiting on their group's shared
         #      prompt are skipped instead. No admission in a step that preempted: it would thrash.
+        # Speculative decoding is the same arithmetic too: a decoding request with proposals computes its
+        # last token plus k proposals (k capped by the budget, max_tokens and max_model_len), and
+        # `update_from_output` rolls `num_computed_tokens` (and the pages past it) back to what was accepted.
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
@@ -177,10 +183,13 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             request = self.running[i]
-            num_new = self._num_new_tokens(request, budget - (len(self.running) - i - 1))
+            reserve = len(self.running) - i - 1
+            num_new = self._num_new_tokens(request, budget - reserve)
             if num_new == 0:
                 i += 1
                 continue
+            num_spec = self._num_spec_tokens(request, num_new, budget - reserve)
+            num_new += num_spec
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -188,7 +197,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chunks.append(self._chunk(request, num_new))
+                chunks.append(self._chunk(request, num_new, num_spec))
                 budget -= num_new
                 i += 1
 
@@ -227,7 +236,8 @@ class Scheduler:
 
         Args:
           sched_out: what `schedule()` returned for this step.
-          sampled: request_id -> sampled token for every chunk with `sample=True`.
+          sampled: request_id -> sampled token for every chunk with `sample=True`; for a chunk with proposals,
+            the list of emitted tokens (the accepted proposals, then one more).
         """
         updates = []
         now = time.monotonic()
@@ -236,21 +246,37 @@ class Scheduler:
             if request.is_finished():  # finished by the engine between schedule() and now
                 continue
             request.num_computed_tokens += len(chunk.token_ids)
+            emitted = sampled.get(request.request_id) if chunk.sample else None
+            emitted = [emitted] if isinstance(emitted, (int, np.integer)) else emitted
+            if chunk.num_spec:
+                # NOTE: roll back the K/V of rejected proposals before caching full pages: only the last known
+                # token and the accepted proposals are computed, the pages past them go back to the pool.
+                num_accepted = len(emitted) - 1
+                if not 0 <= num_accepted <= chunk.num_spec or emitted[:num_accepted] != chunk.token_ids[
+                        len(chunk.token_ids) - chunk.num_spec:][:num_accepted]:
+                    raise ValueError(f"request {request.request_id!r}: emitted {emitted} do not start with "
+                                     f"accepted proposals of {chunk.token_ids[-chunk.num_spec:]}")
+                request.num_computed_tokens -= chunk.num_spec - num_accepted
+                self.kv.trim(request)
+            request.spec_token_ids = []
             self.kv.cache_full_pages(request)
             if request.group_id is not None and request.num_computed_tokens >= request.num_prompt_tokens:
                 self._groups_prompt_done.add(request.group_id)
             new_token_ids: list[int] = []
             status = None
             if chunk.sample:
-                if request.request_id not in sampled:
+                if not emitted:
                     raise ValueError(f"no sampled token for request {request.request_id!r}, whose chunk samples")
-                token = int(sampled[request.request_id])
-                request.output_token_ids.append(token)
-                new_token_ids = [token]
+                for token in emitted:
+                    token = int(token)
+                    request.output_token_ids.append(token)
+                    new_token_ids.append(token)
+                    status = self._stop_status(request, token)
+                    if status is not None:
+                        break
                 if request.first_token_time is None:
                     request.first_token_time = now
                 request.last_token_time = now
-                status = self._stop_status(request, token)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -271,16 +297,28 @@ class Scheduler:
             return 0
         return max(0, min(remaining, cap))
 
-    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+    def _num_spec_tokens(self, request: Request, num_new: int, budget: int) -> int:
+        """Proposals to verify along with a decoding request's last token, under `budget` for both."""
+        if not request.spec_token_ids or request.num_computed_tokens + num_new != request.num_tokens or num_new != 1:
+            return 0
+        # A step emits at most k + 1 tokens: no point verifying past max_tokens or max_model_len.
+        left = self.config.max_model_len - request.num_tokens
+        if request.max_tokens is not None:
+            left = min(left, request.max_tokens - request.num_output_tokens - 1)
+        return max(0, min(len(request.spec_token_ids), budget - num_new, left))
+
+    def _chunk(self, request: Request, num_new: int, num_spec: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
-        return ScheduledChunk(request.request_id, request.token_slice(start, start + num_new), start,
-                              self.kv.get_block_table(request.request_id),
-                              sample=start + num_new == request.num_tokens, request=request)
+        end = start + num_new - num_spec
+        tokens = request.token_slice(start, end) + request.spec_token_ids[:num_spec]
+        return ScheduledChunk(request.request_id, tokens, start, self.kv.get_block_table(request.request_id),
+                              sample=end == request.num_tokens, request=request, num_spec=num_spec)
 
     def _preempt(self, request: Request) -> None:
         # NOTE: recompute preemption. The pages go back to the pool (full ones stay findable by hash, so a
         # readmission often hits its own prefix); the output so far is kept and recomputed as prompt.
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

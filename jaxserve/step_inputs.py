@@ -28,7 +28,7 @@ class StepInputs:
     block_tables: jax.Array  # [R, P_max] int32, page ids (0 = null page)
     kv_lens: jax.Array  # [R] int32, KV length of each row after this step (0 for padding rows)
     query_starts: jax.Array  # [R + 1] int32, cumulative query lengths: row r owns tokens [qs[r], qs[r+1])
-    logits_indices: jax.Array  # [M] int32, flat tokens whose logits are returned (M = R: each row's last token)
+    logits_indices: jax.Array  # [M] int32, flat tokens whose logits are returned (M = R * logits_per_row)
     qblock_rows: jax.Array  # [NB] int32, row of each query block (XLA attention)
     qblock_starts: jax.Array  # [NB] int32, first flat token of each query block
     qblock_lens: jax.Array  # [NB] int32, valid tokens in each query block (0 for padding blocks)
@@ -51,6 +51,7 @@ class SeqChunk:
     token_ids: Sequence[int]  # the tokens computed this step
     start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
     block_table: Sequence[int]  # page ids covering at least start_pos + len(token_ids) tokens
+    num_spec: int = 0  # the last num_spec tokens are speculative proposals to verify
 
 
 def query_block_for(num_tokens: int, num_rows: int) -> int:
@@ -64,10 +65,14 @@ def num_query_blocks(num_tokens: int, num_rows: int, query_block: int) -> int:
 
 
 def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: int, page_size: int,
-                      max_pages_per_seq: int, kv_block_pages: int = 8, all_logits: bool = False) -> StepInputs:
+                      max_pages_per_seq: int, kv_block_pages: int = 8, all_logits: bool = False,
+                      logits_per_row: int = 1) -> StepInputs:
     """Packs chunks into padded numpy arrays of T = num_tokens and R = num_rows (bucket sizes).
 
-    With `all_logits`, logits come back for every token slot (M = T, for scoring); otherwise one per row.
+    With `all_logits`, logits come back for every token slot (M = T, for scoring). Otherwise each row gets
+    `logits_per_row` = L (M = R * L, row-major): entry j of a row is the logit at its token
+    `n - 1 - num_spec + j`, clamped to its last token. So with L = 1 it is the row's last token, and a
+    speculative row's first 1 + num_spec entries score its last known token and each of its proposals.
     """
     total = sum(len(c.token_ids) for c in chunks)
     if total > num_tokens or len(chunks) > num_rows:
@@ -82,7 +87,7 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     block_tables = np.zeros((num_rows, p_max), np.int32)
     kv_lens = np.zeros(num_rows, np.int32)
     query_starts = np.zeros(num_rows + 1, np.int32)
-    logits_indices = np.zeros(num_rows, np.int32)
+    logits_indices = np.zeros((num_rows, logits_per_row), np.int32)
     qblock_rows = np.zeros(nb, np.int32)
     qblock_starts = np.zeros(nb, np.int32)
     qblock_lens = np.zeros(nb, np.int32)
@@ -100,13 +105,17 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
         slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
         block_tables[r, :len(table)] = table
         kv_lens[r] = end
-        logits_indices[r] = t + n - 1
+        num_spec = getattr(c, "num_spec", 0)
+        if num_spec >= min(n, logits_per_row):
+            raise ValueError(f"row {r}: {num_spec} proposals need more than {n} tokens or {logits_per_row} logits")
+        logits_indices[r] = np.minimum(t + n - 1 - num_spec + np.arange(logits_per_row), t + n - 1)
         for s in range(0, n, qb):
             qblock_rows[b], qblock_starts[b], qblock_lens[b] = r, t + s, min(qb, n - s)
             b += 1
         t += n
         query_starts[r + 1] = t
     query_starts[len(chunks) + 1:] = t
+    logits_indices = logits_indices.reshape(-1)
     if all_logits:
         logits_indices = np.arange(num_tokens, dtype=np.int32)
     return StepInputs(token_ids, positions, slot_mapping, block_tables, kv_lens, query_starts, logits_indices,
@@ -132,6 +141,7 @@ class StepBuckets:
 
     max_num_seqs: int
     max_num_batched_tokens: int
+    tokens_per_row: int = 1  # L > 1 (speculative decoding): also R rows of up to L tokens, (R * L, R)
 
     @property
     def decode_rows(self) -> list[int]:
@@ -146,7 +156,12 @@ class StepBuckets:
 
     def shapes(self) -> list[tuple[int, int]]:
         mixed = [(t, self.max_num_seqs) for t in self.mixed_tokens if t > self.max_num_seqs]
-        return [(r, r) for r in self.decode_rows] + mixed
+        # NOTE: verify-shaped steps (each row its last token + K proposals) keep R small; padded to the mixed
+        # shapes instead, a single stream would compute max_num_seqs * L rows of logits every step.
+        verify = [(r * self.tokens_per_row, r) for r in self.decode_rows
+                  if self.tokens_per_row > 1 and r * self.tokens_per_row <= self.max_num_batched_tokens]
+        shapes = [(r, r) for r in self.decode_rows] + mixed
+        return shapes + [s for s in verify if s not in shapes]
 
     def choose(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
         """The smallest compiled shape that holds the step."""

@@ -151,6 +151,11 @@ class EngineCollector:
                                      lambda: _read(engine, "stats.host_fraction")),
             "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.",
                                       lambda: _read(engine, "warmup_seconds")),
+            # Speculative decoding (only when the engine has it on).
+            "spec_decode_acceptance_rate": ("Accepted / proposed speculative tokens since start.",
+                                            lambda: _read(engine, "spec.stats.acceptance_rate")),
+            "spec_decode_mean_accepted_length": ("Tokens emitted per verified proposal chunk (1 + accepted).",
+                                                 lambda: _read(engine, "spec.stats.mean_accepted_length")),
         }
         counters = {
             "num_preemptions": ("Requests preempted (recomputed later) since start.",
@@ -162,6 +167,14 @@ class EngineCollector:
             "engine_steps": ("Engine steps that computed tokens.", lambda: _read(engine, "stats.steps")),
             "engine_step_tokens": ("Tokens computed by engine steps (prompt and generated).",
                                    lambda: _read(engine, "stats.tokens")),
+            "spec_decode_num_drafts": ("Verified chunks that carried speculative proposals.",
+                                       lambda: _read(engine, "spec.stats.num_drafts")),
+            "spec_decode_num_draft_tokens": ("Speculative tokens proposed and verified.",
+                                             lambda: _read(engine, "spec.stats.num_draft_tokens")),
+            "spec_decode_num_accepted_tokens": ("Speculative tokens accepted.",
+                                                lambda: _read(engine, "spec.stats.num_accepted_tokens")),
+            "spec_decode_num_emitted_tokens": ("Tokens emitted by chunks with proposals (accepted + one each).",
+                                               lambda: _read(engine, "spec.stats.num_emitted_tokens")),
         }
         for name, (doc, read) in gauges.items():
             value = self._value(read) if engine is not None else None
@@ -175,6 +188,13 @@ class EngineCollector:
                 family = CounterMetricFamily(NS + name, doc)
                 family.add_metric([], float(value))
                 yield family
+        per_position = _read(engine, "spec.stats.accepted_per_position") if engine is not None else None
+        if per_position:
+            family = CounterMetricFamily(NS + "spec_decode_num_accepted_tokens_per_pos",
+                                         "Speculative tokens accepted at each proposal position.", labels=["position"])
+            for position, value in enumerate(list(per_position)):
+                family.add_metric([str(position)], float(value))
+            yield family
         for name, value in self.server_values().items():
             family = GaugeMetricFamily(NS + name, name.replace("_", " ") + ".")
             family.add_metric([], float(value))

@@ -176,18 +176,13 @@ class EngineCollector:
             "spec_decode_num_emitted_tokens": ("Tokens emitted by chunks with proposals (accepted + one each).",
                                                lambda: _read(engine, "spec.stats.num_emitted_tokens")),
         }
-        for name, (doc, read) in gauges.items():
-            value = self._value(read) if engine is not None else None
-            if value is not None:
-                family = GaugeMetricFamily(NS + name, doc)
-                family.add_metric([], float(value))
-                yield family
-        for name, (doc, read) in counters.items():
-            value = self._value(read) if engine is not None else None
-            if value is not None:
-                family = CounterMetricFamily(NS + name, doc)
-                family.add_metric([], float(value))
-                yield family
+        for metric_family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, (doc, read) in table.items():
+                value = self._value(read) if engine is not None else None
+                if value is not None:
+                    family = metric_family(NS + name, doc)
+                    family.add_metric([], float(value))
+                    yield family
         per_position = _read(engine, "spec.stats.accepted_per_position") if engine is not None else None
         if per_position:
             family = CounterMetricFamily(NS + "spec_decode_num_accepted_tokens_per_pos",

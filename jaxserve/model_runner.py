@@ -77,7 +77,9 @@ class ModelRunner:
         if self.plan.mesh.size > 1 and (config.quantization not in ("auto", "none") or meta.get("quantization")):
             raise ValueError("weight quantization with tensor or data parallelism is not supported yet: use "
                              "--quantization none (a quantized checkpoint is dequantized), or a single device")
-        _, weights = load_checkpoint(checkpoint_dir, self.dtype, sharding.weight_shardings(stored_cfg, self.plan))
+        # A checkpoint stored quantized (one device, checked above) is restored in its stored layout.
+        shardings = None if meta.get("quantization") else sharding.weight_shardings(stored_cfg, self.plan)
+        _, weights = load_checkpoint(checkpoint_dir, self.dtype, shardings)
         weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
         # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
         self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)

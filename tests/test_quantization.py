@@ -408,3 +408,20 @@ def test_llm_quantization_option_serves_int8_weights_end_to_end(smollm2):
                         use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]
+
+
+@pytest.mark.slow
+def test_default_model_by_name_serves_its_gguf_blocks_repacked_as_int8(smollm2):
+    """`LLM("SmolLM2-135M-Instruct", quantization="int8")` converts the GGUF quantized into its own cache entry
+    and restores it in its stored layout (not through the float shardings); greedy still follows the golden."""
+    from jaxserve import LLM, SamplingParams, model_registry
+
+    llm = LLM(model_registry.DEFAULT_MODEL, quantization="int8", warmup=False, max_num_seqs=2,
+              max_num_batched_tokens=128, kv_cache_memory=16 * 2**20, max_model_len=256)
+    assert isinstance(llm.engine.runner.weights.layers.wq, qz.Int8Weight)
+    prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]
+    outs = llm.generate([p["prompt_ids"] for p in prompts], SamplingParams(max_tokens=8, temperature=0.0),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]
+    assert llm.engine.kv_cache.pool.num_used_pages == 0

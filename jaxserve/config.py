@@ -189,6 +189,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
@@ -213,6 +214,7 @@ class EngineConfig:
     num_processes: int | None = None  # None: $JAX_NUM_PROCESSES or auto-detect (TPU VMs, SLURM, ...)
     process_id: int | None = None  # None: $JAX_PROCESS_ID or auto-detect
     seed: int = 0
+    kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
     quantization: str = "auto"  # weights: auto (as the checkpoint stores them), none, int8 or int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
     # Speculative decoding (server-wide; see docs/speculative.md).
@@ -234,6 +236,8 @@ class EngineConfig:
                              f"max_num_seqs={self.max_num_seqs} (every running sequence decodes one token a step)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}; got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.attention import AttentionFn, write_kv
+from jaxserve.attention import AttentionFn
 from jaxserve.config import ModelConfig
 from jaxserve.quantization import embedding_lookup, qdot, tied_head
 from jaxserve.step_inputs import SeqChunk, StepInputs, build_step_inputs
+from pallas_kernels.kv_cache import write_kv
 
 if TYPE_CHECKING:
     from jaxserve.sharding import ShardingPlan
@@ -229,7 +230,11 @@ def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[in
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
-    return int(np.prod(kv_cache_shape(cfg, 1, page_size))) * jnp.dtype(dtype).itemsize
+    """Bytes of one page over all layers; int8 pages add a float32 scale per token and combined head."""
+    values = int(np.prod(kv_cache_shape(cfg, 1, page_size)))
+    if jnp.dtype(dtype) == jnp.int8:
+        return values + values // cfg.head_dim * 4
+    return values * jnp.dtype(dtype).itemsize
 
 
 def sequence_logits(weights: LlamaWeights, cfg: ModelConfig, token_ids: list[int], *,

@@ -30,6 +30,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.rejection_sampler import RejectionOutput, rejection_sample
 from jaxserve.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
 from jaxserve.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
+from pallas_kernels import kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +93,16 @@ class ModelRunner:
         self.max_model_len = config.resolve_max_model_len(cfg)
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
-        self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.dtype))
+        self.kv_dtype = kv_cache.kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.kv_dtype))
         kv_sharding = sharding.kv_cache_sharding(self.plan)
+        if self.kv_dtype == jnp.int8:
+            if self.plan.mesh.size > 1:
+                raise ValueError("--kv-cache-dtype int8 with tensor or data parallelism is not supported yet")
+            kv_sharding = kv_cache.QuantizedKV(self.plan.replicated, self.plan.replicated)  # values, scales
         kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
-        self.kv_pages = jax.jit(lambda: jnp.zeros(kv_shape, self.dtype), out_shardings=kv_sharding)()
+        self.kv_pages = jax.jit(lambda: kv_cache.allocate_kv_pages(kv_shape, self.kv_dtype),
+                                out_shardings=kv_sharding)()
         self.spec_tokens = config.spec_tokens  # K > 0: verify steps (execute_spec) are compiled too
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)

@@ -163,3 +163,27 @@ def test_bfloat16_tracks_float32_golden_within_stated_tolerance():
                     (prompt["name"], pos)
     assert exact >= 3
     assert_idle_and_accounted(llm16)
+
+
+# Observed over the 12 golden prompts (16 tokens each): int8 KV pages keep every greedy token and the chosen
+# token's logprob within 0.15 of float32's.
+INT8_KV_LOGPROB_ATOL = 0.25
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_holds_more_pages_and_keeps_greedy_outputs():
+    memory = 16 * 2**20
+    llm8 = LLM(**{**ENGINE, "kv_cache_memory": memory, "kv_cache_dtype": "int8"}, warmup=False)
+    runner = llm8.engine.runner
+    assert type(runner.kv_pages).__name__ == "QuantizedKV" and runner.kv_pages.values.dtype == np.int8
+    float_pages = memory // runner.kv_pages.values[:, :1].nbytes // 4  # a float32 page is 4 bytes a value
+    assert runner.num_pages >= 3.5 * float_pages  # (H + 4) / 4H of float32's bytes at H = 64
+    chosen = sorted(PROMPTS, key=lambda p: len(p["prompt_ids"]))[:4]
+    n = 16
+    outs = llm8.generate([p["prompt_ids"] for p in chosen], SamplingParams(max_tokens=n, temperature=0.0,
+                         ignore_eos=True, logprobs=1), use_tqdm=False)
+    for out, prompt in zip(outs, chosen):
+        assert out.outputs[0].token_ids == prompt["greedy_ids"][:n], prompt["name"]
+        for lp, gold in zip(out.outputs[0].logprobs, prompt["top_logprobs"]):
+            assert abs(lp.logprob - gold[0][1]) <= INT8_KV_LOGPROB_ATOL, prompt["name"]
+    assert_idle_and_accounted(llm8)

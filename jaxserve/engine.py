@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from jaxserve.kv_cache_manager import KVCacheManager
 from jaxserve.model_registry import resolve_model
 from jaxserve.model_runner import ModelRunner
 from jaxserve.output_processor import ChoiceText
-from jaxserve.outputs import RequestDelta, TokenLogprob
+from jaxserve.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampler import RowSampling
 from jaxserve.sampling_params import SamplingParams, SamplingParamsError
@@ -43,34 +43,6 @@ logger = logging.getLogger(__name__)
 
 class RequestTooLongError(ValueError):
     """Prompt plus max_tokens exceed the context; the message carries the numbers."""
-
-
-class RequestStream:
-    """The deltas of one request (all its `n` choices), in order; iterate it from any thread."""
-
-    def __init__(self, request_id: str, n: int, prompt_token_ids: list[int]):
-        self.request_id = request_id
-        self.n = n
-        self.prompt_token_ids = prompt_token_ids
-        self.arrival_time = time.monotonic()
-        self._queue: queue.Queue[RequestDelta] = queue.Queue()
-        self._open = n
-        self.on_delta = None  # optional callback, called from the engine thread (the server's asyncio bridge)
-
-    def put(self, delta: RequestDelta) -> None:
-        self._queue.put(delta)
-        if self.on_delta is not None:
-            self.on_delta(delta)
-
-    def get(self, timeout: float | None = None) -> RequestDelta:
-        return self._queue.get(timeout=timeout)
-
-    def __iter__(self) -> Iterator[RequestDelta]:
-        while self._open:
-            delta = self._queue.get()
-            if delta.finished:
-                self._open -= 1
-            yield delta
 
 
 @dataclasses.dataclass

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import queue
+import time
+from typing import Iterator
 
 
 @dataclasses.dataclass
@@ -67,3 +70,31 @@ class RequestOutput:
             self.finished = all(o.finish_reason is not None for o in self.outputs)
             if self.finished:
                 self.finished_time = delta.time
+
+
+class RequestStream:
+    """The deltas of one request (all its `n` choices), in order; iterate it from any thread."""
+
+    def __init__(self, request_id: str, n: int, prompt_token_ids: list[int]):
+        self.request_id = request_id
+        self.n = n
+        self.prompt_token_ids = prompt_token_ids
+        self.arrival_time = time.monotonic()
+        self._queue: queue.Queue[RequestDelta] = queue.Queue()
+        self._open = n
+        self.on_delta = None  # optional callback, called from the engine thread (the server's asyncio bridge)
+
+    def put(self, delta: RequestDelta) -> None:
+        self._queue.put(delta)
+        if self.on_delta is not None:
+            self.on_delta(delta)
+
+    def get(self, timeout: float | None = None) -> RequestDelta:
+        return self._queue.get(timeout=timeout)
+
+    def __iter__(self) -> Iterator[RequestDelta]:
+        while self._open:
+            delta = self._queue.get()
+            if delta.finished:
+                self._open -= 1
+            yield delta

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import openai
 from aiohttp.test_utils import TestClient, TestServer
 
-from jaxserve.outputs import RequestDelta, TokenLogprob
+from jaxserve.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.app import STATE, ServingConfig, create_app
 from jaxserve.server.guardrails import GuardrailConfig
@@ -61,25 +61,9 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-class FakeStream:
-    def __init__(self, request_id: str, n: int, prompt_token_ids: list[int]):
-        self.request_id, self.n, self.prompt_token_ids = request_id, n, prompt_token_ids
-        self.arrival_time = time.monotonic()
-        self._queue: queue.Queue = queue.Queue()
-        self.on_delta = None
-
-    def put(self, delta: RequestDelta) -> None:
-        self._queue.put(delta)
-        if self.on_delta is not None:
-            self.on_delta(delta)
-
-    def get(self, timeout: float | None = None) -> RequestDelta:
-        return self._queue.get(timeout=timeout)
-
-
 @dataclasses.dataclass(eq=False)
 class _Req:
-    stream: FakeStream
+    stream: RequestStream
     index: int
     prompt: list[int]
     params: SamplingParams
@@ -132,11 +116,11 @@ class FakeEngine:
             if not 0 <= token < 128:
                 raise SamplingParamsError("logit_bias", f"token id {token} is outside the vocabulary [0, 128)")
 
-    def add_request(self, prompt, params: SamplingParams, *, request_id: str, priority: int = 0) -> FakeStream:
+    def add_request(self, prompt, params: SamplingParams, *, request_id: str, priority: int = 0) -> RequestStream:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
         self.added.append((request_id, ids, params))
-        stream = FakeStream(request_id, params.n, ids)
+        stream = RequestStream(request_id, params.n, ids)
         script = self.scripts.get(self.tokenizer.decode(ids))
         for i in range(params.n):
             self._inbox.put(("add", _Req(stream, i, ids, params, script)))

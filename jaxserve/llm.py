@@ -47,8 +47,7 @@ class LLM:
             while not all(r.finished for r in results):
                 self.engine.step()
                 for stream in streams:
-                    while not stream._queue.empty():
-                        delta = stream.get()
+                    for delta in stream.ready():
                         result = by_id[delta.request_id]
                         result.add(delta)
                         if result.finished:

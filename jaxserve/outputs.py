@@ -92,6 +92,11 @@ class RequestStream:
     def get(self, timeout: float | None = None) -> RequestDelta:
         return self._queue.get(timeout=timeout)
 
+    def ready(self) -> Iterator[RequestDelta]:
+        """The deltas already produced, without waiting (for callers that drive `engine.step()` themselves)."""
+        while not self._queue.empty():
+            yield self._queue.get()
+
     def __iter__(self) -> Iterator[RequestDelta]:
         while self._open:
             delta = self._queue.get()

@@ -56,8 +56,7 @@ def run_workload(engine: LLMEngine, prompts: list[str], batch: int, max_tokens: 
         while not all(done):
             engine.step()
             for i, s in enumerate(streams):
-                while not s._queue.empty():
-                    delta = s.get()
+                for delta in s.ready():
                     if delta.new_token_ids:
                         first[i] = first[i] or delta.time
                         last[i] = delta.time

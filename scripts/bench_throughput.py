@@ -51,8 +51,7 @@ def drain(engine: LLMEngine, streams, bar, waste: list[float]) -> None:
             waste.append(kv.kv_waste_tokens() / allocated)
         for i in list(pending):
             stream = streams[i]
-            while not stream._queue.empty():
-                delta = stream.get()
+            for delta in stream.ready():
                 bar.update(len(delta.new_token_ids))
                 if delta.finished:
                     pending.discard(i)
@@ -88,8 +87,7 @@ def decode_tpot(engine: LLMEngine, batch: int, num_tokens: int, vocab_size: int)
     while done < batch:
         engine.step()
         for stream in streams:
-            while not stream._queue.empty():
-                delta = stream.get()
+            for delta in stream.ready():
                 now = delta.time
                 if delta.num_output_tokens == 1:
                     first = now if first is None else max(first, now)

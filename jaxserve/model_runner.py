@@ -75,18 +75,18 @@ class ModelRunner:
         t0 = time.perf_counter()
         stored_cfg, meta = read_config(checkpoint_dir)
         self.plan = sharding.plan_sharding(stored_cfg, config.tensor_parallel_size, config.data_parallel_size)
-        if self.plan.mesh.size > 1 and (config.quantization not in ("auto", "none") or meta.get("quantization")):
-            raise ValueError("weight quantization with tensor or data parallelism is not supported yet: use "
-                             "--quantization none (a quantized checkpoint is dequantized), or a single device")
-        # A checkpoint stored quantized (one device, checked above) is restored in its stored layout.
-        shardings = None if meta.get("quantization") else sharding.weight_shardings(stored_cfg, self.plan)
-        _, weights = load_checkpoint(checkpoint_dir, self.dtype, shardings)
+        # Every array straight into its sharding; a quantized checkpoint's scales shard like their values.
+        stored_quant = quantization.QuantSpec.from_dict(meta.get("quantization"))
+        _, weights = load_checkpoint(checkpoint_dir, self.dtype,
+                                     sharding.weight_shardings(stored_cfg, self.plan, stored_quant))
         weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
         # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
         self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)
-        self.weights = llama.weights_from_flat(quantization.engine_quantization(
+        weights = llama.weights_from_flat(quantization.engine_quantization(
             llama.weights_to_flat(weights), llama.param_table(cfg), config.quantization,
             config.quantize_embeddings, self.dtype))
+        # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
+        self.weights = sharding.place_weights(weights, cfg, self.plan)
         logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
                     jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
                     time.perf_counter() - t0)
@@ -95,11 +95,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.kv_dtype = kv_cache.kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.kv_dtype))
-        kv_sharding = sharding.kv_cache_sharding(self.plan)
-        if self.kv_dtype == jnp.int8:
-            if self.plan.mesh.size > 1:
-                raise ValueError("--kv-cache-dtype int8 with tensor or data parallelism is not supported yet")
-            kv_sharding = kv_cache.QuantizedKV(self.plan.replicated, self.plan.replicated)  # values, scales
+        kv_sharding = sharding.kv_cache_sharding(self.plan, self.kv_dtype)
         kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
         self.kv_pages = jax.jit(lambda: kv_cache.allocate_kv_pages(kv_shape, self.kv_dtype),
                                 out_shardings=kv_sharding)()
@@ -107,10 +103,7 @@ class ModelRunner:
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
-        quantized = any(quantization.is_quantized(w) for w in llama.weights_to_flat(self.weights).values())
-        # NOTE: quantized weights (one device only, see above) keep the layout they were loaded or packed in.
-        weight_shardings = (jax.tree.map(lambda a: a.sharding, self.weights) if quantized
-                            else sharding.weight_sharding_tree(cfg, self.plan))
+        weight_shardings = sharding.weight_sharding_tree(cfg, self.plan, like=self.weights)
         self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
                              in_shardings=(weight_shardings, kv_sharding, rep, rep),
                              out_shardings=(rep, kv_sharding), donate_argnums=(1,))

@@ -31,7 +31,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import ModelConfig
-from jaxserve.llama import LlamaWeights, param_table, weights_from_flat
+from jaxserve.llama import LlamaWeights, param_table, weights_from_flat, weights_to_flat
+from jaxserve.quantization import QuantSpec, component_table, is_quantized, quantized_axes, scheme_of
+from pallas_kernels.kv_cache import QuantizedKV
 
 logger = logging.getLogger(__name__)
 
@@ -174,21 +176,62 @@ def serving_config(cfg: ModelConfig, plan: ShardingPlan) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * plan.kv_replicas)
 
 
-def weight_shardings(cfg: ModelConfig, plan: ShardingPlan) -> dict[str, NamedSharding]:
-    """Flat weight name → NamedSharding, from each weight's logical axes in `llama.param_table(cfg)`."""
-    return {name: plan.sharding(info.axes, info.shape) for name, info in param_table(cfg).items()}
+def weight_shardings(cfg: ModelConfig, plan: ShardingPlan, spec: QuantSpec = QuantSpec()) -> dict[str, NamedSharding]:
+    """Flat array name → NamedSharding, from each weight's logical axes in `llama.param_table(cfg)`.
+
+    A weight that `spec` quantizes is named by its arrays ("layers.wq.values", "layers.wq.scales", ...), each
+    sharded by its own logical axes (`quantization.component_table`): what `load_checkpoint` takes.
+    """
+    table = param_table(cfg)
+    quantized = component_table(table, spec)
+    out = {}
+    for name, info in table.items():
+        if name in quantized:
+            out.update({f"{name}.{c}": plan.sharding(ci.axes, ci.shape) for c, ci in quantized[name].items()})
+        else:
+            out[name] = plan.sharding(info.axes, info.shape)
+    return out
 
 
-def weight_sharding_tree(cfg: ModelConfig, plan: ShardingPlan) -> LlamaWeights:
-    """The same shardings as a `LlamaWeights` pytree (for jit's in_shardings)."""
-    return weights_from_flat(weight_shardings(cfg, plan))
+def weight_sharding_tree(cfg: ModelConfig, plan: ShardingPlan, like: LlamaWeights | None = None) -> LlamaWeights:
+    """The shardings as a `LlamaWeights` pytree (for jit's in/out_shardings).
+
+    With `like`, the tree takes its structure: each quantized weight of `like` gets one sharding per array,
+    from the logical axes of its scheme and group size (`quantization.quantized_axes`), so scales shard
+    exactly like the values they scale. Shapes come from `cfg` (`like` may be a not yet KV-repeated model).
+    """
+    flat_like = weights_to_flat(like) if like is not None else {}
+    out = {}
+    for name, info in param_table(cfg).items():
+        w = flat_like.get(name)
+        if is_quantized(w):
+            comps = quantized_axes(name, info, scheme_of(w), w.group_size)
+            out[name] = dataclasses.replace(w, **{c: plan.sharding(ci.axes, ci.shape) for c, ci in comps.items()})
+        else:
+            out[name] = plan.sharding(info.axes, info.shape)
+    return weights_from_flat(out)
 
 
-# Logical axes of the KV cache [L, P, page_size, 2K, H]: split over KV heads (whole heads, K and V together).
+def place_weights(weights: LlamaWeights, cfg: ModelConfig, plan: ShardingPlan) -> LlamaWeights:
+    """Every array of `weights` (dense or quantized) moved into its sharding by logical axes (`weight_sharding_tree`).
+
+    NOTE: a jitted identity rather than `jax.device_put`, so it also works on arrays spanning processes; the
+    input is donated, so arrays already in place are not copied.
+    """
+    return jax.jit(lambda w: w, out_shardings=weight_sharding_tree(cfg, plan, like=weights),
+                   donate_argnums=0)(weights)
+
+
+# Logical axes of the KV cache [L, P, page_size, 2K, H]: split over KV heads (whole heads, K and V together);
+# int8 pages' scales [L, P, page_size, 2K] (one per token and combined head) split the same way.
 KV_CACHE_AXES = ("layers", "pages", None, "kv_heads", None)
+KV_SCALE_AXES = KV_CACHE_AXES[:-1]
 
 
-def kv_cache_sharding(plan: ShardingPlan) -> NamedSharding:
+def kv_cache_sharding(plan: ShardingPlan, kv_dtype=None) -> NamedSharding | QuantizedKV:
+    """The KV pages' sharding; for int8 pages a `QuantizedKV` holding the values' and the scales' shardings."""
+    if kv_dtype is not None and np.dtype(kv_dtype) == np.int8:
+        return QuantizedKV(plan.sharding(KV_CACHE_AXES), plan.sharding(KV_SCALE_AXES))
     return plan.sharding(KV_CACHE_AXES)
 
 
@@ -205,9 +248,10 @@ def shard_attention(attention, plan: ShardingPlan):
     if plan.mesh.size == 1:
         return attention
     heads = plan.rules.spec((None, "heads", None))  # q and the output: [T, N, H]
-    in_specs = (heads, plan.rules.spec(KV_CACHE_AXES), PartitionSpec(), PartitionSpec())  # q, kv_pages, layer, step
 
     def sharded(q, kv_pages, layer, step, *, scale):
+        kv_specs = jax.tree.map(lambda s: s.spec, kv_cache_sharding(plan, kv_pages.dtype))
+        in_specs = (heads, kv_specs, PartitionSpec(), PartitionSpec())  # q, kv_pages, layer, step
         per_device = functools.partial(attention, scale=scale)
         return jax.shard_map(per_device, mesh=plan.mesh, in_specs=in_specs, out_specs=heads,
                              check_vma=False)(q, kv_pages, layer, step)
@@ -224,11 +268,13 @@ def repeat_kv_heads(weights: LlamaWeights, cfg: ModelConfig, plan: ShardingPlan)
     r = plan.kv_replicas
     if r == 1:
         return weights
-    served = weight_shardings(serving_config(cfg, plan), plan)
+    served = weights_to_flat(weight_sharding_tree(serving_config(cfg, plan), plan, like=weights))
     names = [n for n in ("wk", "wv", "bk", "bv") if getattr(weights.layers, n) is not None]
 
-    def repeat(*arrays):  # wk, wv: [L, D, K, H] -> [L, D, K*r, H]; bk, bv: [L, K, H] -> [L, K*r, H]
-        return [a.repeat(r, axis=a.ndim - 2) for a in arrays]
+    def repeat(*weights):
+        # The KV-head axis is every array's second to last: wk, wv [L, D, K, H] (quantized: values / packed
+        # [L, G, g, K, H], scales and mins [L, G, K, H]) and bk, bv [L, K, H] become [..., K*r, H].
+        return [jax.tree.map(lambda a: a.repeat(r, axis=a.ndim - 2), w) for w in weights]
 
     out = jax.jit(repeat, out_shardings=[served[f"layers.{n}"] for n in names])(
         *[getattr(weights.layers, n) for n in names])

@@ -413,7 +413,7 @@ def test_llm_quantization_option_serves_int8_weights_end_to_end(smollm2):
 @pytest.mark.slow
 def test_default_model_by_name_serves_its_gguf_blocks_repacked_as_int8(smollm2):
     """`LLM("SmolLM2-135M-Instruct", quantization="int8")` converts the GGUF quantized into its own cache entry
-    and restores it in its stored layout (not through the float shardings); greedy still follows the golden."""
+    and restores it in its stored layout (the int8 arrays, not float); greedy still follows the golden."""
     from jaxserve import LLM, SamplingParams, model_registry
 
     llm = LLM(model_registry.DEFAULT_MODEL, quantization="int8", warmup=False, max_num_seqs=2,

@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxserve import LLM, SamplingParams, llama, sharding
+from jaxserve import quantization as qz
 from jaxserve.attention import paged_attention_xla
 from jaxserve.checkpoint import read_config, save_checkpoint
 from jaxserve.config import EngineConfig, ModelConfig
@@ -222,6 +223,95 @@ def test_runner_tp8_samples_like_tp1(tiny_checkpoint, runner_tp8):
     np.testing.assert_array_equal(outs[0].token_ids, outs[1].token_ids)
     np.testing.assert_array_equal(outs[0].top_ids, outs[1].top_ids)
     np.testing.assert_allclose(outs[0].top_logprobs, outs[1].top_logprobs, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- quantized weights and KV pages
+
+
+def two_runner_steps(runner):
+    """A prefill of two sequences, then a decode step reading what it wrote: outputs of both steps."""
+    rows = [RowSampling(params=SamplingParams(temperature=0.0, logprobs=5), seed=0, position=n) for n in (7, 3)]
+    prefill = [Chunk("a", [5, 9, 200, 31, 7, 1, 44], 0, [1, 2]), Chunk("b", [8, 8, 3], 0, [3])]
+    first = runner.execute(prefill, rows)
+    rows = [RowSampling(params=SamplingParams(temperature=0.0, logprobs=5), seed=0, position=n) for n in (8, 4)]
+    decode = [Chunk("a", [int(first.token_ids[0])], 7, [1, 2]), Chunk("b", [int(first.token_ids[1])], 3, [3])]
+    return first, runner.execute(decode, rows)
+
+
+def assert_same_outputs(got, want):
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.token_ids, w.token_ids)
+        np.testing.assert_array_equal(g.top_ids, w.top_ids)
+        np.testing.assert_allclose(g.top_logprobs, w.top_logprobs, atol=1e-5)
+
+
+# int4 projections and int8 embeddings in groups of 16 inputs: the row-parallel weights (wo, w_down) have
+# several groups, so their group axis is what tensor parallelism splits.
+QUANT_SPEC = qz.QuantSpec("int4", "int8", int8_group_size=16, int4_group_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized_checkpoint(tiny_checkpoint, tmp_path_factory):
+    cfg, _ = read_config(tiny_checkpoint)
+    table = llama.param_table(cfg)
+    flat = qz.quantize_flat(random_weights(cfg, 11), table, QUANT_SPEC)
+    dest = tmp_path_factory.mktemp("tiny_quantized")
+    save_checkpoint(dest, cfg, qz.np_tree(flat), source={"format": "random"}, quantization=QUANT_SPEC)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_checkpoint / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def quantized_tp1_outputs(tiny_quantized_checkpoint):
+    return two_runner_steps(tiny_runner(tiny_quantized_checkpoint, 1))
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_quantized_checkpoint_shards_scales_like_their_values_and_matches_tp1(tiny_quantized_checkpoint,
+                                                                              quantized_tp1_outputs, tp):
+    runner = tiny_runner(tiny_quantized_checkpoint, tp)
+    layers = runner.weights.layers
+    assert isinstance(layers.wq, qz.Int4Weight) and isinstance(runner.weights.embed, qz.Int8Weight)
+    # Column parallel wq [L, G, g/2, N, H]: the heads split, and so do its scales [L, G, N, H].
+    assert layers.wq.packed.sharding.spec == P(None, None, None, "model", None)
+    assert layers.wq.scales.sharding.spec == layers.wq.mins.sharding.spec == P(None, None, "model", None)
+    # Row parallel w_down [L, G, g/2, D] over F = 128 inputs: 8 groups of 16, a whole number per device.
+    assert layers.w_down.packed.sharding.spec == P(None, "model", None, None)
+    assert layers.w_down.scales.sharding.spec == P(None, "model", None)
+    assert {s.data.shape for s in layers.w_down.scales.addressable_shards} == {(TINY.num_layers, 8 // tp,
+                                                                               TINY.hidden_size)}
+    # wo over N * H = 64 inputs is 4 groups: split at TP <= 4; at TP = 8 a group spans two devices' heads, so
+    # it is replicated (and XLA moves activations instead).
+    wo_groups = "model" if tp <= 4 else None
+    assert layers.wo.packed.sharding.spec == P(None, wo_groups, None, None)
+    assert layers.wo.scales.sharding.spec == P(None, wo_groups, None)
+    # The embedding, quantized as the head [D, V]: its vocabulary splits.
+    assert runner.weights.embed.values.sharding.spec == P(None, None, "model")
+    assert runner.weights.embed.scales.sharding.spec == P(None, "model")
+    if tp == 8:  # 4 KV heads each served twice: the quantized wk repeated, values and scales alike
+        assert layers.wk.packed.shape[-2] == layers.wk.scales.shape[-2] == 8
+    assert_same_outputs(two_runner_steps(runner), quantized_tp1_outputs)
+
+
+def test_engine_int8_weights_and_int8_kv_pages_under_tp_match_tp1(tiny_checkpoint):
+    """`--quantization int8` (per output channel, quantized at load) with `--kv-cache-dtype int8` at TP = 2."""
+    outs = {}
+    for tp in (1, 2):
+        config = EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=tp, max_num_seqs=2,
+                              max_num_batched_tokens=16, max_model_len=64, num_pages=24, block_size=PAGE,
+                              quantization="int8", kv_cache_dtype="int8")
+        runner = ModelRunner(config, str(tiny_checkpoint))
+        assert isinstance(runner.weights.layers.wo, qz.Int8Weight)
+        if tp == 2:
+            # One group (per output channel): the row-parallel input axis sits on g; the scales replicate.
+            assert runner.weights.layers.wo.values.sharding.spec == P(None, None, "model", None)
+            assert runner.weights.layers.wo.scales.sharding.spec == P(None, None, None)
+            assert runner.kv_pages.values.sharding.spec == P(None, None, None, "model", None)
+            assert runner.kv_pages.scales.sharding.spec == P(None, None, None, "model")
+            assert runner.kv_pages.scales.addressable_shards[0].data.shape[3] == TINY.num_kv_heads  # 2K / 2
+        outs[tp] = two_runner_steps(runner)
+    assert_same_outputs(outs[2], outs[1])
 
 
 # ---------------------------------------------------------------------- refused sizes and rules

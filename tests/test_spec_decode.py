@@ -181,6 +181,23 @@ def test_ngram_greedy_equals_plain_greedy_on_the_real_model():
 
 
 @pytest.mark.slow
+def test_ngram_greedy_with_int8_weights_equals_plain_int8_greedy():
+    """Speculative decoding over int8 weights verifies with the same quantized model, so greedy output is
+    exactly the plain int8 engine's (int8 need not match the float golden token for token)."""
+    from jaxserve import LLM, model_registry
+
+    model = model_registry.resolve_model(model_registry.DEFAULT_MODEL)
+    prompts = [GOLDEN_PROMPTS[n]["prompt_ids"] for n in ("digits_text", "dickens_text")]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = LLM(model, quantization="int8", **ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, quantization="int8", speculative_method="ngram", num_speculative_tokens=4, **ENGINE)
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert llm.engine.spec.stats.num_accepted_tokens > 0
+    assert llm.engine.kv_cache.pool.num_used_pages == 0
+
+
+@pytest.mark.slow
 def test_draft_model_greedy_equals_plain_greedy_on_the_real_model(tmp_path):
     from jaxserve import LLM
     from jaxserve.draft_init import make_truncated_draft

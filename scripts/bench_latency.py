@@ -3,7 +3,8 @@
     python scripts/bench_latency.py                                   # batches 1,4,16 x prompt 128 x output 64
     python scripts/bench_latency.py --batch-sizes 1,8,32 --prompt-lens 128,1024 --output-len 128 --dtype bfloat16
     python scripts/bench_latency.py --quick                           # a smoke run (small shapes)
-    python scripts/bench_latency.py --engine-kwarg quantization=int8  # any EngineConfig field, passed through
+    python scripts/bench_latency.py --quantization none,int8,int4 --batch-sizes 1,32   # side by side, one run
+    python scripts/bench_latency.py --engine-kwarg kv_cache_dtype=int8  # any EngineConfig field, passed through
 
 Every engine option is a flag (generated from EngineConfig, like the server's); --engine-kwarg KEY=VALUE
 passes anything else (VALUE parsed as JSON when it parses). --max-num-seqs defaults to the largest batch.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -66,22 +68,35 @@ def main(argv: list[str] | None = None) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
     options["max_num_seqs"] = options["max_num_seqs"] or max(args.batch_sizes)
     options.update(dict(args.engine_kwarg))
+    # NOTE: --quantization takes a comma list: one engine per scheme, measured in turn on the same machine.
+    schemes = [q.strip() for q in str(options["quantization"]).split(",") if q.strip()]
     try:
         cases = [latency.LatencyCase(b, t, args.output_len) for t in args.prompt_lens for b in args.batch_sizes]
-        cfg = EngineConfig(**options)
+        configs = [EngineConfig(**{**options, "quantization": q}) for q in schemes]
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = LLMEngine(cfg, warmup=True)
-    mc = engine.runner.model_config
-    machine = roofline.Machine.measure(
-        engine.runner.dtype, matmul_shapes=((cfg.max_num_batched_tokens, mc.hidden_size, mc.intermediate_size),))
-    with tqdm(total=len(cases), desc="cases", unit="case") as bar:
-        report = latency.run(engine, cases, machine, repeats=args.repeats, progress=bar)
-    report["engine"] = dataclasses.asdict(cfg)
-    print(latency.format_table(report))
+    machine = None
+    reports = {}
+    with tqdm(total=len(cases) * len(configs), desc="cases", unit="case") as bar:
+        for cfg in configs:
+            engine = LLMEngine(cfg, warmup=True)
+            if machine is None:
+                mc = engine.runner.model_config
+                machine = roofline.Machine.measure(engine.runner.dtype, matmul_shapes=(
+                    (cfg.max_num_batched_tokens, mc.hidden_size, mc.intermediate_size),))
+            report = latency.run(engine, cases, machine, repeats=args.repeats, progress=bar)
+            report["engine"] = dataclasses.asdict(cfg)
+            reports[cfg.quantization] = report
+            del engine
+            gc.collect()  # NOTE: free this engine's weights and KV pages before the next one loads
+    for name, report in reports.items():
+        print(f"\n--quantization {name}\n{latency.format_table(report)}")
+    if len(reports) > 1:
+        print(f"\n{latency.format_comparison(reports)}")
+    result = next(iter(reports.values())) if len(reports) == 1 else {"by_quantization": reports}
     Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result_json).write_text(json.dumps(report, indent=1))
+    Path(args.result_json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.result_json}")
     return 0
 

@@ -108,3 +108,19 @@ def format_table(report: dict) -> str:
                      f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>9.2f}{100 * r['tpot_frac_of_floor']:>7.1f}% "
                      f"{r['tpot_bound']:<8}| {r['decode_tok_s']:>12.1f}")
     return "\n".join(lines)
+
+
+def format_comparison(reports: dict[str, dict]) -> str:
+    """One row per (scheme, case): weight bytes, TPOT against its bandwidth floor, and TPOT as a ratio of the
+    first scheme's (the baseline) for the same case."""
+    base_name, base = next(iter(reports.items()))
+    base_tpot = {(r["batch_size"], r["prompt_len"]): r["tpot_s"] for r in base["rows"]}
+    lines = [f"{'quantization':<13}{'weights MiB':>12}{'batch':>6}{'prompt':>7} | {'TPOT ms':>8}{'floor':>8}"
+             f"{'% floor':>8} {'bound':<8}| {'decode tok/s':>12} | TPOT / {base_name}"]
+    for name, report in reports.items():
+        for r in report["rows"]:
+            ratio = r["tpot_s"] / base_tpot[(r["batch_size"], r["prompt_len"])]
+            lines.append(f"{name:<13}{report['weight_bytes'] / 2**20:>12.1f}{r['batch_size']:>6}{r['prompt_len']:>7} | "
+                         f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>8.2f}{100 * r['tpot_frac_of_floor']:>7.1f}% "
+                         f"{r['tpot_bound']:<8}| {r['decode_tok_s']:>12.1f} | {ratio:.2f}x")
+    return "\n".join(lines)

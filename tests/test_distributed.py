@@ -1,6 +1,7 @@
 """Two `python -m jaxserve.server --distributed` processes on loopback, one CPU device each, the tiny model split
 TP=2 across them (CPU collectives over gloo): one request served end to end must equal the single-process
-output. Process 0 serves HTTP and broadcasts each step; process 1 follows and exits when process 0 stops.
+output, with float and with int8 weights (quantized at load, scales split like their values).
+Process 0 serves HTTP and broadcasts each step; process 1 follows and exits when process 0 stops.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def health(port: int) -> int | None:
         return None
 
 
-def test_two_processes_serve_one_request_like_one_process(tiny_checkpoint, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_two_processes_serve_one_request_like_one_process(tiny_checkpoint, tmp_path, quantization):  # noqa: F811
     reason = cpu_collectives_missing()
     if reason:
         print(f"skipping the two-process test: {reason}")
@@ -71,7 +73,7 @@ def test_two_processes_serve_one_request_like_one_process(tiny_checkpoint, tmp_p
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_NUM_PROCESSES="2")
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     common = ["--model", str(tiny_checkpoint), "--tensor-parallel-size", "2", "--distributed",
-              "--coordinator-address", f"127.0.0.1:{free_port()}", *ENGINE_ARGS, "--no-guardrails",
+              "--coordinator-address", f"127.0.0.1:{free_port()}", *ENGINE_ARGS, "--quantization", quantization, "--no-guardrails",
               "--host", "127.0.0.1", "--port", "0"]
     logs = [tmp_path / f"process{i}.log" for i in range(2)]
     procs = []
@@ -107,8 +109,9 @@ def test_two_processes_serve_one_request_like_one_process(tiny_checkpoint, tmp_p
     follower_log = logs[1].read_text()
     assert "process 1 of 2" in follower_log and "the leader stopped" in follower_log
     assert "listening on" not in follower_log  # only process 0 serves HTTP
+    assert all(f"quantization {quantization}:" in log.read_text() for log in logs)  # both loaded it so
 
-    llm = LLM(str(tiny_checkpoint), warmup=False, **{a.removeprefix("--").replace("-", "_"): int(v)
+    llm = LLM(str(tiny_checkpoint), warmup=False, quantization=quantization, **{a.removeprefix("--").replace("-", "_"): int(v)
                                                       for a, v in zip(ENGINE_ARGS[::2], ENGINE_ARGS[1::2])})
     local = llm.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)[0]
     assert served["usage"]["completion_tokens"] == len(local.outputs[0].token_ids) == MAX_TOKENS

@@ -111,10 +111,20 @@ class ModelRunner:
         # NOTE: quantized weights (one device only, see above) keep the layout they were loaded or packed in.
         weight_shardings = (jax.tree.map(lambda a: a.sharding, self.weights) if quantized
                             else sharding.weight_sharding_tree(cfg, self.plan))
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
+        # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
+        # dense weights take qdot either way.
+        self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
+        if config.quantized_matmul == "pallas" and jax.default_backend() == "tpu":
+            raise ValueError("--quantized-matmul pallas is written for GPU (Triton) and runs on CPU in interpret "
+                             "mode; it does not lower for TPU yet: use --quantized-matmul xla")
+        if config.quantized_matmul == "pallas" and self.plan.mesh.size > 1:  # XLA does not partition a pallas_call
+            raise ValueError("--quantized-matmul pallas runs on one device only (no shard_map yet)")
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                               matmul=self.matmul),
                              in_shardings=(weight_shardings, kv_sharding, rep, rep),
                              out_shardings=(rep, kv_sharding), donate_argnums=(1,))
-        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan),
+        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                                 matmul=self.matmul),
                                out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
         self.draft_probs_in_verify = config.spec_method == "draft"
         self._log_memory()
@@ -257,8 +267,9 @@ class ModelRunner:
 
 def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,
                  draft_ids: jax.Array, num_draft: jax.Array, draft_probs: jax.Array | None, *, cfg: ModelConfig,
-                 attention, plan: sharding.ShardingPlan) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)  # [R * L, V]
+                 attention, plan: sharding.ShardingPlan,
+                 matmul=quantization.qdot) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)  # [R * L, V]
     logits = plan.constrain(logits, (None, None))
     num_rows, k = draft_ids.shape
     logits = logits.reshape(num_rows, k + 1, -1)  # [R, L, V]
@@ -273,7 +284,7 @@ def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInp
 
 
 def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,
-          cfg: ModelConfig, attention, plan: sharding.ShardingPlan):
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)
+          cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul=quantization.qdot):
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)
     logits = plan.constrain(logits, (None, None))  # [R, V] gathered over the vocabulary: sampling needs it whole
     return sample(logits, md, num_logprobs=NUM_LOGPROBS), kv_pages

@@ -190,6 +190,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")
+QUANTIZED_MATMULS = ("xla", "pallas")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
@@ -217,6 +218,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
     quantization: str = "auto"  # weights: auto (as the checkpoint stores them), none, int8 or int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
+    quantized_matmul: str = "xla"  # matmul of quantized weights: xla (qdot), or pallas (interpret mode on CPU)
     # Speculative decoding (server-wide; see docs/speculative.md).
     speculative_method: str = "none"  # none, ngram, or draft (implied by --speculative-model)
     speculative_model: str | None = None  # draft checkpoint (same tokenizer as the model)
@@ -240,6 +242,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}; got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}")
+        if self.quantized_matmul not in QUANTIZED_MATMULS:
+            raise ValueError(f"quantized_matmul must be one of {QUANTIZED_MATMULS}; got {self.quantized_matmul!r}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and data_parallel_size must be positive, got "
                              f"{self.tensor_parallel_size} and {self.data_parallel_size}")

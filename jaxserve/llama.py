@@ -28,6 +28,8 @@ from pallas_kernels.kv_cache import write_kv
 if TYPE_CHECKING:
     from jaxserve.sharding import ShardingPlan
 
+MatmulFn = Callable[..., jax.Array]  # qdot's signature: (spec, x, w, **einsum_kwargs) -> y
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -170,7 +172,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: ModelConfig,
-            attention: AttentionFn, plan: ShardingPlan | None = None) -> tuple[jax.Array, jax.Array]:
+            attention: AttentionFn, plan: ShardingPlan | None = None,
+            matmul: MatmulFn = qdot) -> tuple[jax.Array, jax.Array]:
     """One model step over a flat batch of tokens from many sequences.
 
     Args:
@@ -180,6 +183,8 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
       attention: the paged-attention implementation (`jaxserve.attention.ATTENTION_BACKENDS`).
       plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
         `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
+      matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA) or `quantization.qdot_pallas` (the Pallas
+        dequantize-in-the-matmul kernel for quantized weights, `--quantized-matmul pallas`).
     Returns:
       (logits [M, V] float32 at `step.logits_indices`, updated kv_pages).
     """
@@ -195,9 +200,9 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
         w, layer_idx = layer_in
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            q = qdot("TD,DNH->TNH", h, w.wq)
-            k = qdot("TD,DKH->TKH", h, w.wk)
-            v = qdot("TD,DKH->TKH", h, w.wv)
+            q = matmul("TD,DNH->TNH", h, w.wq)
+            k = matmul("TD,DKH->TKH", h, w.wk)
+            v = matmul("TD,DKH->TKH", h, w.wv)
             if w.bq is not None:
                 q, k, v = q + w.bq, k + w.bk, v + w.bv
             q = shard(q, ("batch", "heads", None))
@@ -207,13 +212,13 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
             attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
             attn = shard(attn, ("batch", "heads", None))
-            x = shard(x + qdot("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
+            x = shard(x + matmul("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-            gate = qdot("TD,DF->TF", h, w.w_gate)
-            up = qdot("TD,DF->TF", h, w.w_up)
+            gate = matmul("TD,DF->TF", h, w.w_gate)
+            up = matmul("TD,DF->TF", h, w.w_up)
             act = shard(jax.nn.silu(gate) * up, ("batch", "ffw"))
-            x = shard(x + qdot("TF,FD->TD", act, w.w_down), ("batch", "embed"))
+            x = shard(x + matmul("TF,FD->TD", act, w.w_down), ("batch", "embed"))
         return (x, kv_pages), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -221,7 +226,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     with jax.named_scope("lm_head"):
         h = rms_norm(x[step.logits_indices], weights.final_norm, cfg.rms_norm_eps)  # [M, D]
         head = tied_head(weights.embed) if weights.lm_head is None else weights.lm_head
-        logits = qdot("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
+        logits = matmul("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
     return shard(logits, ("batch", "vocab")), kv_pages
 
 
@@ -238,7 +243,8 @@ def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
 
 
 def sequence_logits(weights: LlamaWeights, cfg: ModelConfig, token_ids: list[int], *,
-                    attention: AttentionFn | None = None, page_size: int = 16) -> jax.Array:
+                    attention: AttentionFn | None = None, page_size: int = 16,
+                    matmul: MatmulFn = qdot) -> jax.Array:
     """Logits [T, V] at every position of one sequence, through the paged path (scoring and tests)."""
     from jaxserve.attention import paged_attention_xla
 
@@ -246,8 +252,9 @@ def sequence_logits(weights: LlamaWeights, cfg: ModelConfig, token_ids: list[int
     step = build_step_inputs([SeqChunk(token_ids, 0, list(range(1, num_pages + 1)))], num_tokens=len(token_ids),
                              num_rows=1, page_size=page_size, max_pages_per_seq=num_pages, all_logits=True)
     kv = jnp.zeros(kv_cache_shape(cfg, num_pages + 1, page_size), weights.final_norm.dtype)
-    fn = jax.jit(forward, static_argnames=("cfg", "attention"))
-    logits, _ = fn(weights, kv, jax.tree.map(jnp.asarray, step), cfg, attention or paged_attention_xla)
+    fn = jax.jit(forward, static_argnames=("cfg", "attention", "matmul"))
+    logits, _ = fn(weights, kv, jax.tree.map(jnp.asarray, step), cfg, attention or paged_attention_xla,
+                   matmul=matmul)
     return logits
 
 

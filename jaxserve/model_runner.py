@@ -75,6 +75,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         stored_cfg, meta = read_config(checkpoint_dir)
         self.plan = sharding.plan_sharding(stored_cfg, config.tensor_parallel_size, config.data_parallel_size)
+        if config.quantized_matmul == "pallas" and jax.default_backend() == "tpu":
+            raise ValueError("--quantized-matmul pallas is written for GPU (Triton) and runs on CPU in interpret "
+                             "mode; it does not lower for TPU yet: use --quantized-matmul xla")
+        if config.quantized_matmul == "pallas" and self.plan.mesh.size > 1:  # XLA does not partition a pallas_call
+            raise ValueError("--quantized-matmul pallas runs on one device only (no shard_map yet)")
         # Every array straight into its sharding; a quantized checkpoint's scales shard like their values.
         stored_quant = quantization.QuantSpec.from_dict(meta.get("quantization"))
         _, weights = load_checkpoint(checkpoint_dir, self.dtype,
@@ -104,10 +109,15 @@ class ModelRunner:
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
         weight_shardings = sharding.weight_sharding_tree(cfg, self.plan, like=self.weights)
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan),
+        # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
+        # dense weights take qdot either way.
+        self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                               matmul=self.matmul),
                              in_shardings=(weight_shardings, kv_sharding, rep, rep),
                              out_shardings=(rep, kv_sharding), donate_argnums=(1,))
-        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan),
+        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                                 matmul=self.matmul),
                                out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
         self.draft_probs_in_verify = config.spec_method == "draft"
         self._log_memory()
@@ -250,8 +260,9 @@ class ModelRunner:
 
 def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,
                  draft_ids: jax.Array, num_draft: jax.Array, draft_probs: jax.Array | None, *, cfg: ModelConfig,
-                 attention, plan: sharding.ShardingPlan) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)  # [R * L, V]
+                 attention, plan: sharding.ShardingPlan,
+                 matmul=quantization.qdot) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)  # [R * L, V]
     logits = plan.constrain(logits, (None, None))
     num_rows, k = draft_ids.shape
     logits = logits.reshape(num_rows, k + 1, -1)  # [R, L, V]
@@ -266,7 +277,7 @@ def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInp
 
 
 def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,
-          cfg: ModelConfig, attention, plan: sharding.ShardingPlan):
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan)
+          cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul=quantization.qdot):
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)
     logits = plan.constrain(logits, (None, None))  # [R, V] gathered over the vocabulary: sampling needs it whole
     return sample(logits, md, num_logprobs=NUM_LOGPROBS), kv_pages

@@ -242,6 +242,38 @@ def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwarg
             + jnp.tensordot(xg[..., 1, :], hi, axes=2, **kwargs))
 
 
+def qdot_pallas(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, *, interpret: bool | None = None,
+                **einsum_kwargs) -> jax.Array:
+    """`qdot` through the Pallas kernel (`pallas_kernels.quantized_matmul`) for one layer's quantized weight:
+    x [*batch, *in] → [M, I], the weight's out axes → O, and the result back to [*batch, *out]. Dense
+    weights, stacked ones, x neither float32 nor bfloat16, O without a block size dividing it, and other
+    einsum options go to `qdot`.
+
+    `--quantized-matmul pallas`, one device only (XLA does not partition a pallas_call); `interpret`
+    defaults to True exactly on CPU (correctness only there).
+    """
+    # NOTE: lazy, the kernel module imports this one. (By module path: the package's `quantized_matmul` is the
+    # function.)
+    from pallas_kernels.quantized_matmul import default_block_m, quantized_matmul, supported_block_n
+
+    if (not is_quantized(w) or set(einsum_kwargs) - {"preferred_element_type"}
+            or jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))):
+        return qdot(spec, x, w, **einsum_kwargs)
+    first = w.values if isinstance(w, Int8Weight) else w.packed  # [G, R, *out] for one layer
+    in_shape, out_shape = tuple(w.in_shape), first.shape[2:]
+    block_n = supported_block_n(math.prod(out_shape))
+    if first.ndim != w.out_ndim + 2 or tuple(x.shape[x.ndim - len(in_shape):]) != in_shape or block_n is None:
+        return qdot(spec, x, w, **einsum_kwargs)
+    flat = {c: getattr(w, c).reshape(*getattr(w, c).shape[:-w.out_ndim], -1) for c in COMPONENTS[type(w)]}
+    w2 = dataclasses.replace(w, **flat, in_shape=(math.prod(in_shape),), out_ndim=1)  # [G, R, O], [G, O]
+    batch = x.shape[:x.ndim - len(in_shape)]
+    x2 = x.reshape(-1, math.prod(in_shape))  # [M, I]
+    y = quantized_matmul(x2, w2, block_m=default_block_m(x2.shape[0]), block_n=block_n,
+                         preferred_element_type=einsum_kwargs.get("preferred_element_type"),
+                         interpret=jax.default_backend() == "cpu" if interpret is None else interpret)
+    return y.reshape(*batch, *out_shape)
+
+
 def embedding_lookup(embed: jax.Array | QuantizedWeight, token_ids: jax.Array, dtype) -> jax.Array:
     """Rows [T, D] of the embedding table: dense [V, D], or quantized as the head [D, V] (columns gathered)."""
     if not is_quantized(embed):

@@ -8,6 +8,9 @@ it once, so peak = 2 * size / time.
 
 On CPU only the XLA path is timed; with `interpret=True` the Pallas kernels run in interpret mode on
 small cases and are checked against the XLA path (correctness only, no timings).
+
+`run_quantized_matmul` times the int8 / int4 dequantize-in-the-matmul kernel against XLA's `qdot` the same
+way (bytes: the quantized weight, x and the output).
 """
 
 from __future__ import annotations
@@ -140,6 +143,40 @@ def run(cases: list[Case], shape: AttentionShape, *, iters: int, max_kv_bytes: i
                                 frac_of_copy=bw / copy_bw, kv_mib=kvb / 2**20))
     return dict(platform=platform, device=str(jax.devices()[0].device_kind), shape=dataclasses.asdict(shape),
                 copy_gbps=copy_bw / 1e9, results=results)
+
+
+# (M tokens, I, O, scheme, group size): SmolLM2's w_gate and LM head, Llama-3-8B's w_up and w_down.
+QMM_SHAPES = [(m, i, o, scheme, group) for m in (1, 16, 256) for i, o in ((576, 1536), (576, 49152),
+                                                                          (4096, 14336), (14336, 4096))
+              for scheme, group in (("int8", None), ("int4", 128 if i % 128 == 0 else 96))]
+QMM_TINY_SHAPES = [(4, 256, 256, "int8", None), (4, 256, 256, "int4", 128)]  # CPU: the interpreted kernel
+
+
+def run_quantized_matmul(shapes, *, iters: int, copy_bw: float, interpret: bool) -> list[dict]:
+    """The Pallas quantized matmul against XLA's `qdot` on one layer's weight; bytes = quantized weight + x + y.
+
+    Interpreted (CPU) kernel times measure the interpreter, not the kernel: they only show it runs.
+    """
+    from jaxserve import quantization as qz  # NOTE: here, not at the top: the attention benchmark needs none of it
+
+    results = []
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    for M, I, O, scheme, group in shapes:
+        key_x, key_w = jax.random.split(jax.random.key(M + I + O))
+        w = qz.quantize(jax.random.normal(key_w, (I, O), jnp.float32) * 0.02, scheme, 1, group_size=group)
+        x = jax.random.normal(key_x, (M, I), dtype)
+        moved = qz.weight_bytes(w) + x.nbytes + M * O * x.dtype.itemsize
+        case = f"qmm {scheme} M={M} {I}x{O}"
+        for name, fn in (("xla-qdot", qz.qdot), ("pallas-interp" if interpret else "pallas", qz.qdot_pallas)):
+            jitted = jax.jit(functools.partial(fn, "MI,IO->MO"))
+            try:
+                seconds = time_call(jitted, (x, w), iters)
+            except Exception as e:  # noqa: BLE001 - report a failing kernel, keep benchmarking the rest
+                results.append(dict(case=case, kernel=name, error=f"{type(e).__name__}: {e}"[:200]))
+                continue
+            results.append(dict(case=case, kernel=name, ms=seconds * 1e3, gbps=moved / seconds / 1e9,
+                                frac_of_copy=moved / seconds / copy_bw, weight_mib=qz.weight_bytes(w) / 2**20))
+    return results
 
 
 def check_interpret(shape: AttentionShape) -> list[dict]:

@@ -2,8 +2,11 @@
 
     python scripts/bench_kernels.py                      # decode batch 1-256 x context 128-32k, mixed prefill
     python scripts/bench_kernels.py --quick --interpret  # CPU: small sweep + interpret-mode correctness checks
+    python scripts/bench_kernels.py --quantized-matmul   # also the int8 / int4 matmul: Pallas vs XLA qdot
 
-On CPU only the XLA path is timed (Pallas kernels run there in interpret mode, for correctness only).
+On CPU only the XLA path is timed (Pallas kernels run there in interpret mode, for correctness only). The
+quantized matmul is timed by default on accelerators; on CPU only with --quantized-matmul, at a tiny size,
+with the kernel interpreted (its time shows that it runs, nothing more).
 See pallas_kernels/benchmark.py for what is counted.
 """
 
@@ -32,6 +35,8 @@ def main() -> None:
     parser.add_argument("--max-kv-gib", type=float, default=None,
                         help="skip cases whose KV exceeds this (default: 1 on CPU, 24 on accelerators)")
     parser.add_argument("--interpret", action="store_true", help="also check the Pallas kernels in interpret mode")
+    parser.add_argument("--quantized-matmul", action="store_true",
+                        help="on CPU, also run the quantized matmul (tiny, interpreted); accelerators always do")
     parser.add_argument("--out", default="bench_kernels.json")
     args = parser.parse_args()
 
@@ -45,6 +50,10 @@ def main() -> None:
     max_kv_gib = args.max_kv_gib if args.max_kv_gib is not None else (1 if on_cpu else 24)
     report = benchmark.run(cases, shape, iters=args.iters, max_kv_bytes=int(max_kv_gib * 2**30),
                            copy_mib=256 if on_cpu else 2048)
+    if args.quantized_matmul or not on_cpu:
+        report["results"] += benchmark.run_quantized_matmul(
+            benchmark.QMM_TINY_SHAPES if on_cpu else benchmark.QMM_SHAPES, iters=args.iters,
+            copy_bw=report["copy_gbps"] * 1e9, interpret=on_cpu)
     if args.interpret:
         report["interpret_checks"] = benchmark.check_interpret(shape)
     print(benchmark.format_table(report))

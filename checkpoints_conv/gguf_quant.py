@@ -27,6 +27,21 @@ REPACKABLE = {"int8": ("Q8_0",), "int4": ("Q4_0", "Q4_1")}
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
+# The layer projections of a llama GGUF (blk.N.attn_q.weight, ...): what decides its own scheme.
+_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def native_scheme(reader) -> str:
+    """The scheme a GGUF's layer projections are already in: "int4" when every one is Q4_0 / Q4_1, "int8" when
+    every one is Q8_0, else "none" (float, or mixed / k-quant types that would be quantized again)."""
+    types = {t.tensor_type.name for t in reader.tensors
+             if t.name.startswith("blk.") and t.name.split(".")[2] in _PROJECTIONS}
+    for scheme, qtypes in REPACKABLE.items():
+        if types and types <= set(qtypes):
+            return scheme
+    return "none"
+
+
 def can_repack(qtype: str, scheme: str, group_size: int | None, scale_dtype: str) -> bool:
     """Whether a tensor of GGUF type `qtype` repacks exactly into `scheme` at this group size and scale dtype."""
     return qtype in REPACKABLE.get(scheme, ()) and group_size == BLOCK and scale_dtype in ("float16", "float32")

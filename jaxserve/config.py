@@ -216,7 +216,7 @@ class EngineConfig:
     process_id: int | None = None  # None: $JAX_PROCESS_ID or auto-detect
     seed: int = 0
     kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
-    quantization: str = "auto"  # weights: auto (as the checkpoint stores them), none, int8 or int4
+    quantization: str = "auto"  # weights: auto (as stored; a Q4_x / Q8_0 GGUF in its own blocks), none, int8, int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
     quantized_matmul: str = "xla"  # matmul of quantized weights: xla (qdot), or pallas (interpret mode on CPU)
     # Speculative decoding (server-wide; see docs/speculative.md).

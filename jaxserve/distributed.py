@@ -113,10 +113,10 @@ def to_global(tree, sharding: jax.sharding.Sharding):
 
 def run_follower(config: EngineConfig) -> int:
     """A follower process's whole life: load the model, then run the leader's steps until it says STOP."""
-    from jaxserve.model_registry import resolve_model
+    from jaxserve.model_registry import resolve_engine_model
     from jaxserve.model_runner import ModelRunner
 
-    runner = ModelRunner(config, resolve_model(config.model))
+    runner = ModelRunner(config, resolve_engine_model(config))
     logger.info("follower %d ready; running the leader's steps", jax.process_index())
     runner.follow()
     logger.info("follower %d: the leader stopped", jax.process_index())

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig
 from jaxserve.kv_cache_manager import KVCacheManager
-from jaxserve.model_registry import resolve_model
+from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.model_runner import ModelRunner
 from jaxserve.output_processor import ChoiceText
 from jaxserve.outputs import RequestDelta, RequestStream, TokenLogprob
@@ -57,8 +57,7 @@ class _Choice:
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, warmup: bool = True):
         self.config = config
-        checkpoint_dir = resolve_model(config.model, quantize=config.quantization,
-                                       quantize_embeddings=config.quantize_embeddings)
+        checkpoint_dir = resolve_engine_model(config)
         self.tokenizer = load_tokenizer(checkpoint_dir)
         self.runner = ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len

@@ -67,8 +67,9 @@ def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
     Args:
       name_or_path: a name of `MODELS`, a converted checkpoint folder, a Hugging Face folder or a .gguf file.
       quantize: "int8" / "int4": a GGUF source is converted quantized (its Q8_0 / Q4_0 / Q4_1 blocks repacked,
-        so it serves at its own size) into a cache entry of its own. Other sources convert to float (the
-        engine quantizes while loading); other values ("none", "auto") mean float.
+        so it serves at its own size) into a cache entry of its own. "auto": a GGUF source in the scheme its
+        projections are already in (Q4_x: int4, Q8_0: int8; else float), as llama.cpp serves it. Other
+        sources convert to float (the engine quantizes while loading); "none" means float.
       quantize_embeddings: with `quantize`, embed and lm_head too.
     Returns:
       the path of a converted checkpoint folder.
@@ -85,6 +86,11 @@ def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
     src = src.absolute()
     from checkpoints_conv.gguf import is_source as is_gguf
 
+    if quantize == "auto" and is_gguf(src):
+        from checkpoints_conv.gguf import open_reader
+        from checkpoints_conv.gguf_quant import native_scheme
+
+        quantize = native_scheme(open_reader(src))
     quantize = quantize if quantize in ("int8", "int4") and is_gguf(src) else "none"
     embeddings = quantize if quantize != "none" and quantize_embeddings else "none"
     suffix = "" if quantize == "none" else f"-{quantize}" + ("-emb" if embeddings != "none" else "")
@@ -102,3 +108,9 @@ def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
                             quantize_embeddings=embeddings)
             logger.info("converted in %.1f s, peak RSS %.0f MiB", stats.seconds, stats.peak_rss_bytes / 2**20)
     return str(dest)
+
+
+def resolve_engine_model(config) -> str:
+    """The checkpoint an `EngineConfig` serves: its model in the scheme its --quantization asks for. Every
+    process of a multi-process run resolves it the same way, so they all load the same arrays."""
+    return resolve_model(config.model, quantize=config.quantization, quantize_embeddings=config.quantize_embeddings)

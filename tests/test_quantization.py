@@ -425,3 +425,26 @@ def test_default_model_by_name_serves_its_gguf_blocks_repacked_as_int8(smollm2):
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]
     assert llm.engine.kv_cache.pool.num_used_pages == 0
+
+
+@pytest.mark.slow
+def test_a_quantized_gguf_serves_in_its_own_blocks_by_default(smollm2):
+    """`--quantization auto` (the default) on the Q4_1 GGUF: its projections are repacked as int4 in groups of
+    32 (what llama.cpp serves), lossless against the float conversion, so greedy follows the golden exactly."""
+    from checkpoints_conv.gguf import open_reader
+    from checkpoints_conv.gguf_quant import native_scheme
+    from jaxserve import LLM, SamplingParams, model_registry
+
+    assert native_scheme(open_reader(model_registry.MODELS[model_registry.DEFAULT_MODEL]())) == "int4"
+    llm = LLM(model_registry.DEFAULT_MODEL, warmup=False, max_num_seqs=2, max_num_batched_tokens=128,
+              kv_cache_memory=16 * 2**20, max_model_len=256)
+    wq = llm.engine.runner.weights.layers.wq
+    assert isinstance(wq, qz.Int4Weight) and wq.group_size == 32
+    assert not qz.is_quantized(llm.engine.runner.weights.embed)  # embeddings stay float unless asked
+    prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]
+    outs = llm.generate([p["prompt_ids"] for p in prompts], SamplingParams(max_tokens=8, temperature=0.0, logprobs=1),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]
+    assert LLM(model_registry.DEFAULT_MODEL, quantization="none", warmup=False, max_num_seqs=1,
+               kv_cache_memory=4 * 2**20, max_model_len=64).engine.runner.weights.layers.wq.dtype == jnp.float32

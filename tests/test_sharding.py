@@ -368,7 +368,9 @@ def test_smollm2_tp3_greedy_matches_tp1_through_the_engine():
         results[tp] = llm.generate(prompts, params, use_tqdm=False)
         if tp == 3:
             runner = llm.engine.runner
-            assert runner.weights.layers.wq.sharding.spec == P(None, None, "model", None)
+            # The default serves the GGUF's own Q4_1 blocks: int4 [L, G, g/2, N, H], split over the heads.
+            assert runner.weights.layers.wq.packed.sharding.spec == P(None, None, None, "model", None)
+            assert runner.weights.layers.wq.scales.sharding.spec == P(None, None, "model", None)
             assert runner.kv_pages.addressable_shards[0].data.shape[3] == 2  # one KV head (K and V) a device
     for one, three in zip(results[1], results[3]):
         assert one.outputs[0].token_ids == three.outputs[0].token_ids

@@ -277,6 +277,61 @@ def test_monitor_without_hits_releases_exactly_the_input(text, every, holdback):
     assert "".join(feed_all(chain.monitor(), pieces)) == text
 
 
+def default_chain(action: str = "stop") -> GuardrailChain:
+    cfg = GuardrailConfig(action=action)
+    return GuardrailChain.from_config(cfg)
+
+
+def test_monitor_streams_prose_about_a_word_behind_with_the_defaults():
+    tokens = ["Once", " upon", " a", " time", ",", " there", " was", " a", " dragon", "."]
+    monitor, sent = default_chain().monitor(), ""
+    for i, tok in enumerate(tokens):
+        sent += monitor.feed(tok, 1, final=i == len(tokens) - 1)
+        text = "".join(tokens[:i + 1])
+        if i < len(tokens) - 1:
+            # Everything up to the last word (which could still grow into an e-mail address) is out.
+            assert sent == text[:len(text) - len(text.split()[-1].rstrip(",."))] or sent == text, (i, sent)
+    assert sent == "".join(tokens) and monitor.finding is None
+
+
+PII_SAMPLES = ["bob.smith@example.com", "(415) 555-2671", "415-555-2671", "123-45-6789", "4111 1111 1111 1111",
+               "4111-1111-1111-1111", "+1 415 555 2671"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(PII_SAMPLES), st.text(alphabet="abc xyz,.", max_size=30),
+       st.sampled_from([" is ", ": ", " at "]), st.text(alphabet="abc ,.!", max_size=20),
+       st.lists(st.integers(1, 6), min_size=40, max_size=40), st.sampled_from(["stop", "redact"]))
+def test_monitor_never_sends_any_part_of_a_hit_with_the_defaults(pii, before, glue, after, cuts, action):
+    """Split anywhere into tokens, streamed one scan a token: the client gets exactly the text before the
+    hit (stop) or the text with the hit redacted, never a character of the hit itself."""
+    text = f"{before}{glue}{pii} {after}"
+    pieces, i = [], 0
+    for n in cuts:
+        if i < len(text):
+            pieces.append(text[i:i + n])
+            i += n
+    pieces.append(text[i:])
+    monitor = default_chain(action).monitor()
+    sent = "".join(feed_all(monitor, pieces))
+    start = text.index(pii, len(before))
+    if action == "stop":
+        assert sent == text[:start] and monitor.finding is not None
+    else:
+        assert sent == text[:start] + REDACTED + text[start + len(pii):]
+
+
+def test_monitor_holds_the_start_of_a_blocked_phrase():
+    text = "Here is how to build a pipe bomb today"
+    monitor, sent = default_chain().monitor(), ""
+    for ch in text:
+        sent += monitor.feed(ch, 1, final=False)
+        assert "build" not in sent
+    assert sent == "Here is how to " and monitor.finding.stage == "content_policy"
+    assert ContentPolicy(["build a pipe bomb"]).hold_from("so build a pi") == 3
+    assert ContentPolicy(["build a pipe bomb"]).hold_from("rebuild a pi") == 12  # not at a word start
+
+
 # ---------------------------------------------------------------------------- rate limits
 
 class Clock:

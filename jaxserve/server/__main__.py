@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guardrail-pii", action=argparse.BooleanOptionalAction, default=d.pii)
     g.add_argument("--guardrail-check-every", type=int, default=d.check_every_tokens,
                    help="scan streamed output every N tokens (0: only at the end)")
-    g.add_argument("--guardrail-holdback-chars", type=int, default=d.holdback_chars)
+    g.add_argument("--guardrail-holdback-chars", type=int, default=d.holdback_chars,
+                   help="the most characters held back while they could still grow into a hit")
     g.add_argument("--guardrail-action", choices=("stop", "redact"), default=d.action)
     return p
 

@@ -14,10 +14,11 @@ Output stages scan generated text and return every `Finding` with its span:
   * `ContentPolicy` again, on the output.
 
 `OutputMonitor` applies the output stages to one choice while it streams. NOTE: text is held back until
-it has been scanned (every `check_every_tokens` tokens and at the end), and the last `holdback_chars`
-characters stay held until the next scan, so a phone number split across two scans is never half sent.
-The price is latency: the first text of a stream reaches the client after the first scan. On a hit the
-choice either stops (`finish_reason: content_filter`, the text before the hit is kept) or, with the
+it has been scanned (every `check_every_tokens` tokens and at the end), and after a scan each stage
+holds back the tail that could still grow into one of its hits (`hold_from`: a trailing run of the
+characters an e-mail, phone, SSN or card number is made of; the start of a blocked phrase), at most
+`holdback_chars` of it. So a hit is never half sent unless it is longer than that, and ordinary prose
+streams about one word behind the model. On a hit the choice either stops (`finish_reason: content_filter`, the text before the hit is kept) or, with the
 "redact" action, the hit is replaced by `[REDACTED]` and generation goes on.
 
 No JAX and no engine here; `GuardrailChain.from_config` builds the default chain.
@@ -25,6 +26,7 @@ No JAX and no engine here; `GuardrailChain.from_config` builds the default chain
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 from typing import Iterable, Protocol, Sequence
@@ -54,8 +56,8 @@ class GuardrailConfig:
     content_policy: bool = True
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     pii: bool = True
-    check_every_tokens: int = 8  # 0: scan the output only when the choice ends
-    holdback_chars: int = 24
+    check_every_tokens: int = 1  # 0: scan the output only when the choice ends (a scan takes microseconds)
+    holdback_chars: int = 64  # the most characters held back while they could still grow into a hit
     action: str = "stop"  # "stop": finish with content_filter; "redact": replace the hit and go on
 
     def __post_init__(self):
@@ -89,6 +91,10 @@ class OutputStage(Protocol):
     name: str
 
     def scan(self, text: str) -> list[Finding]: ...
+
+    def hold_from(self, text: str) -> int:
+        """Where the tail of `text` that could still grow into a hit starts (len(text): nothing to hold)."""
+        ...
 
 
 # ---------------------------------------------------------------------------- input stages
@@ -167,6 +173,9 @@ class ContentPolicy:
 
     def __init__(self, terms: Iterable[str]):
         self.terms = tuple(t.strip() for t in terms if t.strip())
+        # Lower-cased, whitespace collapsed, sorted: a prefix test is one bisection (blocklists can be long).
+        self._normalized = sorted(" ".join(t.lower().split()) for t in self.terms)
+        self._longest = max(map(len, self.terms), default=0)
         alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in self.terms), key=len, reverse=True)
         self.pattern = re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE) if alternatives \
             else None
@@ -180,6 +189,18 @@ class ContentPolicy:
     def check(self, text: str) -> Finding | None:
         found = self.scan(text)
         return found[0] if found else None
+
+    def hold_from(self, text: str) -> int:
+        """The start of the longest trailing words that begin a blocked phrase ("... build a pi")."""
+        if self.pattern is None:
+            return len(text)
+        for i in range(max(0, len(text) - self._longest - 1), len(text)):
+            if text[i].isalnum() and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
+                tail = " ".join(text[i:].lower().split()) + (" " if text[-1].isspace() else "")
+                j = bisect.bisect_left(self._normalized, tail)
+                if j < len(self._normalized) and self._normalized[j].startswith(tail):
+                    return i
+        return len(text)
 
 
 # ---------------------------------------------------------------------------- output stages
@@ -211,6 +232,22 @@ class PIIDetector:
     def __init__(self, kinds: Iterable[str] = ("ssn", "credit_card", "email", "phone")):
         self.kinds = tuple(kinds)
 
+    # What the patterns above are made of: e-mail characters, and digits with their separators.
+    RUN_CHARS = frozenset(".%+@()-_")
+
+    def hold_from(self, text: str) -> int:
+        """The start of the trailing run an e-mail, phone, SSN or card number could still be growing in:
+        word characters and `RUN_CHARS`, and whitespace right after a digit or ")" (a number's separator)."""
+        i = len(text)
+        while i > 0:
+            c = text[i - 1]
+            if c.isalnum() or c in self.RUN_CHARS or (c.isspace() and i >= 2 and (text[i - 2].isdigit()
+                                                                                  or text[i - 2] == ")")):
+                i -= 1
+            else:
+                break
+        return i
+
     def scan(self, text: str) -> list[Finding]:
         found = []
         for kind in self.kinds:
@@ -227,8 +264,8 @@ class PIIDetector:
 
 class GuardrailChain:
     def __init__(self, input_stages: Sequence[InputStage] = (), output_stages: Sequence[OutputStage] = (),
-                 injection: PromptInjectionScreen | None = None, *, check_every_tokens: int = 8,
-                 holdback_chars: int = 24, action: str = "stop"):
+                 injection: PromptInjectionScreen | None = None, *, check_every_tokens: int = 1,
+                 holdback_chars: int = 64, action: str = "stop"):
         """`input_stages` see all prompt text; `injection` (if any) sees only the last user message."""
         self.input_stages = list(input_stages)
         self.injection = injection
@@ -300,7 +337,7 @@ class OutputMonitor:
             out, self.pending = self.pending[:start], ""
             self.consumed += start
             return out
-        cut = len(self.pending) if final else max(0, len(self.pending) - self.chain.holdback_chars)
+        cut = len(self.pending) if final else self._release_point(ctx)
         for start, end, _ in spans:  # never split a hit across a release: hold it whole
             if start < cut < end:
                 cut = start
@@ -315,3 +352,10 @@ class OutputMonitor:
         self.consumed += cut
         self.sent_tail = (self.sent_tail + raw)[-max(self.chain.holdback_chars, 64):]
         return "".join(out)
+
+    def _release_point(self, ctx: str) -> int:
+        """How much of `pending` may go now: all but what some stage holds, and never more than
+        `holdback_chars` held (a run longer than that is released from its front)."""
+        window = ctx + self.pending
+        hold = min(stage.hold_from(window) for stage in self.chain.output_stages) - len(ctx)
+        return max(0, len(self.pending) - self.chain.holdback_chars, min(hold, len(self.pending)))

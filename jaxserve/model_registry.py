@@ -86,12 +86,10 @@ def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
     src = src.absolute()
     from checkpoints_conv.gguf import is_source as is_gguf
 
-    if quantize == "auto" and is_gguf(src):
-        from checkpoints_conv.gguf import open_reader
-        from checkpoints_conv.gguf_quant import native_scheme
-
-        quantize = native_scheme(open_reader(src))
-    quantize = quantize if quantize in ("int8", "int4") and is_gguf(src) else "none"
+    gguf = is_gguf(src)
+    if quantize == "auto" and gguf:
+        quantize = native_gguf_scheme(src)
+    quantize = quantize if quantize in ("int8", "int4") and gguf else "none"
     embeddings = quantize if quantize != "none" and quantize_embeddings else "none"
     suffix = "" if quantize == "none" else f"-{quantize}" + ("-emb" if embeddings != "none" else "")
     dest = cache_dir() / "checkpoints" / (cache_key(src) + suffix)
@@ -108,6 +106,26 @@ def resolve_model(name_or_path: str | os.PathLike, *, quantize: str = "none",
                             quantize_embeddings=embeddings)
             logger.info("converted in %.1f s, peak RSS %.0f MiB", stats.seconds, stats.peak_rss_bytes / 2**20)
     return str(dest)
+
+
+def native_gguf_scheme(src: Path) -> str:
+    """The scheme a GGUF file's projections are already in (`gguf_quant.native_scheme`), remembered beside the
+    cache. NOTE: reading it parses the whole file's metadata (2.7 s for SmolLM2, its tokenizer included), which
+    every start-up with `--quantization auto` would otherwise pay again."""
+    from checkpoints_conv.gguf import open_reader
+    from checkpoints_conv.gguf_quant import REPACKABLE, native_scheme
+
+    known = (*REPACKABLE, "none")
+    marker = cache_dir() / "checkpoints" / f".{cache_key(src)}.scheme"
+    try:
+        scheme = marker.read_text().strip()
+    except OSError:
+        scheme = ""
+    if scheme not in known:  # not read yet (or a torn write): read the file
+        scheme = native_scheme(open_reader(src))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(scheme)
+    return scheme
 
 
 def resolve_engine_model(config) -> str:

@@ -295,6 +295,32 @@ def test_gguf_blocks_repack_to_exactly_what_gguf_dequantizes(tmp_path, monkeypat
         np.testing.assert_array_equal(np.asarray(dense[name]), np.asarray(want, np.float32), err_msg=name)
 
 
+def test_a_gguf_native_scheme_is_read_from_its_projections_once(tmp_path, monkeypatch):
+    """All Q8_0 projections: int8; all Q4_x: int4; one float projection: none. Read once per file, then
+    remembered beside the cache (a start-up must not parse the whole file again)."""
+    from checkpoints_conv import gguf as gguf_source
+    from jaxserve import model_registry
+
+    monkeypatch.setenv("JAXSERVE_CACHE", str(tmp_path / "cache"))
+    projections = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    cfg = conv_tiny_config()
+    cases = {"int8": {f"{n}.weight": Q.Q8_0 for n in projections},
+             "int4": {f"{n}.weight": (Q.Q4_0, Q.Q4_1)[i % 2] for i, n in enumerate(projections)},
+             "none": {**{f"{n}.weight": Q.Q4_1 for n in projections}, "ffn_up.weight": Q.F32}}
+    reads = []
+    real_open = gguf_source.open_reader
+    monkeypatch.setattr(gguf_source, "open_reader", lambda path: reads.append(path) or real_open(path))
+    for want, qtypes in cases.items():
+        path = tmp_path / f"{want}.gguf"
+        write_gguf(path, cfg, random_flat(cfg, seed=3), qtypes={**qtypes, "token_embd.weight": Q.Q8_0})
+        assert model_registry.native_gguf_scheme(path) == want
+        assert model_registry.native_gguf_scheme(path) == want
+        assert reads.count(path) == 1, want
+    marker = next((tmp_path / "cache" / "checkpoints").glob(".int8.gguf-*.scheme"))
+    marker.write_text("")  # a torn write reads the file again
+    assert model_registry.native_gguf_scheme(tmp_path / "int8.gguf") == "int8" and len(reads) == 4
+
+
 def test_gguf_float_tensors_quantize_when_they_cannot_be_repacked(tmp_path):
     cfg = conv_tiny_config()
     held = write_gguf(tmp_path / "m.gguf", cfg, random_flat(cfg, seed=9), qtypes={"ffn_up.weight": Q.Q4_1})

@@ -18,8 +18,9 @@ it has been scanned (every `check_every_tokens` tokens and at the end), and afte
 holds back the tail that could still grow into one of its hits (`hold_from`: a trailing run of the
 characters an e-mail, phone, SSN or card number is made of; the start of a blocked phrase), at most
 `holdback_chars` of it. So a hit is never half sent unless it is longer than that, and ordinary prose
-streams about one word behind the model. On a hit the choice either stops (`finish_reason: content_filter`, the text before the hit is kept) or, with the
-"redact" action, the hit is replaced by `[REDACTED]` and generation goes on.
+streams about one word behind the model. On a hit the choice either stops (`finish_reason: content_filter`,
+the text before the hit is kept) or, with the "redact" action, the hit is replaced by `[REDACTED]` and
+generation goes on.
 
 No JAX and no engine here; `GuardrailChain.from_config` builds the default chain.
 """

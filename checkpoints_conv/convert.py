@@ -1,4 +1,4 @@
-"""Converts a Hugging Face folder or a GGUF file into a jaxserve checkpoint (see `jaxserve.checkpoint`).
+"""Converts a Hugging Face folder or a GGUF file into a jaxserve checkpoint (see `jaxserve.model.checkpoint`).
 
 Tensors stream one at a time from the source (memory-mapped), through the source's conversion table, into
 stacked [L, ...] arrays preallocated in the output dtype, so peak memory is about the output plus one
@@ -23,10 +23,10 @@ import numpy as np
 from checkpoints_conv import gguf as gguf_source
 from checkpoints_conv import gguf_quant, hf_safetensors
 from checkpoints_conv.hf_safetensors import Loader, Table, Transform, linear
-from jaxserve import quantization as qz
-from jaxserve.checkpoint import STORED_DTYPES, save_checkpoint
 from jaxserve.config import ModelConfig
-from jaxserve.llama import ParamInfo, param_table
+from jaxserve.model import quantization as qz
+from jaxserve.model.checkpoint import STORED_DTYPES, save_checkpoint
+from jaxserve.model.llama import ParamInfo, param_table
 
 SOURCES: dict[str, ModuleType] = {"hf_safetensors": hf_safetensors, "gguf": gguf_source}
 
@@ -143,7 +143,7 @@ def write_tokenizer(kind: str, src: Path, dest: Path) -> None:
         for name in present:
             shutil.copy2(src / name, dest / name)
     else:
-        from jaxserve.tokenizer import Tokenizer
+        from jaxserve.text.tokenizer import Tokenizer
 
         Tokenizer.from_gguf(src).save(dest)
 

@@ -94,7 +94,7 @@ def open_reader(path: Path):
 
 
 def metadata(reader) -> dict:
-    """Every key/value except the tokenizer's (large arrays, read by `jaxserve.tokenizer`), decoded."""
+    """Every key/value except the tokenizer's (large arrays, read by `jaxserve.text.tokenizer`), decoded."""
     return {k: f.contents() for k, f in reader.fields.items()
             if not k.startswith(("tokenizer.", "GGUF."))}
 

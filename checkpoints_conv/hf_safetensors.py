@@ -1,7 +1,7 @@
 """Hugging Face safetensors → jaxserve weights, as one table.
 
 Each row of `HF_TABLE` maps a source-key regex (group 1, when present, is the layer index) to a flat
-parameter name of `jaxserve.llama.param_table` (None: the tensor is dropped) and a transform. A transform
+parameter name of `jaxserve.model.llama.param_table` (None: the tensor is dropped) and a transform. A transform
 gets the source tensor and the target shape (one layer's slice for "layers.*" names), checks the source
 shape, and returns the tensor in jaxserve's layout. Keys no row matches are refused.
 

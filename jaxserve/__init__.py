@@ -19,6 +19,6 @@ def __getattr__(name):
         from jaxserve.config import EngineConfig
         return EngineConfig
     if name == "SamplingParams":
-        from jaxserve.sampling_params import SamplingParams
+        from jaxserve.core.sampling_params import SamplingParams
         return SamplingParams
     raise AttributeError(f"module 'jaxserve' has no attribute {name!r}")

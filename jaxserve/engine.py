@@ -26,17 +26,17 @@ from typing import Sequence
 import numpy as np
 
 from jaxserve.config import EngineConfig
-from jaxserve.kv_cache_manager import KVCacheManager
+from jaxserve.core.kv_cache_manager import KVCacheManager
+from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
+from jaxserve.core.request import Request, RequestStatus
+from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
+from jaxserve.core.scheduler import Scheduler, SchedulerConfig
+from jaxserve.model.sampler import RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
-from jaxserve.model_runner import ModelRunner
-from jaxserve.output_processor import ChoiceText
-from jaxserve.outputs import RequestDelta, RequestStream, TokenLogprob
-from jaxserve.request import Request, RequestStatus
-from jaxserve.sampler import RowSampling
-from jaxserve.sampling_params import SamplingParams, SamplingParamsError
-from jaxserve.scheduler import Scheduler, SchedulerConfig
-from jaxserve.spec_decode import SpecDecoder
-from jaxserve.tokenizer import load_tokenizer
+from jaxserve.spec_decode.decoder import SpecDecoder
+from jaxserve.text.output_processor import ChoiceText
+from jaxserve.text.tokenizer import load_tokenizer
+from jaxserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LLMEngine:
     def _build_spec(self, config: EngineConfig) -> SpecDecoder:
         draft = None
         if config.spec_method == "draft":
-            from jaxserve.draft_proposer import DraftProposer  # NOTE: loads a second model; only when asked
+            from jaxserve.spec_decode.draft_proposer import DraftProposer  # NOTE: loads a second model; only when asked
 
             draft = DraftProposer(config, resolve_model(config.speculative_model), self.runner, self._row_sampling)
             if draft.vocab_size != self.runner.vocab_size:

@@ -6,11 +6,11 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from jaxserve.chat_template import render_chat
 from jaxserve.config import EngineConfig
+from jaxserve.core.outputs import CompletionOutput, RequestOutput
+from jaxserve.core.sampling_params import SamplingParams
 from jaxserve.engine import LLMEngine
-from jaxserve.outputs import CompletionOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.text.chat_template import render_chat
 
 
 class LLM:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from jaxserve.checkpoint import is_checkpoint
+from jaxserve.model.checkpoint import is_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ int8 storage keeps one float32 scale per (token, combined head): `scales [L, P, 
 multiplies the logits, the V scale the probabilities) so no dequantized copy of a page ever exists.
 
 `QuantizedKV` duck-types the two operations the XLA path and the dense reference use on a page array,
-`.shape` and `kv[layer, pages]` (gather, dequantized to float32), so `jaxserve.attention.paged_attention_xla`
-and `paged_attention_reference` run unchanged on an int8 cache.
+`.shape` and `kv[layer, pages]` (gather, dequantized to float32), so `jaxserve.model.attention.paged_attention_xla`
+and `reference.ragged_paged_attention_reference` run unchanged on an int8 cache.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def allocate_kv_pages(shape: tuple[int, ...], dtype) -> KVPages:
     return jnp.zeros(shape, dtype)
 
 
-def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Symmetric absmax over the last axis: x [..., H] -> (int8 [..., H], float32 scale [...])."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
@@ -75,7 +75,7 @@ def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
-def dequantize(kv_pages: KVPages) -> jax.Array:
+def dequantize_kv(kv_pages: KVPages) -> jax.Array:
     """The whole cache as float32 (tests and references only: it materialises everything)."""
     if isinstance(kv_pages, QuantizedKV):
         return kv_pages.values.astype(jnp.float32) * kv_pages.scales[..., None]
@@ -84,8 +84,8 @@ def dequantize(kv_pages: KVPages) -> jax.Array:
 
 def write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> KVPages:
-    """Scatters this step's k, v [T, K, H] into their slots of layer `layer` (drop-in for
-    `jaxserve.attention.write_kv`, which it matches for plain arrays), quantizing on write for int8.
+    """Scatters this step's k, v [T, K, H] into their slots of layer `layer`, K and V interleaved per head,
+    quantizing on write for int8.
 
     One fused XLA scatter per array; with the cache donated to the jitted step it updates in place.
     """
@@ -94,7 +94,7 @@ def write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array,
     page, offset = slot_mapping // page_size, slot_mapping % page_size
     kv = jnp.stack([k, v], axis=2).reshape(T, 2 * K, H)  # [T, 2K, H]
     if isinstance(kv_pages, QuantizedKV):
-        q, scale = quantize_int8(kv)  # [T, 2K, H], [T, 2K]
+        q, scale = quantize_kv(kv)  # [T, 2K, H], [T, 2K]
         return QuantizedKV(kv_pages.values.at[layer, page, offset].set(q),
                            kv_pages.scales.at[layer, page, offset].set(scale))
     return kv_pages.at[layer, page, offset].set(kv.astype(kv_pages.dtype))

@@ -4,7 +4,7 @@ Written with the generic Pallas API (`pl.pallas_call`, BlockSpecs, `lax.fori_loo
 the Pallas Triton backend on GPU and runs with `interpret=True` on CPU (correctness only there); it does
 not lower for TPU (Mosaic) as written. The
 weight is one layer's `Int8Weight` / `Int4Weight` with its out axes flattened to one O (the layout of
-`jaxserve/quantization.py`): int8 values [G, g, O] with scales [G, O]; int4 packed [G, g/2, O] (byte b of a
+`jaxserve/model/quantization.py`): int8 values [G, g, O] with scales [G, O]; int4 packed [G, g/2, O] (byte b of a
 group holds input b in its low nibble and input b + g/2 in its high one) with scales and mins [G, O].
 
 Design (grid = (M / block_m, O / block_n)):
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxserve.quantization import Int4Weight, Int8Weight, QuantizedWeight, dequantize
+from pallas_kernels.quantized_weights import Int4Weight, Int8Weight, QuantizedWeight, dequantize_weight
 from pallas_kernels.ragged_attention import triton_compiler_params
 
 MAX_BLOCK_K = 128  # stored rows per inner step by default (the largest power of two <= this dividing R)
@@ -191,6 +191,6 @@ def quantized_matmul_reference(x: jax.Array, w: QuantizedWeight, *, block_m: int
     launch parameters are accepted and ignored)."""
     del block_m, block_n, block_k, num_warps, num_stages, interpret
     q, _, _, _ = _arrays(w)
-    dense = dequantize(w, jnp.float32).reshape(-1, q.shape[-1])  # [I, O]
+    dense = dequantize_weight(w, jnp.float32).reshape(-1, q.shape[-1])  # [I, O]
     out = jnp.dot(x.astype(jnp.float32), dense, precision=jax.lax.Precision.HIGHEST)
     return out.astype(preferred_element_type or x.dtype)

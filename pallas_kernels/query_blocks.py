@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxserve.step_inputs import StepInputs
+from pallas_kernels.step_metadata import StepInputs
 
 
 @jax.tree_util.register_dataclass

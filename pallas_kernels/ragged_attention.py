@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxserve.step_inputs import StepInputs
 from pallas_kernels import online_softmax
 from pallas_kernels.kv_cache import KVPages, QuantizedKV
 from pallas_kernels.query_blocks import next_power_of_two, pack_query_blocks, pad_block_tables, unpack_query_blocks
 from pallas_kernels.reference import ragged_paged_attention_reference
+from pallas_kernels.step_metadata import StepInputs
 
 
 def ragged_attention_kernel(layer_ref,  # [1] int32

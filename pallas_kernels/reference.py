@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxserve.step_inputs import StepInputs
 from pallas_kernels.kv_cache import KVPages
+from pallas_kernels.step_metadata import StepInputs
 
 
 def ragged_paged_attention_reference(q: jax.Array, kv_pages: KVPages, layer: jax.Array, step: StepInputs, *,

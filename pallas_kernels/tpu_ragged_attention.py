@@ -29,12 +29,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxserve.step_inputs import StepInputs
 from pallas_kernels import online_softmax
 from pallas_kernels.kv_cache import KVPages
 from pallas_kernels.query_blocks import pack_query_blocks, pad_block_tables, unpack_query_blocks
 from pallas_kernels.ragged_attention import split_kv, validate
 from pallas_kernels.reference import ragged_paged_attention_reference
+from pallas_kernels.step_metadata import StepInputs
 
 LANES = 128
 

@@ -7,7 +7,7 @@
 On CPU only the XLA path is timed (Pallas kernels run there in interpret mode, for correctness only). The
 quantized matmul is timed by default on accelerators; on CPU only with --quantized-matmul, at a tiny size,
 with the kernel interpreted (its time shows that it runs, nothing more).
-See pallas_kernels/benchmark.py for what is counted.
+See jaxserve/bench/kernels.py for what is counted.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 
 import jax
 
-from pallas_kernels import benchmark
+from jaxserve.bench import kernels as benchmark
 
 
 def main() -> None:

@@ -30,14 +30,15 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # NOTE: import this checkout's packages, not whichever jaxserve is installed
 
-from jaxserve import llama, model_registry  # noqa: E402
-from jaxserve import quantization as qz  # noqa: E402
-from jaxserve.attention import paged_attention_xla  # noqa: E402
-from jaxserve.checkpoint import load_checkpoint  # noqa: E402
-from jaxserve.model_runner import resolve_dtype  # noqa: E402
-from jaxserve.scoring import Scorer  # noqa: E402
-from jaxserve.step_inputs import SeqChunk, build_step_inputs  # noqa: E402
-from jaxserve.tokenizer import load_tokenizer  # noqa: E402
+from jaxserve import model_registry  # noqa: E402
+from jaxserve.model import llama  # noqa: E402
+from jaxserve.model import quantization as qz  # noqa: E402
+from jaxserve.model.attention import paged_attention_xla  # noqa: E402
+from jaxserve.model.checkpoint import load_checkpoint  # noqa: E402
+from jaxserve.model.scoring import Scorer  # noqa: E402
+from jaxserve.model.step_inputs import SeqChunk, build_step_inputs  # noqa: E402
+from jaxserve.text.tokenizer import load_tokenizer  # noqa: E402
+from jaxserve.worker.model_runner import resolve_dtype  # noqa: E402
 
 PAGE = 16
 
@@ -45,7 +46,7 @@ PAGE = 16
 def copy_bandwidth(mib: int, iters: int = 10) -> float:
     """Bytes per second of a jitted read-and-write of `mib` MiB.
 
-    NOTE: like `pallas_kernels.benchmark.measure_copy_bandwidth`, but donating the buffer: without donation
+    NOTE: like `jaxserve.bench.kernels.measure_copy_bandwidth`, but donating the buffer: without donation
     every call writes a freshly allocated output, and on CPU first-touch page faults then dominate (measured:
     1.4 GB/s there against ~20 GB/s that a dense float32 decode step streams its weights at).
     """

@@ -8,7 +8,8 @@ extraction prompts (copy, extract, edit: the output repeats the context) and (b)
 greedy generation through `LLMEngine` at batch 1 (one request at a time) and batch 8 (8 requests at
 once): TPOT = (last token time - first token time) / (tokens - 1) per request, averaged; end-to-end
 latency; acceptance rate and mean accepted length. Each workload first runs once untimed so that every
-step shape it needs is compiled, then `--repeats` times per method, interleaved (medians reported). Greedy outputs are checked against method `none` ("same" column).
+step shape it needs is compiled, then `--repeats` times per method, interleaved (medians reported). Greedy
+outputs are checked against method `none` ("same" column).
 Prints a table and writes JSON (--out).
 """
 
@@ -73,7 +74,7 @@ def run_workload(engine: LLMEngine, prompts: list[str], batch: int, max_tokens: 
 
 
 def chat_prompts(engine: LLMEngine, texts: list[str]) -> list[str]:
-    from jaxserve.chat_template import render_chat
+    from jaxserve.text.chat_template import render_chat
 
     tok = engine.tokenizer
     return [render_chat(tok.chat_template, [{"role": "user", "content": t}], add_generation_prompt=True,

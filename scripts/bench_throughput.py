@@ -163,10 +163,12 @@ def format_table(r: dict) -> str:
         lines.append(f"continuous / static throughput: {r['continuous_over_static']:.2f}x")
     if "roofline" in r:
         f = r["roofline"]
-        lines += [f"single-stream TPOT {1e3 * f['tpot_batch1_s']:.1f} ms; bandwidth floor {1e3 * f['tpot_floor_s']:.1f} ms "
+        lines += [f"single-stream TPOT {1e3 * f['tpot_batch1_s']:.1f} ms; "
+                  f"bandwidth floor {1e3 * f['tpot_floor_s']:.1f} ms "
                   f"({f['weight_bytes'] / 2**20:.0f} MiB weights at {f['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s): "
                   f"{100 * f['floor_over_tpot_batch1']:.0f}% of the floor",
-                  f"batch-{s['max_num_seqs']} decode {f['decode_tokens_per_s_at_max_batch']:.0f} tok/s; matmul roofline "
+                  f"batch-{s['max_num_seqs']} decode {f['decode_tokens_per_s_at_max_batch']:.0f} tok/s; "
+                  "matmul roofline "
                   f"{f['matmul_roofline_tokens_per_s']:.0f} tok/s ({f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s): "
                   f"{100 * f['fraction_of_matmul_roofline']:.0f}%"]
     return "\n".join(lines)

@@ -45,13 +45,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import numpy as np
 
-from jaxserve import llama
-from jaxserve.checkpoint import save_checkpoint
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.core.sampling_params import SamplingParams
+from jaxserve.model import llama
+from jaxserve.model.checkpoint import save_checkpoint
+from jaxserve.model.sampler import RowSampling
 from jaxserve.model_registry import resolve_model
-from jaxserve.model_runner import ModelRunner
-from jaxserve.sampler import RowSampling
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.worker.model_runner import ModelRunner
 
 RANDOM_MODEL = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                            num_kv_heads=4, head_dim=64, max_position_embeddings=2048)

@@ -6,7 +6,7 @@
 
 The throughput is the best run of a bench_serving.py JSON (highest output tok/s, or --run LABEL), or
 stated with --output-tokens-per-s / --input-tokens-per-s. The traffic profile's tokens per request
-default to the benchmark's means. See jaxserve/bench/cost.py for the model (input weight, utilization).
+default to the benchmark's means. See jaxserve/server/cost.py for the model (input weight, utilization).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 # NOTE: import the checkout this script lives in, even where another one is installed in the environment.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxserve.bench import cost  # noqa: E402
+from jaxserve.server import cost  # noqa: E402
 
 
 def bench_run(path: str, label: str | None) -> dict:

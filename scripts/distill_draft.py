@@ -25,11 +25,11 @@ import numpy as np
 import optax
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.checkpoint import load_checkpoint
-from jaxserve.draft_init import save_draft, truncated_weights
-from jaxserve.llama import forward, kv_cache_shape, weights_from_flat, weights_to_flat
+from jaxserve.model.checkpoint import load_checkpoint
+from jaxserve.model.llama import forward, kv_cache_shape, weights_from_flat, weights_to_flat
+from jaxserve.model.step_inputs import SeqChunk, build_step_inputs
 from jaxserve.model_registry import resolve_model
-from jaxserve.step_inputs import SeqChunk, build_step_inputs
+from jaxserve.spec_decode.draft_init import save_draft, truncated_weights
 
 TOPICS = ["the history of Rome", "how rainbows form", "a recipe for pancakes", "the rules of chess",
           "why the sky is blue", "how to learn Python", "the life of bees", "the water cycle", "black holes",

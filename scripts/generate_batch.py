@@ -22,9 +22,9 @@ from pathlib import Path
 # NOTE: import the checkout this script lives in, even where another one is installed in the environment.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxserve.bench.batch import run_batch  # noqa: E402
 from jaxserve.config import EngineConfig  # noqa: E402
 from jaxserve.server.__main__ import add_engine_flags  # noqa: E402
+from jaxserve.server.batch import run_batch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

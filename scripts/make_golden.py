@@ -16,8 +16,8 @@ Then, from the repository root:
 
     /tmp/golden-venv/bin/python scripts/make_golden.py [--gguf PATH] [--out tests/data/golden_smollm2.json]
 
-It takes about 1.5 minutes on one CPU core (half of it loading and dequantizing the GGUF). No model hub is contacted: tokenizer, config and weights all come
-from the GGUF file.
+It takes about 1.5 minutes on one CPU core (half of it loading and dequantizing the GGUF). No model hub is
+contacted: tokenizer, config and weights all come from the GGUF file.
 """
 
 import argparse
@@ -216,7 +216,8 @@ def main():
             top_logprobs=top,
         )
         records.append(rec)
-        print(f"{pname:22s} {len(prompt_ids):4d} prompt tokens  min gap {gaps[pname]:.4f}  {tokenizer.decode(ids[:8])!r}")
+        head = tokenizer.decode(ids[:8])
+        print(f"{pname:22s} {len(prompt_ids):4d} prompt tokens  min gap {gaps[pname]:.4f}  {head!r}")
 
     # Sanity check once: the KV-cached loop must agree with full recompute.
     first = records[0]

@@ -154,7 +154,7 @@ def load_jsonl(path: str | Path, count: TokenCounter, *, num_prompts: int | None
 def local_counter(model: str) -> TokenCounter:
     """Counts with the model's tokenizer (a jaxserve model name, checkpoint folder, HF folder or GGUF path)."""
     from jaxserve.model_registry import resolve_model
-    from jaxserve.tokenizer import load_tokenizer
+    from jaxserve.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve_model(model))
     return lambda text: len(tok.encode(text, add_special_tokens=False))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.bench import roofline
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.core.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,9 @@ def format_comparison(reports: dict[str, dict]) -> str:
     for name, report in reports.items():
         for r in report["rows"]:
             ratio = r["tpot_s"] / base_tpot[(r["batch_size"], r["prompt_len"])]
-            lines.append(f"{name:<13}{report['weight_bytes'] / 2**20:>12.1f}{r['batch_size']:>6}{r['prompt_len']:>7} | "
-                         f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>8.2f}{100 * r['tpot_frac_of_floor']:>7.1f}% "
+            mib = report['weight_bytes'] / 2**20
+            lines.append(f"{name:<13}{mib:>12.1f}{r['batch_size']:>6}{r['prompt_len']:>7} | "
+                         f"{1e3 * r['tpot_s']:>8.2f}{1e3 * r['tpot_floor_s']:>8.2f}"
+                         f"{100 * r['tpot_frac_of_floor']:>7.1f}% "
                          f"{r['tpot_bound']:<8}| {r['decode_tok_s']:>12.1f} | {ratio:.2f}x")
     return "\n".join(lines)

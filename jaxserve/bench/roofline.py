@@ -6,12 +6,12 @@ A step can be no faster than the larger of
   * FLOPs / matmul rate: 2 FLOPs per weight per token for the matmuls, plus attention's
     4 * L * N * H FLOPs per (query token, attended token) pair (QK^T and PV).
 Both rates are measured here with small jitted probes, not taken from a datasheet: the bandwidth is the
-better of `pallas_kernels.benchmark.measure_copy_bandwidth` (a jitted `x + 1`, read and write) and a
+better of `jaxserve.bench.kernels.measure_copy_bandwidth` (a jitted `x + 1`, read and write) and a
 jitted sum (reads only; on a CPU the copy probe pays for touching a fresh output buffer every call), the
 matmul rate the best of jitted products in the engine's dtype: two squares and the model's own
 [max tokens per step, D] @ [D, F] MLP matmul. A fraction
-above 1 means the probes missed this machine's peak (or the load on a shared machine changed). So "fraction of the floor" says how close
-the engine gets to what this machine's XLA can do, not to the chip's marketing numbers.
+above 1 means the probes missed this machine's peak (or the load on a shared machine changed). So "fraction of
+the floor" says how close the engine gets to what this machine's XLA can do, not to the chip's marketing numbers.
 
 Decode (TPOT): a step of B sequences with contexts c_b reads the weights and sum(c_b) KV tokens and does
 2 * P_matmul * B + 4 L N H sum(c_b) FLOPs. Prefill (TTFT) of B prompts of T tokens: weights once,
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.bench.kernels import measure_copy_bandwidth
 from jaxserve.config import ModelConfig
-from pallas_kernels.benchmark import measure_copy_bandwidth
 
 
 def _best_seconds(fn, args, iters: int) -> float:
@@ -62,7 +62,7 @@ class Machine:
     bandwidth: float  # bytes/s: the larger of the read and the copy probe
     flops: float  # FLOP/s
     device: str
-    copy_bandwidth: float = 0.0  # pallas_kernels.benchmark's probe (allocates its output every call)
+    copy_bandwidth: float = 0.0  # jaxserve.bench.kernels's probe (allocates its output every call)
     read_bandwidth: float = 0.0
 
     @classmethod

@@ -251,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger.info("config: %s", _describe(engine_cfg, serving))
     if engine_cfg.distributed:
-        from jaxserve import distributed  # imports JAX, only for multi-host runs
+        from jaxserve.worker import distributed  # imports JAX, only for multi-host runs
 
         distributed.initialize(engine_cfg)
         if not distributed.is_leader():  # followers run the leader's steps; only process 0 serves HTTP
-            return distributed.run_follower(engine_cfg)
+            from jaxserve.follower import run_follower
+
+            return run_follower(engine_cfg)
     rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port, args.access_log))
     if any(t.name == _BUILDER and t.is_alive() for t in threading.enumerate()):
         # NOTE: stopped during warm-up. Interpreter shutdown under a thread that is inside an XLA compile

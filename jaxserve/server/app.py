@@ -30,7 +30,6 @@ from typing import Any
 from aiohttp import web
 
 import jaxserve
-from jaxserve.chat_template import render_chat
 from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
@@ -38,6 +37,7 @@ from jaxserve.server.limits import Limits, RateLimiter
 from jaxserve.server.metrics import EngineCollector, ServerMetrics, cost_gauges
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
+from jaxserve.text.chat_template import render_chat
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ServingConfig:
     rate_limit_overrides: tuple[tuple[str, Limits], ...] = ()
     guardrails: GuardrailConfig = GuardrailConfig()
     max_model_len_hint: int = 8192  # for the token-length histogram buckets, before the engine exists
-    accelerator_price_per_hour: float = 0.0  # > 0: cost gauges in /metrics (jaxserve/bench/cost.py)
+    accelerator_price_per_hour: float = 0.0  # > 0: cost gauges in /metrics (jaxserve/server/cost.py)
     accelerator_utilization: float = 1.0  # the average busy fraction the cost gauges assume
 
     def __post_init__(self):

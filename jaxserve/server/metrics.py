@@ -210,7 +210,7 @@ def _counter_total(counter: Counter) -> float:
 
 def cost_gauges(metrics: ServerMetrics, engine: Any, price_per_hour: float, utilization: float,
                 uptime: float) -> dict[str, float]:
-    """The serving arithmetic of `jaxserve.bench.cost` on this server's own throughput, as gauges.
+    """The serving arithmetic of `jaxserve.server.cost` on this server's own throughput, as gauges.
 
     Throughput is prompt and generated tokens over the seconds the engine spent in steps (its busy time),
     so the figures are what a token costs at the load seen so far; every token weighs the same
@@ -218,7 +218,7 @@ def cost_gauges(metrics: ServerMetrics, engine: Any, price_per_hour: float, util
     """
     if price_per_hour <= 0:
         return {}
-    from jaxserve.bench.cost import Accelerator, unit_costs
+    from jaxserve.server.cost import Accelerator, unit_costs
 
     out = {"accelerator_price_per_hour": price_per_hour, "accelerator_utilization": utilization}
     busy = float(_read(engine, "stats.step_seconds") or 0.0)

@@ -16,10 +16,10 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
-from jaxserve.chat_template import render_chat
-from jaxserve.outputs import TokenLogprob
-from jaxserve.sampling_params import SamplingParams, SamplingParamsError
+from jaxserve.core.outputs import TokenLogprob
+from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import bad_request, context_too_long
+from jaxserve.text.chat_template import render_chat
 
 MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -256,7 +256,7 @@ def parse_chat(body: Any) -> GenerationRequest:
 def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
     """(texts, token ids) of the request's prompts; chat messages are rendered with the model's template.
 
-    Shared by the server and the offline batch (`jaxserve.bench.batch`); a template error is a 400.
+    Shared by the server and the offline batch (`jaxserve.server.batch`); a template error is a 400.
     """
     tok = tokenizer
     if req.kind == "chat":

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from jaxserve.outputs import RequestDelta, TokenLogprob
-from jaxserve.sampling_params import SamplingParamsError
+from jaxserve.core.outputs import RequestDelta, TokenLogprob
+from jaxserve.core.sampling_params import SamplingParamsError
 from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import Finding, OutputMonitor

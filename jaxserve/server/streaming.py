@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from aiohttp import web
 
-from jaxserve.outputs import RequestDelta
+from jaxserve.core.outputs import RequestDelta
 from jaxserve.server.errors import APIError
 
 

@@ -1,0 +1,82 @@
+"""Paged attention behind one small interface, and the XLA implementation that is the CPU default.
+
+An attention function has the signature
+
+    attention(q [T, N, H], kv_pages [L, P, page_size, 2K, H], layer, step: StepInputs, *, scale) -> [T, N, H]
+
+and must have seen this step's K/V written by `pallas_kernels.kv_cache.write_kv` first (a token attends to
+itself). Pallas kernels (`pallas_kernels/`) implement the same signature; `pallas_kernels.reference` is the dense
+float32 reference every implementation is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model.step_inputs import StepInputs
+
+
+class AttentionFn(Protocol):
+    def __call__(self, q: jax.Array, kv_pages: jax.Array, layer: jax.Array, step: StepInputs, *,
+                 scale: float) -> jax.Array: ...
+
+
+def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, step: StepInputs, *,
+                        scale: float) -> jax.Array:
+    """Ragged paged attention in plain XLA: online softmax over KV chunks of `kv_block_pages` pages.
+
+    Queries are grouped into blocks of Qb tokens of one sequence each, so K/V are gathered once per block,
+    not once per token. The loop runs only as many KV chunks as the longest sequence in the step needs.
+    """
+    T, N, H = q.shape
+    _, _, page_size, two_k, _ = kv_pages.shape
+    K = two_k // 2
+    G = N // K
+    Qb, Bk = step.query_block, step.kv_block_pages
+    C = Bk * page_size  # KV tokens per chunk
+
+    offsets = jnp.arange(Qb, dtype=jnp.int32)
+    q_valid = offsets[None, :] < step.qblock_lens[:, None]  # [NB, Qb]
+    tok = jnp.where(q_valid, step.qblock_starts[:, None] + offsets[None, :], 0)  # [NB, Qb]
+    NB = tok.shape[0]
+    qb = q[tok].reshape(NB, Qb, K, G, H)
+    q_pos = step.positions[tok]  # [NB, Qb]
+    tables = step.block_tables[step.qblock_rows]  # [NB, P_max]
+    kv_lens = step.kv_lens[step.qblock_rows]  # [NB]
+    num_chunks = (jnp.max(step.kv_lens) + C - 1) // C
+
+    def chunk(j, carry):
+        m, l, acc = carry  # [NB, K, G, Qb], [NB, K, G, Qb], [NB, K, G, Qb, H]
+        pages = jax.lax.dynamic_slice_in_dim(tables, j * Bk, Bk, axis=1)  # [NB, Bk]
+        kv = kv_pages[layer, pages].reshape(NB, C, K, 2, H)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [NB, C, K, H]
+        kv_pos = j * C + jnp.arange(C, dtype=jnp.int32)
+        # NOTE: zero V past the sequence's end: a page it does not own may hold anything (even NaN), and
+        # a zero softmax weight times NaN is still NaN. Pages are a boundary between users.
+        v = jnp.where((kv_pos[None, :] < kv_lens[:, None])[:, :, None, None], v, 0)
+        s = jnp.einsum("BQKGH,BCKH->BKGQC", qb, k, preferred_element_type=jnp.float32) * scale
+        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]  # [NB, Qb, C]
+        mask = mask[:, None, None]  # [NB, 1, 1, Qb, C]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("BKGQC,BCKH->BKGQH", p, v.astype(jnp.float32))
+        return m_new, l, acc
+
+    # NOTE: m starts at a large finite negative so fully masked rows give exp(0) * 0, never inf - inf.
+    m0 = jnp.full((NB, K, G, Qb), -1e30, jnp.float32)
+    l0 = jnp.zeros((NB, K, G, Qb), jnp.float32)
+    acc0 = jnp.zeros((NB, K, G, Qb, H), jnp.float32)
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, chunk, (m0, l0, acc0))
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(NB * Qb, N, H)  # [NB*Qb, N, H]
+    # Padding query slots scatter to index T, which mode="drop" discards.
+    dest = jnp.where(q_valid, tok, T).reshape(-1)
+    return jnp.zeros((T, N, H), q.dtype).at[dest].set(out.astype(q.dtype), mode="drop")
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}

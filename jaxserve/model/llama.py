@@ -1,0 +1,261 @@
+"""A Llama-family decoder as pure functions over a parameter pytree.
+
+RMSNorm, RoPE (HF "rotate half" layout, optional Llama-3 / linear scaling), GQA, SwiGLU, tied or untied
+embeddings, optional Qwen2 qkv biases. The layers are stacked on a leading L axis and run under
+`lax.scan`, so compile time does not grow with depth. The KV cache is paged and threaded through the
+step: `forward(...)` takes the page array and returns the updated one (jit it with donation).
+
+Shapes use the alphabet of `jaxserve.config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.attention import AttentionFn
+from jaxserve.model.quantization import embedding_lookup, qdot, tied_head
+from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
+from pallas_kernels.kv_cache import write_kv
+
+if TYPE_CHECKING:
+    from jaxserve.model.sharding import ShardingPlan
+
+MatmulFn = Callable[..., jax.Array]  # qdot's signature: (spec, x, w, **einsum_kwargs) -> y
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerWeights:
+    """Every field carries a leading L axis (layers are stacked for `lax.scan`)."""
+
+    attn_norm: jax.Array  # [L, D]
+    wq: jax.Array  # [L, D, N, H]
+    wk: jax.Array  # [L, D, K, H]
+    wv: jax.Array  # [L, D, K, H]
+    wo: jax.Array  # [L, N, H, D]
+    mlp_norm: jax.Array  # [L, D]
+    w_gate: jax.Array  # [L, D, F]
+    w_up: jax.Array  # [L, D, F]
+    w_down: jax.Array  # [L, F, D]
+    bq: jax.Array | None = None  # [L, N, H]  (Qwen2)
+    bk: jax.Array | None = None  # [L, K, H]
+    bv: jax.Array | None = None  # [L, K, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LlamaWeights:
+    embed: jax.Array  # [V, D]
+    layers: LayerWeights
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One weight, described once: its shape and the logical name of each axis (for sharding)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    norm: bool = False  # RMSNorm scales initialise to one and never get quantized
+    contract: int = 0  # the `in` axes a matmul contracts (after "layers", if stacked); > 0: quantizable
+
+
+def param_table(cfg: ModelConfig) -> dict[str, ParamInfo]:
+    """Flat names ("layers.wq", "embed", ...) to their description. The single source of truth for shapes."""
+    L, D, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    table = {
+        "embed": ParamInfo((V, D), ("vocab", "embed")),
+        "final_norm": ParamInfo((D,), (None,), norm=True),
+        "layers.attn_norm": ParamInfo((L, D), ("layers", None), norm=True),
+        "layers.wq": ParamInfo((L, D, N, H), ("layers", "embed", "heads", None), contract=1),
+        "layers.wk": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        "layers.wv": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        "layers.wo": ParamInfo((L, N, H, D), ("layers", "heads", None, "embed"), contract=2),
+        "layers.mlp_norm": ParamInfo((L, D), ("layers", None), norm=True),
+        "layers.w_gate": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        "layers.w_up": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        "layers.w_down": ParamInfo((L, F, D), ("layers", "ffw", "embed"), contract=1),
+    }
+    if cfg.attention_bias:
+        table["layers.bq"] = ParamInfo((L, N, H), ("layers", "heads", None))
+        table["layers.bk"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
+        table["layers.bv"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
+    if not cfg.tie_word_embeddings:
+        table["lm_head"] = ParamInfo((D, V), ("embed", "vocab"), contract=1)
+    return table
+
+
+def weights_from_flat(flat: dict[str, jax.Array]) -> LlamaWeights:
+    """Builds the pytree from flat names; the inverse of `weights_to_flat`."""
+    layer_fields = {f.name for f in dataclasses.fields(LayerWeights)}
+    layers = LayerWeights(**{k.split(".", 1)[1]: v for k, v in flat.items()
+                             if k.startswith("layers.") and k.split(".", 1)[1] in layer_fields})
+    return LlamaWeights(embed=flat["embed"], layers=layers, final_norm=flat["final_norm"],
+                        lm_head=flat.get("lm_head"))
+
+
+def weights_to_flat(weights: LlamaWeights) -> dict[str, jax.Array]:
+    flat = {"embed": weights.embed, "final_norm": weights.final_norm}
+    if weights.lm_head is not None:
+        flat["lm_head"] = weights.lm_head
+    for f in dataclasses.fields(LayerWeights):
+        value = getattr(weights.layers, f.name)
+        if value is not None:
+            flat[f"layers.{f.name}"] = value
+    return flat
+
+
+def abstract_weights(cfg: ModelConfig, dtype, shardings: dict | None = None) -> LlamaWeights:
+    """ShapeDtypeStructs for every weight (for orbax restore and AOT lowering), optionally with shardings."""
+    return weights_from_flat({
+        name: jax.ShapeDtypeStruct(info.shape, dtype, sharding=(shardings or {}).get(name))
+        for name, info in param_table(cfg).items()})
+
+
+def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.05) -> LlamaWeights:
+    """Random weights for unit tests (tiny configs); norms start at one, perturbed so they matter."""
+    table = param_table(cfg)
+    keys = jax.random.split(key, len(table))
+    flat = {}
+    for k, (name, info) in zip(keys, sorted(table.items())):
+        noise = jax.random.normal(k, info.shape, jnp.float32)
+        flat[name] = (1.0 + 0.1 * noise if info.norm else scale * noise).astype(dtype)
+    return weights_from_flat(flat)
+
+
+# ---------------------------------------------------------------------------------------------- math
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # NOTE: like HF, normalise in float32 and cast back before scaling by the weight.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2], with the config's scaling applied (computed on the host, once)."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    s = cfg.rope_scaling
+    if s.kind == "linear":
+        inv_freq = inv_freq / s.factor
+    elif s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [T, heads, H]; positions: [T]. HF layout: the first and second halves of H form the pairs."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, H/2]
+    cos = jnp.cos(angles).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(angles).astype(x.dtype)[:, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: ModelConfig,
+            attention: AttentionFn, plan: ShardingPlan | None = None,
+            matmul: MatmulFn = qdot) -> tuple[jax.Array, jax.Array]:
+    """One model step over a flat batch of tokens from many sequences.
+
+    Args:
+      weights: the parameter pytree.
+      kv_pages: [L, P, page_size, 2K, H], K and V interleaved per KV head.
+      step: token ids, positions, KV slots and block tables (see `StepInputs`).
+      attention: the paged-attention implementation (`jaxserve.model.attention.ATTENTION_BACKENDS`).
+      plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
+        `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
+      matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA) or `quantization.qdot_pallas` (the Pallas
+        dequantize-in-the-matmul kernel for quantized weights, `--quantized-matmul pallas`).
+    Returns:
+      (logits [M, V] float32 at `step.logits_indices`, updated kv_pages).
+    """
+    dtype = weights.final_norm.dtype  # NOTE: norms stay in the model dtype; other weights may be quantized
+    inv_freq = rope_inv_freq(cfg)
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    # NOTE: the only tensor-parallel lines: sharding constraints by logical axis (see jaxserve.model.sharding).
+    shard = (lambda a, axes: a) if plan is None else plan.constrain
+    x = shard(embedding_lookup(weights.embed, step.token_ids, dtype), ("batch", "embed"))  # [T, D]
+
+    def layer(carry, layer_in):
+        x, kv_pages = carry
+        w, layer_idx = layer_in
+        with jax.named_scope("attention"):
+            h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
+            q = matmul("TD,DNH->TNH", h, w.wq)
+            k = matmul("TD,DKH->TKH", h, w.wk)
+            v = matmul("TD,DKH->TKH", h, w.wv)
+            if w.bq is not None:
+                q, k, v = q + w.bq, k + w.bk, v + w.bv
+            q = shard(q, ("batch", "heads", None))
+            k, v = (shard(a, ("batch", "kv_heads", None)) for a in (k, v))
+            q = apply_rope(q, step.positions, inv_freq)
+            k = apply_rope(k, step.positions, inv_freq)
+            kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
+            attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
+            attn = shard(attn, ("batch", "heads", None))
+            x = shard(x + matmul("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
+            gate = matmul("TD,DF->TF", h, w.w_gate)
+            up = matmul("TD,DF->TF", h, w.w_up)
+            act = shard(jax.nn.silu(gate) * up, ("batch", "ffw"))
+            x = shard(x + matmul("TF,FD->TD", act, w.w_down), ("batch", "embed"))
+        return (x, kv_pages), None
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, kv_pages), _ = jax.lax.scan(layer, (x, kv_pages), (weights.layers, layer_ids))
+    with jax.named_scope("lm_head"):
+        h = rms_norm(x[step.logits_indices], weights.final_norm, cfg.rms_norm_eps)  # [M, D]
+        head = tied_head(weights.embed) if weights.lm_head is None else weights.lm_head
+        logits = matmul("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
+    return shard(logits, ("batch", "vocab")), kv_pages
+
+
+def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+
+
+def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype) -> int:
+    """Bytes of one page over all layers; int8 pages add a float32 scale per token and combined head."""
+    values = int(np.prod(kv_cache_shape(cfg, 1, page_size)))
+    if jnp.dtype(dtype) == jnp.int8:
+        return values + values // cfg.head_dim * 4
+    return values * jnp.dtype(dtype).itemsize
+
+
+def sequence_logits(weights: LlamaWeights, cfg: ModelConfig, token_ids: list[int], *,
+                    attention: AttentionFn | None = None, page_size: int = 16,
+                    matmul: MatmulFn = qdot) -> jax.Array:
+    """Logits [T, V] at every position of one sequence, through the paged path (scoring and tests)."""
+    from jaxserve.model.attention import paged_attention_xla
+
+    num_pages = -(-len(token_ids) // page_size)
+    step = build_step_inputs([SeqChunk(token_ids, 0, list(range(1, num_pages + 1)))], num_tokens=len(token_ids),
+                             num_rows=1, page_size=page_size, max_pages_per_seq=num_pages, all_logits=True)
+    kv = jnp.zeros(kv_cache_shape(cfg, num_pages + 1, page_size), weights.final_norm.dtype)
+    fn = jax.jit(forward, static_argnames=("cfg", "attention", "matmul"))
+    logits, _ = fn(weights, kv, jax.tree.map(jnp.asarray, step), cfg, attention or paged_attention_xla,
+                   matmul=matmul)
+    return logits
+
+
+ForwardFn = Callable[..., tuple[jax.Array, jax.Array]]

@@ -1,0 +1,147 @@
+"""Per-step device inputs: one registered pytree, built on the host from plain per-sequence chunks.
+
+A step is a flat batch of T query tokens drawn from R sequences (decode rows contribute one token,
+prefill chunks many). Both axes are padded up to buckets so only a fixed set of shapes is compiled.
+Padding tokens write their K/V into the null page 0 and their outputs are ignored; padding rows have
+`kv_lens == 0` and a block table of null pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from pallas_kernels.step_metadata import StepInputs
+
+# Query tokens per query block in the XLA attention path when a step carries prefill chunks; decode-only
+# steps use blocks of one token (see `query_block_for`).
+PREFILL_QUERY_BLOCK = 16
+
+
+@dataclasses.dataclass
+class SeqChunk:
+    """What one sequence contributes to a step (host side)."""
+
+    token_ids: Sequence[int]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
+    block_table: Sequence[int]  # page ids covering at least start_pos + len(token_ids) tokens
+    num_spec: int = 0  # the last num_spec tokens are speculative proposals to verify
+
+
+def query_block_for(num_tokens: int, num_rows: int) -> int:
+    """Blocks of one query for decode-shaped steps, larger blocks when prefill chunks dominate."""
+    return 1 if num_tokens <= num_rows else PREFILL_QUERY_BLOCK
+
+
+def num_query_blocks(num_tokens: int, num_rows: int, query_block: int) -> int:
+    # Each row wastes at most one partly filled block.
+    return num_tokens if query_block == 1 else -(-num_tokens // query_block) + num_rows
+
+
+def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: int, page_size: int,
+                      max_pages_per_seq: int, kv_block_pages: int = 8, all_logits: bool = False,
+                      logits_per_row: int = 1) -> StepInputs:
+    """Packs chunks into padded numpy arrays of T = num_tokens and R = num_rows (bucket sizes).
+
+    With `all_logits`, logits come back for every token slot (M = T, for scoring). Otherwise each row gets
+    `logits_per_row` = L (M = R * L, row-major): entry j of a row is the logit at its token
+    `n - 1 - num_spec + j`, clamped to its last token. So with L = 1 it is the row's last token, and a
+    speculative row's first 1 + num_spec entries score its last known token and each of its proposals.
+    """
+    total = sum(len(c.token_ids) for c in chunks)
+    if total > num_tokens or len(chunks) > num_rows:
+        raise ValueError(f"step of {total} tokens / {len(chunks)} rows exceeds bucket {num_tokens} / {num_rows}")
+    p_max = -(-max_pages_per_seq // kv_block_pages) * kv_block_pages
+    qb = query_block_for(num_tokens, num_rows)
+    nb = num_query_blocks(num_tokens, num_rows, qb)
+
+    token_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.zeros(num_tokens, np.int32)
+    block_tables = np.zeros((num_rows, p_max), np.int32)
+    kv_lens = np.zeros(num_rows, np.int32)
+    query_starts = np.zeros(num_rows + 1, np.int32)
+    logits_indices = np.zeros((num_rows, logits_per_row), np.int32)
+    qblock_rows = np.zeros(nb, np.int32)
+    qblock_starts = np.zeros(nb, np.int32)
+    qblock_lens = np.zeros(nb, np.int32)
+
+    t = b = 0
+    for r, c in enumerate(chunks):
+        n = len(c.token_ids)
+        end = c.start_pos + n
+        if len(c.block_table) * page_size < end or len(c.block_table) > p_max:
+            raise ValueError(f"row {r}: block table of {len(c.block_table)} pages cannot hold {end} tokens")
+        table = np.asarray(c.block_table, np.int32)
+        pos = np.arange(c.start_pos, end, dtype=np.int32)
+        token_ids[t:t + n] = c.token_ids
+        positions[t:t + n] = pos
+        slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
+        block_tables[r, :len(table)] = table
+        kv_lens[r] = end
+        num_spec = getattr(c, "num_spec", 0)
+        if num_spec >= min(n, logits_per_row):
+            raise ValueError(f"row {r}: {num_spec} proposals need more than {n} tokens or {logits_per_row} logits")
+        logits_indices[r] = np.minimum(t + n - 1 - num_spec + np.arange(logits_per_row), t + n - 1)
+        for s in range(0, n, qb):
+            qblock_rows[b], qblock_starts[b], qblock_lens[b] = r, t + s, min(qb, n - s)
+            b += 1
+        t += n
+        query_starts[r + 1] = t
+    query_starts[len(chunks) + 1:] = t
+    logits_indices = logits_indices.reshape(-1)
+    if all_logits:
+        logits_indices = np.arange(num_tokens, dtype=np.int32)
+    return StepInputs(token_ids, positions, slot_mapping, block_tables, kv_lens, query_starts, logits_indices,
+                      qblock_rows, qblock_starts, qblock_lens, query_block=qb, kv_block_pages=kv_block_pages)
+
+
+def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
+    sizes, n = [], start
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBuckets:
+    """The fixed set of (T, R) step shapes: all compiled at warm-up, nothing else ever.
+
+    Decode-shaped steps (one token per row) use T == R in powers of two up to max_num_seqs. Any step
+    with a longer chunk pads R to max_num_seqs (rows are cheap) and T to a power of two, which keeps
+    the set small: about log2(max_num_seqs) + log2(max_num_batched_tokens) shapes.
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    tokens_per_row: int = 1  # L > 1 (speculative decoding): also R rows of up to L tokens, (R * L, R)
+
+    @property
+    def decode_rows(self) -> list[int]:
+        return _powers_of_two_up_to(self.max_num_seqs)
+
+    @property
+    def mixed_tokens(self) -> list[int]:
+        start = 1 << self.max_num_seqs.bit_length()  # the smallest power of two above max_num_seqs
+        if start >= self.max_num_batched_tokens:
+            return [self.max_num_batched_tokens]
+        return _powers_of_two_up_to(self.max_num_batched_tokens, start)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        mixed = [(t, self.max_num_seqs) for t in self.mixed_tokens if t > self.max_num_seqs]
+        # NOTE: verify-shaped steps (each row its last token + K proposals) keep R small; padded to the mixed
+        # shapes instead, a single stream would compute max_num_seqs * L rows of logits every step.
+        verify = [(r * self.tokens_per_row, r) for r in self.decode_rows
+                  if self.tokens_per_row > 1 and r * self.tokens_per_row <= self.max_num_batched_tokens]
+        shapes = [(r, r) for r in self.decode_rows] + mixed
+        return shapes + [s for s in verify if s not in shapes]
+
+    def choose(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
+        """The smallest compiled shape that holds the step."""
+        for t, r in sorted(self.shapes()):
+            if t >= num_tokens and r >= num_rows:
+                return t, r
+        raise ValueError(f"step of {num_tokens} tokens / {num_rows} rows exceeds the configured limits")

@@ -1,0 +1,284 @@
+"""The model runner: owns the weights and the KV pages on the device, runs one jitted step per call.
+
+It turns a `SchedulerOutput` (plain host data) into a bucketed `StepInputs` plus `SamplingMetadata`,
+runs forward + sample as one compiled program with the KV pages donated (updated in place), and
+returns a `ModelRunnerOutput` of host numpy arrays. Every bucket is compiled in `warmup()`.
+
+Under tensor / data parallelism (`jaxserve.model.sharding`) the weights are restored straight into their
+shardings, the KV pages are created sharded over KV heads, and the step is jitted with explicit in/out
+shardings: host inputs in replicated, sampled tokens out replicated. With several processes
+(`jaxserve.worker.distributed`) process 0 broadcasts each step's inputs and the others run the same step.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.model import llama, quantization, sharding
+from jaxserve.model.attention import ATTENTION_BACKENDS
+from jaxserve.model.checkpoint import load_checkpoint, read_config
+from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
+from jaxserve.model.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
+from jaxserve.model.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
+from jaxserve.worker import distributed
+from pallas_kernels import kv_cache
+
+logger = logging.getLogger(__name__)
+
+NUM_LOGPROBS = 20  # top-n alternatives computed for every row; rows that asked for fewer are cut on the host
+
+
+@dataclasses.dataclass
+class ModelRunnerOutput:
+    """Per scheduled chunk with `sample=True`, in chunk order (host numpy arrays)."""
+
+    request_ids: list[str]
+    token_ids: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32, log-prob of the chosen token under the raw distribution
+    top_ids: np.ndarray  # [n, NUM_LOGPROBS]
+    top_logprobs: np.ndarray  # [n, NUM_LOGPROBS]
+    step_seconds: float = 0.0
+    host_seconds: float = 0.0  # of which preparing inputs on the host before dispatch
+    # Speculative steps only: per sampled chunk, the emitted tokens (accepted proposals + one); token_ids,
+    # logprobs and top_* then describe the first of them.
+    emitted: list[list[int]] | None = None
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def resolve_attention(name: str):
+    if name == "auto":
+        name = "pallas" if jax.default_backend() != "cpu" and "pallas" in ATTENTION_BACKENDS else "xla"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not available here; have {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, checkpoint_dir: str):
+        self.config = config
+        distributed.initialize(config)
+        self.dtype = resolve_dtype(config.dtype)
+        t0 = time.perf_counter()
+        stored_cfg, meta = read_config(checkpoint_dir)
+        self.plan = sharding.plan_sharding(stored_cfg, config.tensor_parallel_size, config.data_parallel_size)
+        if config.quantized_matmul == "pallas" and jax.default_backend() == "tpu":
+            raise ValueError("--quantized-matmul pallas is written for GPU (Triton) and runs on CPU in interpret "
+                             "mode; it does not lower for TPU yet: use --quantized-matmul xla")
+        if config.quantized_matmul == "pallas" and self.plan.mesh.size > 1:  # XLA does not partition a pallas_call
+            raise ValueError("--quantized-matmul pallas runs on one device only (no shard_map yet)")
+        # Every array straight into its sharding; a quantized checkpoint's scales shard like their values.
+        stored_quant = quantization.QuantSpec.from_dict(meta.get("quantization"))
+        _, weights = load_checkpoint(checkpoint_dir, self.dtype,
+                                     sharding.weight_shardings(stored_cfg, self.plan, stored_quant))
+        weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
+        # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
+        self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)
+        weights = llama.weights_from_flat(quantization.engine_quantization(
+            llama.weights_to_flat(weights), llama.param_table(cfg), config.quantization,
+            config.quantize_embeddings, self.dtype))
+        # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
+        self.weights = sharding.place_weights(weights, cfg, self.plan)
+        logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
+                    jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
+                    time.perf_counter() - t0)
+        self.max_model_len = config.resolve_max_model_len(cfg)
+        self.page_size = config.block_size
+        self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
+        self.kv_dtype = kv_cache.kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.kv_dtype))
+        kv_sharding = sharding.kv_cache_sharding(self.plan, self.kv_dtype)
+        kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
+        self.kv_pages = jax.jit(lambda: kv_cache.allocate_kv_pages(kv_shape, self.kv_dtype),
+                                out_shardings=kv_sharding)()
+        self.spec_tokens = config.spec_tokens  # K > 0: verify steps (execute_spec) are compiled too
+        self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
+        self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
+        rep = self.plan.replicated
+        weight_shardings = sharding.weight_sharding_tree(cfg, self.plan, like=self.weights)
+        # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
+        # dense weights take qdot either way.
+        self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                               matmul=self.matmul),
+                             in_shardings=(weight_shardings, kv_sharding, rep, rep),
+                             out_shardings=(rep, kv_sharding), donate_argnums=(1,))
+        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan,
+                                                 matmul=self.matmul),
+                               out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
+        self.draft_probs_in_verify = config.spec_method == "draft"
+        self._log_memory()
+        self._channel = None
+        if jax.process_count() > 1:
+            if self.spec_tokens:
+                raise ValueError("speculative decoding is not supported with --distributed yet")
+            self._channel = distributed.StepChannel(self._placeholder_inputs(1, 1))
+            if distributed.is_leader():
+                atexit.register(self.close)
+
+    def _log_memory(self) -> None:
+        held = sharding.per_device_bytes(self.weights, self.kv_pages)
+        mib = sorted({round(b / 2**20, 1) for b in held.values()})
+        logger.info("mesh %s; per-device memory after load (weights + KV pages): %s MiB on %d device(s)%s",
+                    dict(self.plan.mesh.shape), " / ".join(map(str, mib)), len(held),
+                    f"; each KV head repeated {self.plan.kv_replicas}x" if self.plan.kv_replicas > 1 else "")
+        for device in self.plan.mesh.devices.flat:
+            stats = device.memory_stats() if device.process_index == jax.process_index() else None
+            if stats and "bytes_in_use" in stats:
+                logger.info("device %s: %.1f MiB in use", device, stats["bytes_in_use"] / 2**20)
+
+    def _placeholder_inputs(self, num_tokens: int, num_rows: int):
+        # All-padding inputs: K/V writes land in the null page 0 and outputs are discarded.
+        step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+                                 max_pages_per_seq=self.max_pages_per_seq)
+        return step, build_sampling_metadata([None] * num_rows, num_rows, self.vocab_size, self.max_model_len)
+
+    def _run(self, step: StepInputs, md: SamplingMetadata):
+        """Runs the jitted step on every process (the leader broadcasts the inputs first)."""
+        if self._channel is not None:
+            if distributed.is_leader():
+                self._channel.send((step, md))
+            step, md = distributed.to_global((step, md), self.plan.replicated)
+        out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
+        return out
+
+    def follow(self) -> None:
+        """Followers of a multi-process run: run the leader's steps until it sends STOP."""
+        if self._channel is None or distributed.is_leader():
+            raise RuntimeError("follow() runs only on processes other than 0 of a multi-process run")
+        while (inputs := self._channel.receive()) is not None:
+            jax.block_until_ready(self._run(*inputs))
+
+    def close(self) -> None:
+        """Leader of a multi-process run: tells the followers to stop (idempotent; no-op otherwise)."""
+        if self._channel is not None and distributed.is_leader():
+            self._channel.send_stop()
+            self._channel = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def step_hlo(self, num_tokens: int, num_rows: int) -> str:
+        """The compiled HLO text of the step for one bucket (to inspect its collectives and fusions)."""
+        step, md = self._placeholder_inputs(num_tokens, num_rows)
+        return self._step.lower(self.weights, self.kv_pages, step, md).compile().as_text()
+
+    def num_compiled(self) -> int:
+        return self._step._cache_size() + self._verify._cache_size()
+
+    def warmup(self) -> float:
+        """Compiles every step shape once; returns the seconds it took."""
+        t0 = time.perf_counter()
+        for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape"):
+            if self.spec_tokens:  # verify steps; steps without proposals take the plain step below
+                self.execute_spec([], [], num_tokens=num_tokens, num_rows=num_rows)
+            jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))
+        seconds = time.perf_counter() - t0
+        logger.info("warm-up compiled %d step shapes in %.1fs", len(self.buckets.shapes()), seconds)
+        return seconds
+
+    def execute(self, chunks, rows: list[RowSampling | None]) -> ModelRunnerOutput:
+        """Runs one step. `chunks` are `SeqChunk`-like; `rows[i]` is the sampling of chunk i or None."""
+        t0 = time.perf_counter()
+        num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
+        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.block_table) for c in chunks],
+                                 num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+                                 max_pages_per_seq=self.max_pages_per_seq)
+        md = build_sampling_metadata(list(rows) + [None] * (num_rows - len(rows)), num_rows, self.vocab_size,
+                                     self.max_model_len)
+        t1 = time.perf_counter()
+        out = self._run(step, md)
+        picked = [i for i, r in enumerate(rows) if r is not None]
+        token_ids, logprobs, top_ids, top_logprobs = jax.device_get(
+            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+        return ModelRunnerOutput(
+            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
+            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
+            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0)
+
+    def execute_spec(self, chunks, rows: list[list[RowSampling] | None], draft_probs: jax.Array | None = None, *,
+                     num_tokens: int | None = None, num_rows: int | None = None) -> ModelRunnerOutput:
+        """Runs one verify step: chunks may end with `num_spec` proposals, checked by rejection sampling.
+
+        Args:
+          chunks: `SeqChunk`-like, with `num_spec`.
+          rows: per chunk, its L = K + 1 sub-row samplings (sub-row j samples position num_tokens + j), or None.
+          draft_probs: [len(chunks), K, V] device array of the draft's probabilities when the method is
+            "draft" (rows without proposals: anything), else None.
+          num_tokens, num_rows: force a bucket (warm-up).
+        """
+        t0 = time.perf_counter()
+        K, L = self.spec_tokens, self.spec_tokens + 1
+        if num_tokens is None:
+            num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
+        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.block_table, c.num_spec) for c in chunks],
+                                 num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+                                 max_pages_per_seq=self.max_pages_per_seq, logits_per_row=L)
+        sub_rows: list[RowSampling | None] = []
+        draft_ids = np.zeros((num_rows, K), np.int32)
+        num_draft = np.zeros(num_rows, np.int32)
+        for r in range(num_rows):
+            sub_rows.extend(rows[r] if r < len(rows) and rows[r] is not None else [None] * L)
+            if r < len(chunks) and chunks[r].num_spec:
+                k = chunks[r].num_spec
+                draft_ids[r, :k] = chunks[r].token_ids[-k:]
+                num_draft[r] = k
+        md = build_sampling_metadata(sub_rows, num_rows * L, self.vocab_size, self.max_model_len)
+        if self.draft_probs_in_verify:
+            if draft_probs is None:
+                draft_probs = jnp.zeros((num_rows, K, self.vocab_size), jnp.float32)
+            elif draft_probs.shape[0] < num_rows:
+                draft_probs = jnp.pad(draft_probs, ((0, num_rows - draft_probs.shape[0]), (0, 0), (0, 0)))
+        else:
+            draft_probs = None
+        t1 = time.perf_counter()
+        out, rej, self.kv_pages = self._verify(self.weights, self.kv_pages, step, md, draft_ids, num_draft,
+                                               draft_probs)
+        picked = [i for i, r in enumerate(rows) if r is not None]
+        token_ids, logprobs, top_ids, top_logprobs, emitted, num_emitted = jax.device_get(
+            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, rej.token_ids, rej.num_emitted))
+        return ModelRunnerOutput(
+            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
+            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
+            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0,
+            emitted=[emitted[i, :num_emitted[i]].tolist() for i in picked])
+
+
+def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,
+                 draft_ids: jax.Array, num_draft: jax.Array, draft_probs: jax.Array | None, *, cfg: ModelConfig,
+                 attention, plan: sharding.ShardingPlan,
+                 matmul=quantization.qdot) -> tuple[SampleOutput, RejectionOutput, jax.Array]:
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)  # [R * L, V]
+    logits = plan.constrain(logits, (None, None))
+    num_rows, k = draft_ids.shape
+    logits = logits.reshape(num_rows, k + 1, -1)  # [R, L, V]
+    rej = rejection_sample(logits, draft_ids, num_draft, md, draft_probs)
+    # Log-probs of the first emitted token (rows with logprobs get no proposals: see docs/speculative.md).
+    raw = logits[:, 0]  # [R, V]
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    top_vals, top_ids = _top_k(raw, NUM_LOGPROBS)
+    first = rej.token_ids[:, 0]
+    chosen = jnp.take_along_axis(raw, first[:, None], axis=-1)[:, 0] - lse
+    return SampleOutput(first, chosen, top_ids, top_vals - lse[:, None]), rej, kv_pages
+
+
+def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,
+          cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul=quantization.qdot):
+    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)
+    logits = plan.constrain(logits, (None, None))  # [R, V] gathered over the vocabulary: sampling needs it whole
+    return sample(logits, md, num_logprobs=NUM_LOGPROBS), kv_pages

@@ -5,13 +5,13 @@ Imports only JAX and itself. Every attention kernel has the engine's attention s
 (docs/kernels.md for designs and tolerances); the quantized matmul has `quantized_matmul_reference` beside
 it (docs/quantization.md). The data the kernels read is defined here and imported by the engine:
 
-  step_metadata.py         StepInputs: the per-step device metadata (block tables, query starts, ...)
+  step_metadata.py         StepInputs: the per-step device metadata (page tables, query starts, ...)
   kv_cache.py              bf16/f32 pages or int8 + per-token-per-head scales; write_kv (quantize on write)
   quantized_weights.py     Int8Weight / Int4Weight: the quantized-weight layout the matmul reads
   reference.py             the dense float32 ragged paged attention every kernel is checked against
   ragged_attention.py      GPU: mixed prefill/decode steps, grid (query blocks, KV heads)
   decode_attention.py      GPU: split-K for decode-shaped steps over long contexts
-  tpu_ragged_attention.py  TPU: scalar-prefetched block tables, double-buffered page DMAs
+  tpu_ragged_attention.py  TPU: scalar-prefetched page tables, double-buffered page DMAs
   quantized_matmul.py      GPU: x [M, I] @ an int8 / int4 weight dequantized tile by tile, grid (M, O blocks)
 
 Which kernel serves which bucket is the engine's choice: `jaxserve.model.attention_backends`.

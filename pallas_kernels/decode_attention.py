@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import online_softmax
 from pallas_kernels.kv_cache import KVPages
-from pallas_kernels.query_blocks import next_power_of_two, pack_query_blocks, pad_block_tables, unpack_query_blocks
+from pallas_kernels.query_blocks import next_power_of_two, pack_query_blocks, pad_page_tables, unpack_query_blocks
 from pallas_kernels.ragged_attention import default_pages_per_block, split_kv, triton_compiler_params, validate
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.step_metadata import StepInputs
@@ -119,7 +119,7 @@ def paged_decode_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
       q: [T, N, H] float32 or bfloat16.
       kv_pages: [L, P, page_size, 2K, H] float32 / bfloat16 pages or a `QuantizedKV` (int8 + scales).
       layer: int32 scalar (may be traced).
-      step: `StepInputs` (positions [T], block_tables [R, P_max], kv_lens [R], query_starts [R + 1]).
+      step: `StepInputs` (positions [T], page_tables [R, P_max], kv_lens [R], query_starts [R + 1]).
       scale, sliding_window, soft_cap: as in `ragged_paged_attention_reference`.
       num_splits: KV splits per sequence (default: `default_num_splits` of the bucket's P_max).
       pages_per_block: KV pages per inner block (default: `default_pages_per_block`).
@@ -130,13 +130,13 @@ def paged_decode_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     T, N, H = q.shape
     page_size, K = kv_pages.shape[2], kv_pages.shape[3] // 2
     ppb = max(pages_per_block or default_pages_per_block(H, page_size), -(-16 // page_size))
-    splits = num_splits or default_num_splits(step.block_tables.shape[1] * page_size, ppb * page_size)
+    splits = num_splits or default_num_splits(step.page_tables.shape[1] * page_size, ppb * page_size)
     group_pad = max(16, next_power_of_two(N // K))
     blocks = pack_query_blocks(q, step, num_kv_heads=K, group_pad=group_pad, per_token=True)
     values, scales = split_kv(kv_pages)
     acc, m, l = _decode_attention_call(
         blocks.q, jnp.reshape(layer, (1,)).astype(jnp.int32), blocks.rows, blocks.pos0, blocks.lens, blocks.kv_stop,
-        pad_block_tables(step.block_tables, ppb * splits), values, scales, scale=scale, num_splits=splits,
+        pad_page_tables(step.page_tables, ppb * splits), values, scales, scale=scale, num_splits=splits,
         pages_per_block=ppb, sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret)
     return unpack_query_blocks(merge_splits(acc, m, l), blocks, T, N, q.dtype)

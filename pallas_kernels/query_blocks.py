@@ -75,7 +75,7 @@ def unpack_query_blocks(out: jax.Array, blocks: QueryBlocks, num_tokens: int, nu
     return jnp.zeros((num_tokens, num_heads, H), dtype).at[blocks.dest].set(out.astype(dtype), mode="drop")
 
 
-def pad_block_tables(block_tables: jax.Array, multiple: int) -> jax.Array:
+def pad_page_tables(page_tables: jax.Array, multiple: int) -> jax.Array:
     """Pads [R, P_max] with null pages to a multiple of `multiple` columns (kernels read whole KV blocks)."""
-    extra = -block_tables.shape[1] % multiple
-    return jnp.pad(block_tables, ((0, 0), (0, extra))) if extra else block_tables
+    extra = -page_tables.shape[1] % multiple
+    return jnp.pad(page_tables, ((0, 0), (0, extra))) if extra else page_tables

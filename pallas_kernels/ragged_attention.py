@@ -9,7 +9,7 @@ Design (grid = (NB query blocks, K KV heads)):
   * a program owns one query block (Qb <= 16 consecutive tokens of one sequence, the step's own query
     blocks) and one KV head: its queries are a [Qb * Gp, H] tile (see `query_blocks.py`), so each page
     is read once for the whole GQA group and KV heads are never repeated;
-  * it walks its sequence's block table in KV blocks of `pages_per_block` pages, gathering the pages
+  * it walks its sequence's page table in KV blocks of `pages_per_block` pages, gathering the pages
     with one indexed load each for K and V (the interleaved head 2k and 2k+1), up to the block's causal
     bound only: a prefill chunk stops at its last token, a decode row at its length;
   * online softmax in float32 (`online_softmax.attend_block`), int8 pages dequantized in registers.
@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import online_softmax
 from pallas_kernels.kv_cache import KVPages, QuantizedKV
-from pallas_kernels.query_blocks import next_power_of_two, pack_query_blocks, pad_block_tables, unpack_query_blocks
+from pallas_kernels.query_blocks import next_power_of_two, pack_query_blocks, pad_page_tables, unpack_query_blocks
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.step_metadata import StepInputs
 
@@ -142,7 +142,7 @@ def ragged_paged_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
       kv_pages: [L, P, page_size, 2K, H] float32 / bfloat16 pages, K and V interleaved per KV head, or a
         `QuantizedKV` (int8 values + float32 [L, P, page_size, 2K] scales). This step's K/V already written.
       layer: int32 scalar (may be traced, e.g. under `lax.scan`).
-      step: `StepInputs`: positions [T], block_tables [R, P_max], kv_lens [R], query_starts [R + 1] and the
+      step: `StepInputs`: positions [T], page_tables [R, P_max], kv_lens [R], query_starts [R + 1] and the
         query blocks qblock_rows / qblock_starts / qblock_lens [NB] of Qb = step.query_block tokens.
       scale: softmax scale. sliding_window / soft_cap: as in `ragged_paged_attention_reference`.
       pages_per_block: KV pages per inner block (default: `default_pages_per_block(H, page_size)`).
@@ -161,7 +161,7 @@ def ragged_paged_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     values, scales = split_kv(kv_pages)
     out = _ragged_attention_call(
         blocks.q, jnp.reshape(layer, (1,)).astype(jnp.int32), blocks.rows, blocks.pos0, blocks.lens, blocks.kv_stop,
-        pad_block_tables(step.block_tables, ppb), values, scales, scale=scale, group_pad=group_pad,
+        pad_page_tables(step.page_tables, ppb), values, scales, scale=scale, group_pad=group_pad,
         pages_per_block=ppb, sliding_window=sliding_window, soft_cap=soft_cap, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret)
     return unpack_query_blocks(out, blocks, T, N, q.dtype)

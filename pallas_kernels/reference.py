@@ -22,7 +22,7 @@ def ragged_paged_attention_reference(q: jax.Array, kv_pages: KVPages, layer: jax
       q: [T, N, H] queries.
       kv_pages: [L, P, page_size, 2K, H] pages (float or `QuantizedKV`).
       layer: int32 scalar.
-      step: positions, block tables, kv_lens and query_starts of the step.
+      step: positions, page tables, kv_lens and query_starts of the step.
       scale: the softmax scale applied to q·k.
       sliding_window: if set, a token at position p sees KV positions in (p - sliding_window, p].
       soft_cap: if set, logits become soft_cap * tanh(logits / soft_cap) before masking.
@@ -34,7 +34,7 @@ def ragged_paged_attention_reference(q: jax.Array, kv_pages: KVPages, layer: jax
     K = kv_pages.shape[3] // 2
     rows = jnp.searchsorted(step.query_starts, jnp.arange(T), side="right") - 1  # [T]
     rows = jnp.clip(rows, 0, step.num_rows - 1)
-    kv = kv_pages[layer, step.block_tables[rows]].astype(jnp.float32)  # [T, P_max, page_size, 2K, H]
+    kv = kv_pages[layer, step.page_tables[rows]].astype(jnp.float32)  # [T, P_max, page_size, 2K, H]
     kv = kv.reshape(T, -1, K, 2, H)
     k = jnp.repeat(kv[:, :, :, 0], N // K, axis=2)  # [T, S, N, H]
     v = jnp.repeat(kv[:, :, :, 1], N // K, axis=2)

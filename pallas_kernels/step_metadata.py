@@ -2,7 +2,7 @@
 
 A step is a flat batch of T query tokens drawn from R sequences (decode rows contribute one token, prefill
 chunks many), padded to bucket sizes. Padding tokens write their K/V into the null page 0; padding rows have
-`kv_lens == 0` and a block table of null pages. The engine builds it on the host
+`kv_lens == 0` and a page table of null pages. The engine builds it on the host
 (`jaxserve.model.step_inputs.build_step_inputs`); it is defined here so the kernels import nothing above JAX.
 """
 
@@ -19,7 +19,7 @@ class StepInputs:
     token_ids: jax.Array  # [T] int32
     positions: jax.Array  # [T] int32, position of each token in its sequence
     slot_mapping: jax.Array  # [T] int32, page * page_size + offset where the token's K/V is written
-    block_tables: jax.Array  # [R, P_max] int32, page ids (0 = null page)
+    page_tables: jax.Array  # [R, P_max] int32, page ids (0 = null page)
     kv_lens: jax.Array  # [R] int32, KV length of each row after this step (0 for padding rows)
     query_starts: jax.Array  # [R + 1] int32, cumulative query lengths: row r owns tokens [qs[r], qs[r+1])
     logits_indices: jax.Array  # [M] int32, flat tokens whose logits are returned (M = R * logits_per_row)
@@ -35,4 +35,4 @@ class StepInputs:
 
     @property
     def num_rows(self) -> int:
-        return self.block_tables.shape[0]
+        return self.page_tables.shape[0]

@@ -1,14 +1,14 @@
-"""Ragged paged attention for TPU: Pallas on Mosaic, block tables by scalar prefetch, double-buffered page DMAs.
+"""Ragged paged attention for TPU: Pallas on Mosaic, page tables by scalar prefetch, double-buffered page DMAs.
 
 Grid = (NB query blocks,), "parallel" (no state crosses programs, so megacore may split it). A program
 owns one query block (Qb tokens of one sequence) for all KV heads, as a [K, M, H] VMEM tile with
 M = Qb * Gp rows (Gp pads the GQA group so M is a multiple of 8 sublanes). The KV cache stays in HBM
-(`memory_space=pl.ANY`); the program walks its sequence's block table in KV blocks of
+(`memory_space=pl.ANY`); the program walks its sequence's page table in KV blocks of
 `pages_per_block` pages, copying each page ([page_size, 2K, H]: every head's K and V at once) with its
 own DMA into one half of a two-slot VMEM buffer while it computes on the other half. Pages past the
 block's causal bound are never requested: their slots get the null page 0, which the mask ignores.
 
-The block tables, lengths and layer index arrive by scalar prefetch (SMEM), so page addresses are
+The page tables, lengths and layer index arrive by scalar prefetch (SMEM), so page addresses are
 known before any vector work. The running softmax (m, l, acc) lives in float32 VMEM scratch.
 
 Written with the constructs that jax 0.10.2's TPU interpret mode supports, so it runs on CPU with
@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import online_softmax
 from pallas_kernels.kv_cache import KVPages
-from pallas_kernels.query_blocks import pack_query_blocks, pad_block_tables, unpack_query_blocks
+from pallas_kernels.query_blocks import pack_query_blocks, pad_page_tables, unpack_query_blocks
 from pallas_kernels.ragged_attention import split_kv, validate
 from pallas_kernels.reference import ragged_paged_attention_reference
 from pallas_kernels.step_metadata import StepInputs
@@ -180,7 +180,7 @@ def tpu_ragged_paged_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array
     values, scales = split_kv(kv_pages)
     out = _tpu_ragged_attention_call(
         blocks.q, jnp.reshape(layer, (1,)).astype(jnp.int32), blocks.rows, blocks.pos0, blocks.lens, blocks.kv_stop,
-        pad_block_tables(step.block_tables, ppb), values, scales, scale=scale, group_pad=group_pad,
+        pad_page_tables(step.page_tables, ppb), values, scales, scale=scale, group_pad=group_pad,
         pages_per_block=ppb, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
     return unpack_query_blocks(out, blocks, T, N, q.dtype)
 

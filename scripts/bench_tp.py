@@ -62,7 +62,7 @@ class Chunk:
     request_id: str
     token_ids: list[int]
     start_pos: int
-    block_table: list[int]
+    page_table: list[int]
 
 
 def random_checkpoint(cfg: ModelConfig, dest: str) -> str:

@@ -68,7 +68,7 @@ def kv_bytes(case: Case, shape: AttentionShape) -> int:
 
 
 def build(case: Case, shape: AttentionShape, seed: int = 0):
-    """Random q and pages for `case`, block tables a random permutation of the pages."""
+    """Random q and pages for `case`, page tables a random permutation of the pages."""
     rng = np.random.default_rng(seed)
     P = shape.page_size
     need = [-(-(s + n) // P) for s, n in case.chunks]

@@ -1,8 +1,8 @@
-"""KVCacheManager: per-request block tables over a BlockPool, with automatic prefix caching (no JAX).
+"""KVCacheManager: per-request page tables over a PagePool, with automatic prefix caching (no JAX).
 
 It answers three questions for the scheduler and decides nothing else:
-  * `get_computed_blocks(request)`: which leading pages of this request are already in the cache?
-  * `allocate_slots(request, n, hits)`: can the request's block table grow to hold n more tokens?
+  * `get_computed_pages(request)`: which leading pages of this request are already in the cache?
+  * `allocate_slots(request, n, hits)`: can the request's page table grow to hold n more tokens?
   * `free(request)`: give its pages back.
 
 A full page is identified by a hash chained over (parent page's hash, the page's token ids), so equal
@@ -11,7 +11,7 @@ than Python's `hash()` of tuples: the latter is 64 bits, unkeyed for ints and ea
 purpose, and a collision would silently serve one request's K/V (another tenant's prompt) to another.
 SHA-256 costs about a microsecond per page, which is noise next to a model step.
 
-Block tables are append-only while a request runs: pages are never reordered or replaced, so a
+Page tables are append-only while a request runs: pages are never reordered or replaced, so a
 `ScheduledChunk`'s copy of the table stays valid for its step.
 """
 
@@ -21,7 +21,7 @@ import hashlib
 
 import numpy as np
 
-from jaxserve.core.page_pool import BlockPool
+from jaxserve.core.page_pool import PagePool
 from jaxserve.core.request import Request
 
 
@@ -36,7 +36,7 @@ class KVCacheManager:
         """`num_pages` includes the null page 0; each page holds `page_size` tokens of K/V."""
         if page_size < 1:
             raise ValueError(f"page_size must be positive, got {page_size}")
-        self.pool = BlockPool(num_pages)
+        self.pool = PagePool(num_pages)
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.max_model_len = max_model_len
@@ -59,7 +59,7 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of usable pages held by block tables (cached free pages count as free)."""
+        """Fraction of usable pages held by page tables (cached free pages count as free)."""
         return self.pool.num_used_pages / self.num_usable_pages
 
     @property
@@ -81,11 +81,11 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ tables
 
-    def get_block_table(self, request_id: str) -> list[int]:
-        """A copy of the request's block table ([] if it holds no pages)."""
+    def get_page_table(self, request_id: str) -> list[int]:
+        """A copy of the request's page table ([] if it holds no pages)."""
         return list(self._tables.get(request_id, ()))
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+    def get_computed_pages(self, request: Request) -> tuple[list[int], int]:
         """The longest run of cached full pages that starts the request's tokens, and the tokens they hold.
 
         NOTE: the hit stops at `num_tokens - 1`, rounded down to a page: the last token must be computed
@@ -95,8 +95,8 @@ class KVCacheManager:
             return [], 0
         max_pages = (request.num_tokens - 1) // self.page_size
         pages = []
-        for block_hash in self._page_hashes(request, max_pages):
-            page = self.pool.lookup(block_hash)
+        for page_hash in self._page_hashes(request, max_pages):
+            page = self.pool.lookup(page_hash)
             if page is None:
                 break
             pages.append(page)
@@ -104,12 +104,12 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_pages: list[int] | tuple[int, ...] = ()) -> list[int] | None:
-        """Grows the request's block table to hold `num_new_tokens` more tokens.
+        """Grows the request's page table to hold `num_new_tokens` more tokens.
 
         Args:
           request: its `num_computed_tokens` tokens are already covered by its table.
           num_new_tokens: tokens to be computed this step.
-          new_computed_pages: prefix-cache hits from `get_computed_blocks`, only on a request holding no
+          new_computed_pages: prefix-cache hits from `get_computed_pages`, only on a request holding no
             pages; they cover the `len(new_computed_pages) * page_size` tokens after `num_computed_tokens`
             (the caller then advances `num_computed_tokens` by that much).
 
@@ -155,7 +155,7 @@ class KVCacheManager:
             return
         hashes = self._page_hashes(request, num_full)
         for i in range(start, num_full):
-            # A False return means another page already holds this block (computed concurrently); ours
+            # A False return means another page already holds these tokens (computed concurrently); ours
             # stays uncached and simply returns to the free list when the request ends.
             self.pool.cache(table[i], hashes[i])
         self._num_cached[rid] = num_full

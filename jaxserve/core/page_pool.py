@@ -1,14 +1,14 @@
-"""BlockPool: page ids, reference counts, the free list and the prefix-hash map (plain Python, no JAX).
+"""PagePool: page ids, reference counts, the free list and the prefix-hash map (plain Python, no JAX).
 
 The pool makes no policy decisions. It hands out pages from the head of the free list, takes pages back
 at the tail (in the order the caller gives them), and remembers which full page holds which hash. The
 caller (`KVCacheManager`) decides which pages to ask for, in what order to free them, and when a page
 is full enough to be cached.
 
-Page 0 is the null page: padded block-table entries and padding tokens point at it, so it is never
+Page 0 is the null page: padded page-table entries and padding tokens point at it, so it is never
 handed out, never freed and never cached. Every other page is, at any moment, either *used*
-(refcount > 0, owned by one or more block tables) or *free* (refcount 0, on the free list); a free page
-may still hold a cached full block, findable by its hash until the page is reallocated. So
+(refcount > 0, owned by one or more page tables) or *free* (refcount 0, on the free list); a free page
+may still hold a cached full page of tokens, findable by its hash until the page is reallocated. So
 
     num_free_pages + num_used_pages == num_pages - 1      (always)
 
@@ -23,11 +23,11 @@ import collections
 NULL_PAGE = 0
 
 
-class BlockPool:
+class PagePool:
     def __init__(self, num_pages: int):
         """`num_pages` counts the null page: pages 1 .. num_pages - 1 can be handed out."""
         if num_pages < 2:
-            raise ValueError(f"a block pool needs at least 2 pages (the null page and one more), got {num_pages}")
+            raise ValueError(f"a page pool needs at least 2 pages (the null page and one more), got {num_pages}")
         self.num_pages = num_pages
         self._refcount = [0] * num_pages
         # NOTE: an OrderedDict used as an ordered set: O(1) pop from the head, append at the tail, and
@@ -104,29 +104,29 @@ class BlockPool:
 
     # ------------------------------------------------------------------ prefix-hash map
 
-    def cache(self, page: int, block_hash: bytes) -> bool:
+    def cache(self, page: int, page_hash: bytes) -> bool:
         """Registers a used, full page under its hash. Returns False (and caches nothing) when the hash is
-        already held by another page (two sequences computed the same block) or the page holds a hash."""
+        already held by another page (two sequences computed the same tokens) or the page holds a hash."""
         self._check_page(page)
         if self._refcount[page] == 0:
             raise ValueError(f"page {page} is free; only pages in use can be cached")
-        if block_hash in self._page_of_hash or page in self._hash_of_page:
+        if page_hash in self._page_of_hash or page in self._hash_of_page:
             return False
-        self._page_of_hash[block_hash] = page
-        self._hash_of_page[page] = block_hash
+        self._page_of_hash[page_hash] = page
+        self._hash_of_page[page] = page_hash
         return True
 
-    def lookup(self, block_hash: bytes) -> int | None:
-        """The page holding this block, used or free, or None."""
-        return self._page_of_hash.get(block_hash)
+    def lookup(self, page_hash: bytes) -> int | None:
+        """The page holding these tokens (by their hash), used or free, or None."""
+        return self._page_of_hash.get(page_hash)
 
     def hash_of(self, page: int) -> bytes | None:
         return self._hash_of_page.get(page)
 
     def _evict(self, page: int) -> None:
-        block_hash = self._hash_of_page.pop(page, None)
-        if block_hash is not None:
-            del self._page_of_hash[block_hash]
+        page_hash = self._hash_of_page.pop(page, None)
+        if page_hash is not None:
+            del self._page_of_hash[page_hash]
 
     def _check_page(self, page: int) -> None:
         if not 0 < page < self.num_pages:

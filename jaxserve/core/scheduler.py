@@ -49,7 +49,7 @@ class ScheduledChunk:
     request_id: str
     token_ids: list[int]  # the tokens computed this step: a prompt chunk, or the last sampled token
     start_pos: int  # == the request's num_computed_tokens before the step
-    block_table: list[int]  # covers start_pos + len(token_ids) tokens
+    page_table: list[int]  # covers start_pos + len(token_ids) tokens
     sample: bool  # the chunk reaches the end of the known tokens: sample a new one from its last logits
     request: Request
     num_spec: int = 0  # token_ids ends with this many proposals (request.spec_token_ids) to verify
@@ -208,7 +208,7 @@ class Scheduler:
                 if self._waits_for_sibling(request):
                     j += 1
                     continue
-                hit_pages, hit_tokens = self.kv.get_computed_blocks(request)
+                hit_pages, hit_tokens = self.kv.get_computed_pages(request)
                 num_new = self._num_new_tokens(request, budget, num_computed=hit_tokens)
                 if num_new == 0 or self.kv.allocate_slots(request, num_new, hit_pages) is None:
                     break
@@ -311,7 +311,7 @@ class Scheduler:
         start = request.num_computed_tokens
         end = start + num_new - num_spec
         tokens = request.token_slice(start, end) + request.spec_token_ids[:num_spec]
-        return ScheduledChunk(request.request_id, tokens, start, self.kv.get_block_table(request.request_id),
+        return ScheduledChunk(request.request_id, tokens, start, self.kv.get_page_table(request.request_id),
                               sample=end == request.num_tokens, request=request, num_spec=num_spec)
 
     def _preempt(self, request: Request) -> None:

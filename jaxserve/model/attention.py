@@ -44,7 +44,7 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     NB = tok.shape[0]
     qb = q[tok].reshape(NB, Qb, K, G, H)
     q_pos = step.positions[tok]  # [NB, Qb]
-    tables = step.block_tables[step.qblock_rows]  # [NB, P_max]
+    tables = step.page_tables[step.qblock_rows]  # [NB, P_max]
     kv_lens = step.kv_lens[step.qblock_rows]  # [NB]
     num_chunks = (jnp.max(step.kv_lens) + C - 1) // C
 

@@ -60,7 +60,7 @@ def paged_attention_pallas(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     if platform == "tpu":
         return tpu_ragged_paged_attention(q, kv_pages, layer, step, **opts)
     page_size, K, H = kv_pages.shape[2], kv_pages.shape[3] // 2, q.shape[2]
-    max_kv_tokens = step.block_tables.shape[1] * page_size
+    max_kv_tokens = step.page_tables.shape[1] * page_size
     if step.query_block == 1 and max_kv_tokens >= SPLIT_K_MIN_KV_TOKENS:
         block_tokens = max(default_pages_per_block(H, page_size) * page_size, 16)
         splits = decode_num_splits(q.shape[0], K, max_kv_tokens, block_tokens)

@@ -179,7 +179,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     Args:
       weights: the parameter pytree.
       kv_pages: [L, P, page_size, 2K, H], K and V interleaved per KV head.
-      step: token ids, positions, KV slots and block tables (see `StepInputs`).
+      step: token ids, positions, KV slots and page tables (see `StepInputs`).
       attention: the paged-attention implementation (`jaxserve.model.attention.ATTENTION_BACKENDS`).
       plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
         `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.

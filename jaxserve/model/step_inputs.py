@@ -3,7 +3,7 @@
 A step is a flat batch of T query tokens drawn from R sequences (decode rows contribute one token,
 prefill chunks many). Both axes are padded up to buckets so only a fixed set of shapes is compiled.
 Padding tokens write their K/V into the null page 0 and their outputs are ignored; padding rows have
-`kv_lens == 0` and a block table of null pages.
+`kv_lens == 0` and a page table of null pages.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class SeqChunk:
 
     token_ids: Sequence[int]  # the tokens computed this step
     start_pos: int  # position of token_ids[0]; tokens before it are already in the KV cache
-    block_table: Sequence[int]  # page ids covering at least start_pos + len(token_ids) tokens
+    page_table: Sequence[int]  # page ids covering at least start_pos + len(token_ids) tokens
     num_spec: int = 0  # the last num_spec tokens are speculative proposals to verify
 
 
@@ -60,7 +60,7 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slot_mapping = np.zeros(num_tokens, np.int32)
-    block_tables = np.zeros((num_rows, p_max), np.int32)
+    page_tables = np.zeros((num_rows, p_max), np.int32)
     kv_lens = np.zeros(num_rows, np.int32)
     query_starts = np.zeros(num_rows + 1, np.int32)
     logits_indices = np.zeros((num_rows, logits_per_row), np.int32)
@@ -72,14 +72,14 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     for r, c in enumerate(chunks):
         n = len(c.token_ids)
         end = c.start_pos + n
-        if len(c.block_table) * page_size < end or len(c.block_table) > p_max:
-            raise ValueError(f"row {r}: block table of {len(c.block_table)} pages cannot hold {end} tokens")
-        table = np.asarray(c.block_table, np.int32)
+        if len(c.page_table) * page_size < end or len(c.page_table) > p_max:
+            raise ValueError(f"row {r}: page table of {len(c.page_table)} pages cannot hold {end} tokens")
+        table = np.asarray(c.page_table, np.int32)
         pos = np.arange(c.start_pos, end, dtype=np.int32)
         token_ids[t:t + n] = c.token_ids
         positions[t:t + n] = pos
         slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
-        block_tables[r, :len(table)] = table
+        page_tables[r, :len(table)] = table
         kv_lens[r] = end
         num_spec = getattr(c, "num_spec", 0)
         if num_spec >= min(n, logits_per_row):
@@ -94,7 +94,7 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     logits_indices = logits_indices.reshape(-1)
     if all_logits:
         logits_indices = np.arange(num_tokens, dtype=np.int32)
-    return StepInputs(token_ids, positions, slot_mapping, block_tables, kv_lens, query_starts, logits_indices,
+    return StepInputs(token_ids, positions, slot_mapping, page_tables, kv_lens, query_starts, logits_indices,
                       qblock_rows, qblock_starts, qblock_lens, query_block=qb, kv_block_pages=kv_block_pages)
 
 

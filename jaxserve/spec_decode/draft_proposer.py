@@ -136,7 +136,7 @@ class DraftProposer:
         chunks = []
         for request, seq, n in active + partial:
             start = seq.num_computed_tokens
-            table = self.kv.get_block_table(seq.request_id)
+            table = self.kv.get_page_table(seq.request_id)
             chunks.append(SeqChunk(request.token_slice(start, start + n), start, table))
             seq.num_computed_tokens += n
         rows = [self._row(request, []) for request, _, _ in active]
@@ -145,7 +145,7 @@ class DraftProposer:
         all_probs = [probs[:len(active)]]
         # 3. K - 1 decode steps.
         for _ in range(1, self.k):
-            chunks = [SeqChunk([d[-1]], seq.num_computed_tokens, self.kv.get_block_table(seq.request_id))
+            chunks = [SeqChunk([d[-1]], seq.num_computed_tokens, self.kv.get_page_table(seq.request_id))
                       for (_, seq, _), d in zip(active, drafts)]
             for _, seq, _ in active:
                 seq.num_computed_tokens += 1

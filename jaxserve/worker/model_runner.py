@@ -196,7 +196,7 @@ class ModelRunner:
         """Runs one step. `chunks` are `SeqChunk`-like; `rows[i]` is the sampling of chunk i or None."""
         t0 = time.perf_counter()
         num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
-        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.block_table) for c in chunks],
+        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.page_table) for c in chunks],
                                  num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                  max_pages_per_seq=self.max_pages_per_seq)
         md = build_sampling_metadata(list(rows) + [None] * (num_rows - len(rows)), num_rows, self.vocab_size,
@@ -226,7 +226,7 @@ class ModelRunner:
         K, L = self.spec_tokens, self.spec_tokens + 1
         if num_tokens is None:
             num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
-        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.block_table, c.num_spec) for c in chunks],
+        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.page_table, c.num_spec) for c in chunks],
                                  num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                  max_pages_per_seq=self.max_pages_per_seq, logits_per_row=L)
         sub_rows: list[RowSampling | None] = []

@@ -1,4 +1,4 @@
-"""BlockPool and KVCacheManager on a tiny pool (11 pages of 16 tokens): exact page ids, refcounts, free-list
+"""PagePool and KVCacheManager on a tiny pool (11 pages of 16 tokens): exact page ids, refcounts, free-list
 and eviction order, then a hypothesis property over random admit / grow / finish sequences."""
 
 import collections
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxserve.core.kv_cache_manager import KVCacheManager, hash_page
-from jaxserve.core.page_pool import BlockPool
+from jaxserve.core.page_pool import PagePool
 from jaxserve.core.request import Request
 from jaxserve.core.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ def make_request(rid, tokens, max_tokens=16):
 
 def admit(kv, req, num_new=None):
     """What the scheduler does at admission: look up hits, allocate, advance the computed count."""
-    hits, hit_tokens = kv.get_computed_blocks(req)
+    hits, hit_tokens = kv.get_computed_pages(req)
     num_new = req.num_tokens - hit_tokens if num_new is None else num_new
     pages = kv.allocate_slots(req, num_new, hits)
     assert pages is not None
@@ -30,8 +30,8 @@ def admit(kv, req, num_new=None):
     return hits, pages
 
 
-def test_block_pool_null_page_refcounts_and_lru_order():
-    pool = BlockPool(11)
+def test_page_pool_null_page_refcounts_and_lru_order():
+    pool = PagePool(11)
     # Fresh pool: pages 1..10 free in id order, page 0 (null) never among them.
     assert pool.free_page_ids() == list(range(1, 11))
     assert (pool.num_free_pages, pool.num_used_pages, pool.num_cached_free_pages) == (10, 0, 0)
@@ -76,7 +76,7 @@ def test_prefix_hits_refcounts_free_order_and_eviction():
     # B shares the first 32 tokens: hits pages 1 and 2 (refcount 2), gets fresh page 4 for its own tail.
     b = make_request("b", prompt[:32] + [7] * 8)
     assert admit(kv, b) == ([1, 2], [1, 2, 4])
-    assert kv.get_block_table("b") == [1, 2, 4]
+    assert kv.get_page_table("b") == [1, 2, 4]
     assert [kv.pool.refcount(p) for p in range(1, 6)] == [2, 2, 1, 1, 0]
     # Freeing A (in reverse: 3, 2, 1) returns only its private page 3; freeing B returns 4, 2, 1 after it.
     kv.free(a)
@@ -96,7 +96,7 @@ def test_prefix_hits_refcounts_free_order_and_eviction():
     assert admit(kv, d) == ([], [6, 7, 8, 9, 10, 3, 4, 5, 2])
     kv.free(d)
     e = make_request("e", prompt)
-    assert kv.get_computed_blocks(e) == ([1], 16)
+    assert kv.get_computed_pages(e) == ([1], 16)
     assert kv.pool.lookup(hash_page(hash_page(b"", prompt[:16]), prompt[16:32])) is None
     kv.pool.check_invariants()
 
@@ -105,16 +105,16 @@ def test_hit_is_capped_so_the_last_token_is_computed():
     kv = KVCacheManager(11, PS)
     admit(kv, make_request("a", range(33)))
     # 33 cached tokens (two full pages): a repeat hits 32 and computes the 33rd.
-    assert kv.get_computed_blocks(make_request("b", range(33))) == ([1, 2], 32)
+    assert kv.get_computed_pages(make_request("b", range(33))) == ([1, 2], 32)
     # A 32-token prompt is all cached, but a hit of 32 would leave nothing to compute: it hits one page.
-    assert kv.get_computed_blocks(make_request("c", range(32))) == ([1], 16)
+    assert kv.get_computed_pages(make_request("c", range(32))) == ([1], 16)
 
 
 def test_hash_is_chained_over_the_prefix():
     kv = KVCacheManager(11, PS)
     admit(kv, make_request("a", [1] * 16 + [2] * 16 + [0]))
     # Same second page behind a different first page: no hit at all.
-    assert kv.get_computed_blocks(make_request("b", [3] * 16 + [2] * 16 + [0])) == ([], 0)
+    assert kv.get_computed_pages(make_request("b", [3] * 16 + [2] * 16 + [0])) == ([], 0)
 
 
 def test_allocate_slots_all_or_nothing_counting_cached_free_pages():
@@ -124,7 +124,7 @@ def test_allocate_slots_all_or_nothing_counting_cached_free_pages():
     kv.free(a)  # four cached free pages, ten free in all
     b = make_request("b", [5] * 200)
     assert kv.allocate_slots(b, 161) is None  # eleven pages: refused, nothing taken
-    assert kv.get_block_table("b") == [] and kv.pool.num_free_pages == 10 and kv.pool.num_cached_free_pages == 4
+    assert kv.get_page_table("b") == [] and kv.pool.num_free_pages == 10 and kv.pool.num_cached_free_pages == 4
     assert kv.allocate_slots(b, 160) == [5, 6, 7, 8, 9, 10, 4, 3, 2, 1]  # ten pages: evicts all four
     assert kv.pool.num_cached_pages == 0 and kv.usage == 1.0
 
@@ -157,11 +157,11 @@ def test_concurrent_identical_blocks_cache_once_and_no_caching_mode():
     for r in (a, b):
         r.num_computed_tokens = 17
         kv.cache_full_pages(r)
-    assert kv.get_block_table("a") == [1, 2] and kv.get_block_table("b") == [3, 4]
+    assert kv.get_page_table("a") == [1, 2] and kv.get_page_table("b") == [3, 4]
     assert kv.pool.hash_of(1) is not None and kv.pool.hash_of(3) is None
     off = KVCacheManager(11, PS, enable_prefix_caching=False)
     admit(off, make_request("a", range(40)))
-    assert off.get_computed_blocks(make_request("b", range(40))) == ([], 0) and off.pool.num_cached_pages == 0
+    assert off.get_computed_pages(make_request("b", range(40))) == ([], 0) and off.pool.num_cached_pages == 0
 
 
 # ---------------------------------------------------------------------------------------------- hypothesis
@@ -179,13 +179,13 @@ def test_random_admit_grow_free_never_leaks(ops):
         rid = f"r{slot}"
         if op == "admit" and rid not in live:
             req = make_request(rid, tokens)
-            hits, hit_tokens = kv.get_computed_blocks(req)
+            hits, hit_tokens = kv.get_computed_pages(req)
             if kv.allocate_slots(req, req.num_tokens - hit_tokens, hits) is not None:
                 req.num_computed_tokens = req.num_tokens
                 kv.cache_full_pages(req)
                 live[rid] = req
             else:
-                assert kv.get_block_table(rid) == []
+                assert kv.get_page_table(rid) == []
         elif op == "grow" and rid in live:
             req = live[rid]
             extra = tokens[: 40 - req.num_tokens]
@@ -198,7 +198,7 @@ def test_random_admit_grow_free_never_leaks(ops):
         # No page twice in a table, refcount == number of tables holding the page, counters balance.
         held = collections.Counter()
         for rid_, req in live.items():
-            table = kv.get_block_table(rid_)
+            table = kv.get_page_table(rid_)
             assert len(set(table)) == len(table) and 0 not in table
             assert len(table) == kv.pages_for(req.num_computed_tokens)
             held.update(table)

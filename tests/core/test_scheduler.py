@@ -1,6 +1,6 @@
 """Scheduler driven to completion by a fake model whose next token is (sum of the context) mod VOCAB.
 
-The fake model keeps a simulated paged KV cache: it writes each chunk's tokens through the block table
+The fake model keeps a simulated paged KV cache: it writes each chunk's tokens through the page table
 and reads the context back through it, so a wrong page (shared when it should not be, evicted while in
 use, overwritten after caching) shows up as a wrong token, not just a wrong counter.
 """
@@ -31,9 +31,9 @@ class FakeModel:
         ps = self.page_size
         for c in out.chunks:  # all K/V writes of the step first, as in a real forward pass
             assert c.token_ids == c.request.all_token_ids[c.start_pos:c.start_pos + len(c.token_ids)]
-            assert len(c.block_table) * ps >= c.start_pos + len(c.token_ids)
+            assert len(c.page_table) * ps >= c.start_pos + len(c.token_ids)
             for j, t in enumerate(c.token_ids):
-                page = c.block_table[(c.start_pos + j) // ps]
+                page = c.page_table[(c.start_pos + j) // ps]
                 assert page != 0, "wrote into the null page"
                 assert pool is None or pool.hash_of(page) is None, "wrote into a cached (immutable) page"
                 self.kv[page, (c.start_pos + j) % ps] = t
@@ -41,7 +41,7 @@ class FakeModel:
         for c in out.chunks:
             if c.sample:
                 end = c.start_pos + len(c.token_ids)
-                context = [int(self.kv[c.block_table[p // ps], p % ps]) for p in range(end)]
+                context = [int(self.kv[c.page_table[p // ps], p % ps]) for p in range(end)]
                 assert context == c.request.all_token_ids[:end], "K/V read back differs from the tokens"
                 sampled[c.request_id] = sum(context) % VOCAB
         return sampled
@@ -70,12 +70,12 @@ def check_invariants(sched):
     pool.check_invariants()
     held = collections.Counter()
     for r in sched.running:
-        table = kv.get_block_table(r.request_id)
+        table = kv.get_page_table(r.request_id)
         assert len(set(table)) == len(table) and 0 not in table
         assert len(table) == kv.pages_for(r.num_computed_tokens)  # at most one partly filled page
         held.update(table)
     for r in sched.waiting:
-        assert kv.get_block_table(r.request_id) == [] and r.num_computed_tokens == 0
+        assert kv.get_page_table(r.request_id) == [] and r.num_computed_tokens == 0
     assert all(pool.refcount(p) == held[p] for p in range(pool.num_pages))
     assert all(pool.hash_of(p) is not None for p, n in held.items() if n > 1), "shared pages must be cached"
 
@@ -109,7 +109,7 @@ def test_chunked_prefill_respects_budget():
     # 70 prompt tokens in chunks of 32, 32, 6 (the last samples), then two decodes.
     assert [shape(o) for o in log] == [[("a", 0, 32, False)], [("a", 32, 32, False)], [("a", 64, 6, True)],
                                        [("a", 70, 1, True)], [("a", 71, 1, True)]]
-    assert [o.chunks[0].block_table for o in log[:3]] == [[1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5]]
+    assert [o.chunks[0].page_table for o in log[:3]] == [[1, 2], [1, 2, 3, 4], [1, 2, 3, 4, 5]]
     assert a.output_token_ids == reference(range(70), 3) and a.status == RequestStatus.FINISHED_LENGTH
     assert sched.stats().num_steps == 5 and sched.stats().num_scheduled_tokens == 72
 
@@ -189,7 +189,7 @@ def test_abort_frees_pages_at_once():
     sched.add_request(a)
     sched.add_request(b)
     step(sched, model)
-    assert sched.kv.get_block_table("a") == [1, 2, 3] and sched.kv.get_block_table("b") == [4, 5]
+    assert sched.kv.get_page_table("a") == [1, 2, 3] and sched.kv.get_page_table("b") == [4, 5]
     # Aborting a frees its pages in reverse order right away, before any step; b keeps running.
     assert sched.abort_request("a") and not sched.abort_request("a")
     assert a.status == RequestStatus.FINISHED_ABORTED and a.status.finish_reason == "abort"
@@ -226,7 +226,7 @@ def test_n_siblings_share_the_prompt_pages():
     # Then both others hit its two full pages and compute only their 8-token tails.
     out, _ = step(sched, model)
     assert shape(out) == [("g#0", 40, 1, True), ("g#1", 32, 8, True), ("g#2", 32, 8, True)]
-    assert [c.block_table for c in out.chunks] == [[1, 2, 3], [1, 2, 4], [1, 2, 5]]
+    assert [c.page_table for c in out.chunks] == [[1, 2, 3], [1, 2, 4], [1, 2, 5]]
     assert sched.kv.pool.refcount(1) == sched.kv.pool.refcount(2) == 3
     run(sched, model)
     assert all(r.output_token_ids == reference(range(40), 8) for r in sibs)
@@ -297,7 +297,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def finish(self, data, status):
         rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
         assert self.sched.finish_request(rid, status)
-        assert self.sched.kv.get_block_table(rid) == []
+        assert self.sched.kv.get_page_table(rid) == []
 
     @invariant()
     def pages_balance(self):

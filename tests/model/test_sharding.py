@@ -194,7 +194,7 @@ class Chunk:  # what the runner reads of a scheduled chunk
     request_id: str
     token_ids: list[int]
     start_pos: int
-    block_table: list[int]
+    page_table: list[int]
 
 
 def test_runner_tp8_samples_like_tp1(tiny_checkpoint, runner_tp8):

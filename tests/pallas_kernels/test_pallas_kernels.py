@@ -236,7 +236,7 @@ def test_agrees_with_jax_gpu_paged_attention():
 
     q, kv, _, step = _decode_case("float32")
     k_pages, v_pages = _separate_kv(kv)
-    theirs = jax_gpu.paged_attention(q * SCALE, k_pages, v_pages, step.block_tables, step.kv_lens, k_splits=2,
+    theirs = jax_gpu.paged_attention(q * SCALE, k_pages, v_pages, step.page_tables, step.kv_lens, k_splits=2,
                                      pages_per_compute_block=2, interpret=True)
     for ours in (ragged_paged_attention(q, kv, jnp.int32(0), step, scale=SCALE, interpret=True),
                  paged_decode_attention(q, kv, jnp.int32(0), step, scale=SCALE, num_splits=2, interpret=True)):
@@ -252,7 +252,7 @@ def test_agrees_with_jax_tpu_paged_attention():
     q, kv, _, step = _decode_case("bfloat16")
     k_pages, v_pages = _separate_kv(kv)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
-        theirs = jax_tpu(q.astype(jnp.float32) * SCALE, k_pages, v_pages, step.kv_lens, step.block_tables,
+        theirs = jax_tpu(q.astype(jnp.float32) * SCALE, k_pages, v_pages, step.kv_lens, step.page_tables,
                          pages_per_compute_block=2)
     ours = tpu_ragged_paged_attention(q.astype(jnp.float32), kv, jnp.int32(0), step, scale=SCALE,
                                       pages_per_block=2, interpret=True)

@@ -211,7 +211,7 @@ def test_runner_with_pallas_matmul_samples_what_the_xla_runner_samples(tmp_path)
                                           max_num_seqs=1, max_num_batched_tokens=16, max_model_len=64,
                                           num_pages=8, block_size=4), str(tmp_path))
         assert runner.matmul is (qz.qdot_pallas if matmul == "pallas" else qz.qdot)
-        chunk = types.SimpleNamespace(request_id="a", token_ids=list(range(3, 14)), start_pos=0, block_table=[1, 2, 3])
+        chunk = types.SimpleNamespace(request_id="a", token_ids=list(range(3, 14)), start_pos=0, page_table=[1, 2, 3])
         row = RowSampling(params=SamplingParams(temperature=0.0, logprobs=5), seed=0, position=11)
         outs[matmul] = runner.execute([chunk], [row])
     np.testing.assert_array_equal(outs["pallas"].token_ids, outs["xla"].token_ids)

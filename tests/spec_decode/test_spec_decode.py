@@ -62,7 +62,7 @@ def next_token(context):
 
 
 class SpecFakeModel:
-    """Writes every chunk's tokens into simulated pages through its block table, reads each verified
+    """Writes every chunk's tokens into simulated pages through its page table, reads each verified
     position's context back through it, and accepts proposals greedily (next = sum(context) mod VOCAB)."""
 
     def __init__(self, num_pages):
@@ -71,7 +71,7 @@ class SpecFakeModel:
     def step(self, out):
         for c in out.chunks:
             for j, t in enumerate(c.token_ids):
-                page = c.block_table[(c.start_pos + j) // PS]
+                page = c.page_table[(c.start_pos + j) // PS]
                 assert page != 0
                 self.kv[page, (c.start_pos + j) % PS] = t
         sampled = {}
@@ -79,7 +79,7 @@ class SpecFakeModel:
             if not c.sample:
                 continue
             end = c.start_pos + len(c.token_ids)
-            context = [int(self.kv[c.block_table[p // PS], p % PS]) for p in range(end)]
+            context = [int(self.kv[c.page_table[p // PS], p % PS]) for p in range(end)]
             known = c.request.all_token_ids
             assert context[:len(known)] == known[:end], "K/V read back differs from the tokens"
             proposals = c.token_ids[len(c.token_ids) - c.num_spec:] if c.num_spec else []
@@ -104,7 +104,7 @@ def check_invariants(sched):
     kv = sched.kv
     kv.pool.check_invariants()
     for r in sched.running:
-        assert len(kv.get_block_table(r.request_id)) == kv.pages_for(r.num_computed_tokens)
+        assert len(kv.get_page_table(r.request_id)) == kv.pages_for(r.num_computed_tokens)
         assert r.num_computed_tokens == r.num_tokens - 1 or r.num_computed_tokens < r.num_prompt_tokens
 
 

@@ -31,6 +31,7 @@ from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
+from jaxserve.engine_client import EngineStatsSnapshot, SpecDecodeSnapshot
 from jaxserve.model.sampler import RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
@@ -55,6 +56,8 @@ class _Choice:
 
 
 class LLMEngine:
+    """The one orchestrator; implements `EngineClient` (and `OfflineEngineClient`: `step()` on the caller's thread)."""
+
     def __init__(self, config: EngineConfig, *, warmup: bool = True):
         self.config = config
         checkpoint_dir = resolve_engine_model(config)
@@ -133,6 +136,15 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
+
+    def stats_snapshot(self) -> EngineStatsSnapshot:
+        spec = None
+        if self.spec is not None:
+            s = self.spec.stats
+            spec = SpecDecodeSnapshot(s.acceptance_rate, s.mean_accepted_length, s.num_drafts, s.num_draft_tokens,
+                                      s.num_accepted_tokens, s.num_emitted_tokens, tuple(s.accepted_per_position))
+        return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
+                                   self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
 
     def start(self) -> None:
         """Runs the step loop in a daemon thread until `shutdown()`."""

@@ -39,6 +39,8 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob  # noqa: E402
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError  # noqa: E402
+from jaxserve.core.scheduler import SchedulerStats  # noqa: E402
+from jaxserve.engine_client import EngineStatsSnapshot  # noqa: E402
 from jaxserve.server.app import STATE, ServingConfig, create_app  # noqa: E402
 
 # ---------------------------------------------------------------------------- the fake engine
@@ -108,7 +110,7 @@ class FakeEngine:
         self.step_delay, self.first_token_delay = step_delay, first_token_delay
         self.kv_cache = FakeKV(num_pages, page_size)
         self.scheduler = SimpleNamespace(running=[], waiting=[], num_preemptions=0)
-        self.stats = SimpleNamespace(steps=0, tokens=0)
+        self.stats = SimpleNamespace(steps=0, tokens=0, step_seconds=0.0)
         self.warmup_seconds = 0.0
         self.scripts: dict[str, str] = {}
         self.added: list[tuple[str, list[int], SamplingParams]] = []
@@ -126,6 +128,17 @@ class FakeEngine:
         for token in params.logit_bias or {}:
             if not 0 <= token < 128:
                 raise SamplingParamsError("logit_bias", f"token id {token} is outside the vocabulary [0, 128)")
+
+    def stats_snapshot(self) -> EngineStatsSnapshot:
+        kv = self.kv_cache
+        sched = SchedulerStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.stats.steps,
+            num_scheduled_tokens=self.stats.tokens, last_step_tokens=0, prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits, prefix_cache_hit_rate=kv.prefix_hit_rate, kv_usage=kv.usage,
+            kv_used_pages=kv.pool.num_used_pages, kv_total_pages=kv.num_usable_pages, kv_waste_tokens=0)
+        return EngineStatsSnapshot(sched, self.stats.steps, self.stats.tokens, self.stats.step_seconds,
+                                   host_fraction=0.0, warmup_seconds=self.warmup_seconds)
 
     def add_request(self, prompt, params: SamplingParams, *, request_id: str, priority: int = 0) -> RequestStream:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

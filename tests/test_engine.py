@@ -125,6 +125,12 @@ def test_preemption_under_a_tiny_pool_keeps_greedy_outputs():
         assert_matches_golden(out, prompt)
     assert tiny.engine.scheduler.stats().num_preemptions > 0
     assert_idle_and_accounted(tiny)
+    # The server's view (EngineClient.stats_snapshot) reports the same: preemptions, steps, no page held.
+    snap = tiny.engine.stats_snapshot()
+    assert snap.scheduler.num_preemptions == tiny.engine.scheduler.stats().num_preemptions
+    assert snap.scheduler.kv_used_pages == 0 and snap.scheduler.kv_total_pages == 13
+    assert snap.num_steps > 0 and snap.num_step_tokens >= sum(len(p["prompt_ids"]) for p in chosen)
+    assert snap.spec_decode is None
 
 
 @pytest.mark.slow

@@ -84,6 +84,8 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens
     prefix_cache_hit_rate: float
     kv_usage: float
+    kv_used_pages: int
+    kv_total_pages: int  # usable pages (the null page excluded)
     kv_waste_tokens: int
 
     @property
@@ -156,7 +158,8 @@ class Scheduler:
             num_steps=self.num_steps, num_scheduled_tokens=self.num_scheduled_tokens,
             last_step_tokens=self.last_step_tokens, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, prefix_cache_hit_rate=self.kv.prefix_hit_rate,
-            kv_usage=self.kv.usage, kv_waste_tokens=self.kv.kv_waste_tokens())
+            kv_usage=self.kv.usage, kv_used_pages=self.kv.pool.num_used_pages,
+            kv_total_pages=self.kv.num_usable_pages, kv_waste_tokens=self.kv.kv_waste_tokens())
 
     # ------------------------------------------------------------------ one step
 

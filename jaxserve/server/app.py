@@ -11,7 +11,9 @@ Tasks, threads and who owns what:
     `asyncio.Event` with `loop.call_soon_threadsafe` (`streaming.DeltaBridge`). One event per HTTP request.
   * The builder thread (started by `__main__`) constructs and warms up the engine, then hands it to the
     loop with `call_soon_threadsafe(state.set_engine, engine)`. Until then `/health` answers 503.
-  * `/metrics` reads the engine's counters at scrape time without a lock (see `metrics.EngineCollector`).
+  * `/metrics` reads the engine's counters at scrape time without a lock, through
+    `EngineClient.stats_snapshot()` (see `metrics.EngineCollector`). The server knows the engine only as an
+    `EngineClient` (jaxserve/engine_client.py).
 
 Shutdown (`__main__`): `begin_drain()` makes new requests and `/health` answer 503, `wait_drained()` lets
 the in-flight ones finish within the grace period, `abort_all()` cancels the rest.
@@ -30,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 import jaxserve
+from jaxserve.engine_client import EngineClient
 from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
@@ -73,7 +76,7 @@ class ServingConfig:
 class ServerState:
     def __init__(self, config: ServingConfig):
         self.config = config
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
         self.engine_error: str | None = None
         self.draining = False
         self.started_at = time.time()
@@ -87,7 +90,7 @@ class ServerState:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def set_engine(self, engine: Any) -> None:
+    def set_engine(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def set_engine_failed(self, message: str) -> None:
@@ -115,7 +118,7 @@ class ServerState:
 
     # ------------------------------------------------------------------ admission
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         if self.draining:
             raise errors.unavailable("The server is shutting down.", "shutting_down")
         if self.engine is None:
@@ -222,7 +225,7 @@ async def models(request: web.Request) -> web.Response:
     engine = state.engine
     card = {"id": state.config.served_model_name, "object": "model", "created": int(state.started_at),
             "owned_by": "jaxserve", "root": state.config.model, "parent": None,
-            "max_model_len": getattr(engine, "max_model_len", None)}
+            "max_model_len": engine.max_model_len if engine is not None else None}
     return web.json_response({"object": "list", "data": [card]})
 
 
@@ -301,7 +304,7 @@ ROUTES = [
 ]
 
 
-def create_app(config: ServingConfig, engine: Any = None) -> web.Application:
+def create_app(config: ServingConfig, engine: EngineClient | None = None) -> web.Application:
     """The application. `engine` (already started) may be given now or later through `app[STATE].set_engine`."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_request_bytes)
     state = ServerState(config)

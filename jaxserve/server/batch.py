@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
+from jaxserve.engine_client import OfflineEngineClient
 from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 
@@ -117,14 +118,14 @@ class _LineError(Exception):
         self.custom_id, self.code, self.message = custom_id, code, message
 
 
-def _prepare(engine, job: _Job) -> list:
+def _prepare(engine: OfflineEngineClient, job: _Job) -> list:
     """Prompt ids and per-prompt params, exactly as the server prepares them (its 400s included)."""
     job.prompt_texts, job.prompt_ids = protocol.tokenize_prompts(job.req, engine.tokenizer)
     return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate)
             for ids in job.prompt_ids]
 
 
-def _body(engine, job: _Job, model: str) -> dict:
+def _body(engine: OfflineEngineClient, job: _Job, model: str) -> dict:
     req, n = job.req, job.req.params.n
 
     def token_text(token_id: int) -> str:
@@ -152,7 +153,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def run_batch(engine: Any, input_path: str | Path, output_path: str | Path, *, model: str,
+def run_batch(engine: OfflineEngineClient, input_path: str | Path, output_path: str | Path, *, model: str,
               progress: bool = True) -> dict:
     """Runs every request of `input_path` not yet in `output_path`; appends results. Returns a summary."""
     output_path = Path(output_path)

@@ -4,9 +4,8 @@ Two kinds of source:
   * Per-request observations (latencies, lengths, finish reasons, errors) are recorded by the serving
     layer on the event loop as requests progress, into histograms and counters.
   * Engine state (running / waiting requests, KV pages, prefix-cache hits, preemptions, steps) is read at
-    scrape time by `EngineCollector`. NOTE: it reads plain counters that the engine thread updates without
-    a lock; a scrape may see a value one step old, which is fine for monitoring and costs the engine nothing.
-    Each read is guarded, so an engine without some attribute just omits that metric.
+    scrape time by `EngineCollector`, from one `EngineClient.stats_snapshot()` (see jaxserve/engine_client.py):
+    the server never reads the engine's internals.
 
 Each app gets its own `CollectorRegistry`, so tests can build many apps in one process.
 """
@@ -14,10 +13,13 @@ Each app gets its own `CollectorRegistry`, so tests can build many apps in one p
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from jaxserve.engine_client import EngineClient, EngineStatsSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +109,65 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def _read(obj: Any, path: str) -> Any:
-    for name in path.split("."):
-        if obj is None:
-            return None
-        obj = getattr(obj, name, None)
-    return obj
+# Engine gauges and counters: metric suffix -> (help, the snapshot field it reads).
+ENGINE_GAUGES = {
+    "num_requests_running": ("Requests being computed by the engine.", lambda s: s.scheduler.num_running),
+    "num_requests_waiting": ("Requests waiting for the engine (queued or preempted).",
+                             lambda s: s.scheduler.num_waiting),
+    "kv_cache_usage_perc": ("Fraction of KV pages held by requests (0..1).", lambda s: s.scheduler.kv_usage),
+    "kv_cache_used_pages": ("KV pages held by requests.", lambda s: s.scheduler.kv_used_pages),
+    "kv_cache_total_pages": ("Usable KV pages (the null page excluded).", lambda s: s.scheduler.kv_total_pages),
+    "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens, since start.",
+                              lambda s: s.scheduler.prefix_cache_hit_rate),
+    "kv_cache_waste_tokens": ("Allocated but unfilled KV token slots (at most a page per sequence).",
+                              lambda s: s.scheduler.kv_waste_tokens),
+    "engine_host_fraction": ("Share of engine step time not spent waiting for the device, since start.",
+                             lambda s: s.host_fraction),
+    "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.", lambda s: s.warmup_seconds),
+    # Speculative decoding (only when the engine has it on).
+    "spec_decode_acceptance_rate": ("Accepted / proposed speculative tokens since start.",
+                                    lambda s: s.spec_decode and s.spec_decode.acceptance_rate),
+    "spec_decode_mean_accepted_length": ("Tokens emitted per verified proposal chunk (1 + accepted).",
+                                         lambda s: s.spec_decode and s.spec_decode.mean_accepted_length),
+}
+ENGINE_COUNTERS = {
+    "num_preemptions": ("Requests preempted (recomputed later) since start.", lambda s: s.scheduler.num_preemptions),
+    "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
+                             lambda s: s.scheduler.prefix_cache_queries),
+    "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", lambda s: s.scheduler.prefix_cache_hits),
+    "engine_steps": ("Engine steps that computed tokens.", lambda s: s.num_steps),
+    "engine_step_tokens": ("Tokens computed by engine steps (prompt and generated).", lambda s: s.num_step_tokens),
+    "spec_decode_num_drafts": ("Verified chunks that carried speculative proposals.",
+                               lambda s: s.spec_decode and s.spec_decode.num_drafts),
+    "spec_decode_num_draft_tokens": ("Speculative tokens proposed and verified.",
+                                     lambda s: s.spec_decode and s.spec_decode.num_draft_tokens),
+    "spec_decode_num_accepted_tokens": ("Speculative tokens accepted.",
+                                        lambda s: s.spec_decode and s.spec_decode.num_accepted_tokens),
+    "spec_decode_num_emitted_tokens": ("Tokens emitted by chunks with proposals (accepted + one each).",
+                                       lambda s: s.spec_decode and s.spec_decode.num_emitted_tokens),
+}
+
+
+def snapshot_of(engine: EngineClient | None) -> EngineStatsSnapshot | None:
+    """The engine's stats, or None while it is being built (or if a read races a resize on the engine thread)."""
+    if engine is None:
+        return None
+    try:
+        return engine.stats_snapshot()
+    except RuntimeError:  # NOTE: a dict resized mid-read by the engine thread; the next scrape gets it
+        return None
 
 
 class EngineCollector:
-    """Engine and server gauges read at scrape time.
+    """Engine and server gauges read at scrape time, from one `EngineClient.stats_snapshot()`.
 
     Args:
       get_engine: returns the engine, or None while it is being built.
       server_values: returns {metric suffix: value} for server-side gauges (in flight, draining, ...).
     """
 
-    def __init__(self, get_engine: Callable[[], Any], server_values: Callable[[], dict[str, float]]):
+    def __init__(self, get_engine: Callable[[], EngineClient | None],
+                 server_values: Callable[[], dict[str, float]]):
         self.get_engine = get_engine
         self.server_values = server_values
 
@@ -131,63 +175,18 @@ class EngineCollector:
         return []  # NOTE: no describe() round: collect() reads the engine, which may not exist yet
 
     def collect(self):
-        engine = self.get_engine()
-        gauges = {
-            "num_requests_running": ("Requests being computed by the engine.",
-                                     lambda: len(_read(engine, "scheduler.running"))),
-            "num_requests_waiting": ("Requests waiting for the engine (queued or preempted).",
-                                     lambda: len(_read(engine, "scheduler.waiting"))),
-            "kv_cache_usage_perc": ("Fraction of KV pages held by requests (0..1).",
-                                    lambda: _read(engine, "kv_cache.usage")),
-            "kv_cache_used_pages": ("KV pages held by requests.",
-                                    lambda: _read(engine, "kv_cache.pool.num_used_pages")),
-            "kv_cache_total_pages": ("Usable KV pages (the null page excluded).",
-                                     lambda: _read(engine, "kv_cache.num_usable_pages")),
-            "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens, since start.",
-                                      lambda: _read(engine, "kv_cache.prefix_hit_rate")),
-            "kv_cache_waste_tokens": ("Allocated but unfilled KV token slots (at most a page per sequence).",
-                                      lambda: _read(engine, "kv_cache.kv_waste_tokens")()),
-            "engine_host_fraction": ("Share of engine step time not spent waiting for the device, since start.",
-                                     lambda: _read(engine, "stats.host_fraction")),
-            "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.",
-                                      lambda: _read(engine, "warmup_seconds")),
-            # Speculative decoding (only when the engine has it on).
-            "spec_decode_acceptance_rate": ("Accepted / proposed speculative tokens since start.",
-                                            lambda: _read(engine, "spec.stats.acceptance_rate")),
-            "spec_decode_mean_accepted_length": ("Tokens emitted per verified proposal chunk (1 + accepted).",
-                                                 lambda: _read(engine, "spec.stats.mean_accepted_length")),
-        }
-        counters = {
-            "num_preemptions": ("Requests preempted (recomputed later) since start.",
-                                lambda: _read(engine, "scheduler.num_preemptions")),
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.",
-                                     lambda: _read(engine, "kv_cache.prefix_queries")),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.",
-                                  lambda: _read(engine, "kv_cache.prefix_hits")),
-            "engine_steps": ("Engine steps that computed tokens.", lambda: _read(engine, "stats.steps")),
-            "engine_step_tokens": ("Tokens computed by engine steps (prompt and generated).",
-                                   lambda: _read(engine, "stats.tokens")),
-            "spec_decode_num_drafts": ("Verified chunks that carried speculative proposals.",
-                                       lambda: _read(engine, "spec.stats.num_drafts")),
-            "spec_decode_num_draft_tokens": ("Speculative tokens proposed and verified.",
-                                             lambda: _read(engine, "spec.stats.num_draft_tokens")),
-            "spec_decode_num_accepted_tokens": ("Speculative tokens accepted.",
-                                                lambda: _read(engine, "spec.stats.num_accepted_tokens")),
-            "spec_decode_num_emitted_tokens": ("Tokens emitted by chunks with proposals (accepted + one each).",
-                                               lambda: _read(engine, "spec.stats.num_emitted_tokens")),
-        }
-        for metric_family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+        snap = snapshot_of(self.get_engine())
+        for metric_family, table in ((GaugeMetricFamily, ENGINE_GAUGES), (CounterMetricFamily, ENGINE_COUNTERS)):
             for name, (doc, read) in table.items():
-                value = self._value(read) if engine is not None else None
+                value = read(snap) if snap is not None else None
                 if value is not None:
                     family = metric_family(NS + name, doc)
                     family.add_metric([], float(value))
                     yield family
-        per_position = _read(engine, "spec.stats.accepted_per_position") if engine is not None else None
-        if per_position:
+        if snap is not None and snap.spec_decode is not None and snap.spec_decode.accepted_per_position:
             family = CounterMetricFamily(NS + "spec_decode_num_accepted_tokens_per_pos",
                                          "Speculative tokens accepted at each proposal position.", labels=["position"])
-            for position, value in enumerate(list(per_position)):
+            for position, value in enumerate(snap.spec_decode.accepted_per_position):
                 family.add_metric([str(position)], float(value))
             yield family
         for name, value in self.server_values().items():
@@ -195,20 +194,12 @@ class EngineCollector:
             family.add_metric([], float(value))
             yield family
 
-    @staticmethod
-    def _value(read: Callable[[], Any]) -> float | None:
-        try:
-            value = read()
-        except (TypeError, AttributeError, RuntimeError):  # missing attribute, or a dict resized mid-read
-            return None
-        return None if value is None else float(value)
-
 
 def _counter_total(counter: Counter) -> float:
     return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
-def cost_gauges(metrics: ServerMetrics, engine: Any, price_per_hour: float, utilization: float,
+def cost_gauges(metrics: ServerMetrics, engine: EngineClient | None, price_per_hour: float, utilization: float,
                 uptime: float) -> dict[str, float]:
     """The serving arithmetic of `jaxserve.server.cost` on this server's own throughput, as gauges.
 
@@ -221,7 +212,8 @@ def cost_gauges(metrics: ServerMetrics, engine: Any, price_per_hour: float, util
     from jaxserve.server.cost import Accelerator, unit_costs
 
     out = {"accelerator_price_per_hour": price_per_hour, "accelerator_utilization": utilization}
-    busy = float(_read(engine, "stats.step_seconds") or 0.0)
+    snap = snapshot_of(engine)
+    busy = snap.step_seconds if snap is not None else 0.0
     if uptime > 0:
         out["accelerator_busy_fraction"] = min(1.0, busy / uptime)
     generated = _counter_total(metrics.generation_tokens)

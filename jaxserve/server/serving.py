@@ -115,8 +115,7 @@ class Generation:
             self.state.metrics.guardrail_hits.labels(finding.stage, "input").inc()
             raise errors.content_policy(f"The request was blocked by the {finding.describe()} guardrail.",
                                         param="messages" if req.kind == "chat" else "prompt")
-        validate = getattr(engine, "validate", None)
-        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, validate)
+        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, engine.validate)
                        for ids in self.prompt_ids]
 
     @property

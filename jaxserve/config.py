@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -225,6 +227,8 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # K: proposals verified per request and step
     ngram_prompt_lookup_max: int = 4  # longest n-gram the ngram proposer matches
     ngram_prompt_lookup_min: int = 1  # shortest n-gram the ngram proposer matches
+    # Persistent XLA compilation cache, so a restart loads every step shape instead of compiling it again.
+    compilation_cache_dir: str = "auto"  # compiled executables: auto ($JAXSERVE_CACHE/xla), a folder, or none (off)
 
     def __post_init__(self):
         if self.dtype not in ("auto",) + DTYPES:
@@ -251,6 +255,8 @@ class EngineConfig:
             raise ValueError(f"num_processes must be positive, got {self.num_processes}")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
+        if not self.compilation_cache_dir.strip():
+            raise ValueError("compilation_cache_dir must be auto, none or a folder; got an empty string")
         CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; "
@@ -287,3 +293,16 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of "
                              f"{model.max_position_embeddings} tokens")
         return self.max_model_len
+
+
+def cache_dir() -> Path:
+    """jaxserve's cache root: `$JAXSERVE_CACHE`, else `$XDG_CACHE_HOME/jaxserve`, else `~/.cache/jaxserve`.
+
+    Converted checkpoints live under `checkpoints/`, compiled executables under `xla/`. NOTE: defined here, the
+    one module every layer may import, because both the model registry and the worker need it.
+    """
+    if os.environ.get("JAXSERVE_CACHE"):
+        return Path(os.environ["JAXSERVE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "jaxserve"
+    return Path.home() / ".cache" / "jaxserve"

@@ -37,6 +37,7 @@ from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
 from jaxserve.text.output_processor import ChoiceText
 from jaxserve.text.tokenizer import load_tokenizer
+from jaxserve.worker import compilation_cache
 from jaxserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class LLMEngine:
         self.warmup_seconds = self.runner.warmup() if warmup else 0.0
         if self.spec is not None and self.spec.method == "draft" and warmup:
             self.warmup_seconds += self.spec.proposer.warmup()
+        if warmup:
+            logger.info("compilation cache: %(hits)d of %(requests)d compiles so far loaded from it",
+                        compilation_cache.stats())
         self.stats = EngineStats()
 
     def _build_spec(self, config: EngineConfig) -> SpecDecoder:

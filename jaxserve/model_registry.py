@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from jaxserve.config import cache_dir
 from jaxserve.model.checkpoint import is_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ def _smollm2_gguf() -> Path:
 MODELS: dict[str, Callable[[], Path]] = {
     DEFAULT_MODEL: _smollm2_gguf,
 }
-
-
-def cache_dir() -> Path:
-    """`$JAXSERVE_CACHE`, else `$XDG_CACHE_HOME/jaxserve`, else `~/.cache/jaxserve`."""
-    if os.environ.get("JAXSERVE_CACHE"):
-        return Path(os.environ["JAXSERVE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "jaxserve"
-    return Path.home() / ".cache" / "jaxserve"
 
 
 def cache_key(src: Path) -> str:

@@ -123,3 +123,29 @@ def prefill_floor(cfg: ModelConfig, wbytes: int, itemsize: int, batch: int, prom
     pairs = batch * prompt_len * (prompt_len + 1) / 2
     flops = 2 * matmul_params(cfg) * tokens + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
     return _floor(nbytes, flops, machine)
+
+
+# Datasheet peaks (dense bf16 FLOP/s, HBM bytes/s) for the floors in docs/accelerators.md: what a chip
+# promises, not what it reaches (Machine.measure measures that).
+DATASHEETS = {
+    "H100 SXM": Machine(bandwidth=3.35e12, flops=989e12, device="H100 SXM (HBM3)"),
+    "H200": Machine(bandwidth=4.8e12, flops=989e12, device="H200 (HBM3e)"),
+    "TPU v5e": Machine(bandwidth=819e9, flops=197e12, device="TPU v5e"),
+    "TPU v6e": Machine(bandwidth=1640e9, flops=918e12, device="TPU v6e"),
+}
+
+
+def datasheet_decode_floors(models: dict[str, ModelConfig], batches: tuple[int, ...], context: int,
+                            itemsize: int = 2) -> list[dict]:
+    """Decode TPOT floors on every datasheet machine: each model's weights (every parameter, at `itemsize`
+    bytes) plus the KV of `context` tokens per sequence, read once a step; FLOPs over the peak."""
+    rows = []
+    for name, cfg in models.items():
+        wbytes = cfg.num_params() * itemsize
+        for batch in batches:
+            for chip, machine in DATASHEETS.items():
+                f = decode_floor(cfg, wbytes, itemsize, [context] * batch, machine)
+                rows.append(dict(model=name, batch=batch, chip=chip, tpot_ms=1e3 * f.seconds,
+                                 memory_ms=1e3 * f.bytes / machine.bandwidth, compute_ms=1e3 * f.flops / machine.flops,
+                                 gbytes=f.bytes / 1e9, bound=f.bound, tok_s=batch / f.seconds))
+    return rows

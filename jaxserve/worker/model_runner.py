@@ -30,7 +30,7 @@ from jaxserve.model.checkpoint import load_checkpoint, read_config
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
 from jaxserve.model.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
 from jaxserve.model.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
-from jaxserve.worker import distributed
+from jaxserve.worker import compilation_cache, distributed
 from pallas_kernels import kv_cache
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, checkpoint_dir: str):
         self.config = config
         distributed.initialize(config)
+        compilation_cache.enable(config.compilation_cache_dir)  # before the first compile below
         self.dtype = resolve_dtype(config.dtype)
         t0 = time.perf_counter()
         stored_cfg, meta = read_config(checkpoint_dir)

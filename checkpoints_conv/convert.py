@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterable
 
+import jax
 import numpy as np
 
 from checkpoints_conv import gguf as gguf_source
@@ -26,7 +27,8 @@ from checkpoints_conv.hf_safetensors import Loader, Table, Transform, linear
 from jaxserve.config import ModelConfig
 from jaxserve.model import quantization as qz
 from jaxserve.model.checkpoint import STORED_DTYPES, save_checkpoint
-from jaxserve.model.llama import ParamInfo, param_table
+from jaxserve.model.llama import LlamaWeights, weight_info
+from jaxserve.model.weight_info import ArrayInfo, named
 
 SOURCES: dict[str, ModuleType] = {"hf_safetensors": hf_safetensors, "gguf": gguf_source}
 
@@ -60,46 +62,44 @@ def lookup(table: Table, key: str) -> tuple[str | None, int | None, Transform | 
     raise ValueError(f"unknown tensor {key!r}: no conversion rule matches it")
 
 
-def quantize_tensor(name: str, info: ParamInfo, load: Loader, transform: Transform, target: tuple[int, ...],
+def quantize_tensor(info: ArrayInfo, load: Loader, transform: Transform, target: tuple[int, ...],
                     key: str, spec: qz.QuantSpec) -> dict[str, np.ndarray]:
     """One source tensor (one layer's slice) → the arrays of its quantized weight.
 
     GGUF Q8_0 / Q4_0 / Q4_1 tensors whose blocks fit the scheme are repacked byte for byte
     (`gguf_quant.repack`); anything else is loaded as float32, transformed and quantized.
     """
-    scheme = spec.scheme_for(name, info.contract)
+    scheme = spec.scheme_for(info)
     group = spec.group_size(scheme)
-    n_in = 1 if name == "embed" else info.contract
+    n_in = info.contract
     t = getattr(load, "gguf_tensor", None)
     if t is not None and gguf_quant.can_repack(t.tensor_type.name, scheme, group, spec.scale_dtype):
-        if name == "embed":  # token_embd is [V, D] = [out, in] like any GGUF matrix; ours is the head [D, V]
+        if info.transpose:  # token_embd is [V, D] = [out, in] like any GGUF matrix; ours is the head [D, V]
             transform, target = linear(1), tuple(reversed(target))
         parts = gguf_quant.repack(np.asarray(t.data), t.tensor_type.name, transform, target, n_in, key)
     else:
         w = transform(load(), target, key)
-        w = qz.quantize(w.T if name == "embed" else w, scheme, n_in, group_size=group,
+        w = qz.quantize(w.T if info.transpose else w, scheme, n_in, group_size=group,
                         scale_dtype=spec.scale_dtype)
         parts = {c: getattr(w, c) for c in qz.COMPONENTS[type(w)]}
     return {c: np.asarray(a) for c, a in parts.items()}
 
 
 def fill_weights(cfg: ModelConfig, table: Table, tensors: Iterable[tuple[str, Loader]],
-                 dtype: str, spec: qz.QuantSpec | None = None) -> dict[str, np.ndarray]:
+                 dtype: str, spec: qz.QuantSpec | None = None) -> LlamaWeights:
     """Runs every source tensor through `table` into preallocated stacked arrays of `dtype`.
 
     With a `spec` that quantizes, those weights come back as `Int8Weight` / `Int4Weight` of numpy arrays.
     Raises ValueError on an unknown key, a tensor of the wrong shape, a duplicate, or a weight never filled.
     """
-    import jax.numpy as jnp
-
-    params = param_table(cfg)
     spec = spec or qz.QuantSpec()
-    quantized = qz.component_table(params, spec)
-    out = {name: np.empty(info.shape, jnp.dtype(dtype)) for name, info in params.items() if name not in quantized}
-    out.update({f"{name}.{c}": np.empty(ci.shape, jnp.dtype(ci.dtype))
-                for name, comps in quantized.items() for c, ci in comps.items()})
+    dense = weight_info(cfg, dtype)
+    # The output tree, allocated from its description; `arrays` names its (mutable) arrays as on disk.
+    out = jax.tree.map(lambda i: np.empty(i.shape, i.dtype), qz.quantize_info(dense, spec))
+    arrays = named(out)
+    params = named(dense)  # the source table's names ("layers.wq", ...) → their description
     # NOTE: one flag per layer of a stacked weight, so a missing or doubled layer is caught.
-    filled = {name: np.zeros(info.shape[0] if info.axes[0] == "layers" else 1, bool) for name, info in params.items()}
+    filled = {name: np.zeros(info.shape[0] if info.lead else 1, bool) for name, info in params.items()}
     for key, load in tensors:
         param, layer, transform = lookup(table, key)
         if param is None:
@@ -109,29 +109,29 @@ def fill_weights(cfg: ModelConfig, table: Table, tensors: Iterable[tuple[str, Lo
                 continue  # NOTE: some tied checkpoints store a copy of the embeddings as the head; ours is tied
             raise ValueError(f"tensor {key} maps to {param}, which this model config has no place for")
         info = params[param]
-        stacked = info.axes[0] == "layers"
+        stacked = bool(info.lead)
         if stacked and not 0 <= layer < cfg.num_layers:
             raise ValueError(f"tensor {key}: layer {layer} is out of range for {cfg.num_layers} layers")
         slot = layer if stacked else 0
         if filled[param][slot]:
             raise ValueError(f"tensor {key} fills {param}[{slot}] a second time")
         target = info.shape[1:] if stacked else info.shape
-        if param in quantized:
+        if spec.scheme_for(info) != "none":
             parts = {f"{param}.{c}": a for c, a in
-                     quantize_tensor(param, info, load, transform, target, key, spec).items()}
+                     quantize_tensor(info, load, transform, target, key, spec).items()}
         else:
             parts = {param: transform(load(), target, key)}
         for dest, w in parts.items():
             if stacked:
-                out[dest][layer] = w
+                arrays[dest][layer] = w
             else:
-                out[dest][...] = w
+                arrays[dest][...] = w
         filled[param][slot] = True
-    missing = [f"{name}" + (f" (layers {np.flatnonzero(~done).tolist()})" if params[name].axes[0] == "layers" else "")
+    missing = [f"{name}" + (f" (layers {np.flatnonzero(~done).tolist()})" if params[name].lead else "")
                for name, done in filled.items() if not done.all()]
     if missing:
         raise ValueError(f"lacks weights the config needs: {', '.join(missing)}")
-    return qz.from_components(out, params, spec)
+    return out
 
 
 def write_tokenizer(kind: str, src: Path, dest: Path) -> None:
@@ -190,7 +190,7 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "float32", force:
     cfg, table, tensors = SOURCES[kind].read_source(src)
     bar = tqdm(tensors, desc=f"converting {src.name}", unit="tensor", disable=not progress)
     try:
-        flat = fill_weights(cfg, table, bar, dtype, spec)
+        weights = fill_weights(cfg, table, bar, dtype, spec)
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from e
 
@@ -198,8 +198,8 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "float32", force:
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_checkpoint(tmp, cfg, flat, source={"format": kind, "path": str(src)}, quantization=spec)
-        del flat
+        save_checkpoint(tmp, cfg, weights, source={"format": kind, "path": str(src)}, quantization=spec)
+        del weights
         write_tokenizer(kind, src, tmp)
         if dest.exists():  # --force: swap, then drop the old one
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"

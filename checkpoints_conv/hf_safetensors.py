@@ -1,9 +1,9 @@
 """Hugging Face safetensors → jaxserve weights, as one table.
 
-Each row of `HF_TABLE` maps a source-key regex (group 1, when present, is the layer index) to a flat
-parameter name of `jaxserve.model.llama.param_table` (None: the tensor is dropped) and a transform. A transform
-gets the source tensor and the target shape (one layer's slice for "layers.*" names), checks the source
-shape, and returns the tensor in jaxserve's layout. Keys no row matches are refused.
+Each row of `HF_TABLE` maps a source-key regex (group 1, when present, is the layer index) to a weight's
+name, its path in `jaxserve.model.llama.weight_info` ("layers.wq"; None: the tensor is dropped), and a
+transform. A transform gets the source tensor and the target shape (one layer's slice for "layers.*"
+names), checks the source shape, and returns the tensor in jaxserve's layout. Keys no row matches are refused.
 
 The transforms here are shared with `checkpoints_conv.gguf`: GGUF stores the same [out, in] matrices.
 """

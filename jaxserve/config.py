@@ -80,14 +80,6 @@ class ModelConfig:
     def group_size(self) -> int:  # G
         return self.num_heads // self.num_kv_heads
 
-    def num_params(self) -> int:
-        D, F, N, K, H, V = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
-                            self.head_dim, self.vocab_size)
-        per_layer = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-        if self.attention_bias:
-            per_layer += N * H + 2 * K * H
-        return V * D * (1 if self.tie_word_embeddings else 2) + D + self.num_layers * per_layer
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

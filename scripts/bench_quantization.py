@@ -86,11 +86,11 @@ def decode_seconds(weights, cfg, batch: int, context: int, iters: int) -> float:
 
 
 def schemes(model: str, weights, cfg, quantize_embeddings: bool) -> dict:
-    table, flat = llama.param_table(cfg), llama.weights_to_flat(weights)
+    infos = llama.weight_info(cfg)
     out = {"none": weights}
     for scheme in ("int8", "int4"):
         spec = qz.QuantSpec(scheme, scheme if quantize_embeddings else "none")
-        out[scheme] = llama.weights_from_flat(qz.quantize_flat(flat, table, spec))
+        out[scheme] = qz.quantize_weights(weights, infos, spec)
     src = model_registry.MODELS[model]() if model in model_registry.MODELS else Path(model)
     if src.is_file() and src.suffix == ".gguf":
         from checkpoints_conv.convert import convert

@@ -43,6 +43,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
 
+import jax
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
@@ -67,9 +68,10 @@ class Chunk:
 
 def random_checkpoint(cfg: ModelConfig, dest: str) -> str:
     rng = np.random.default_rng(0)
-    flat = {name: (1 + 0.1 * rng.standard_normal(i.shape) if i.norm else 0.05 * rng.standard_normal(i.shape))
-            .astype(np.float32) for name, i in llama.param_table(cfg).items()}
-    save_checkpoint(dest, cfg, flat, source={"format": "random"})
+    weights = jax.tree.map(lambda i: (1 + 0.1 * rng.standard_normal(i.shape) if i.norm
+                                      else 0.05 * rng.standard_normal(i.shape)).astype(np.float32),
+                           llama.weight_info(cfg))
+    save_checkpoint(dest, cfg, weights, source={"format": "random"})
     return dest
 
 

@@ -26,7 +26,7 @@ import optax
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.model.checkpoint import load_checkpoint
-from jaxserve.model.llama import forward, kv_cache_shape, weights_from_flat, weights_to_flat
+from jaxserve.model.llama import forward, kv_cache_shape
 from jaxserve.model.step_inputs import SeqChunk, build_step_inputs
 from jaxserve.model_registry import resolve_model
 from jaxserve.spec_decode.draft_init import save_draft, truncated_weights
@@ -94,7 +94,7 @@ def main():
 
     # 2. Target soft labels and the draft's initial weights.
     cfg_t, w_t = load_checkpoint(target_dir)
-    cfg_d, flat_d = truncated_weights(target_dir, args.layers)
+    cfg_d, w_d = truncated_weights(target_dir, args.layers)
     T, page = args.seq_len, 16
     num_pages = -(-T // page)
 
@@ -121,11 +121,11 @@ def main():
     held_out = [data[i] for i in order[:max(2, len(data) // 6)]]
     train = [data[i] for i in order[len(held_out):]]
 
-    frozen = {"embed": jnp.asarray(flat_d["embed"])}
-    trainable = {k: jnp.asarray(v) for k, v in flat_d.items() if k != "embed"}
+    frozen_embed = jnp.asarray(w_d.embed)  # the target's embeddings stay as they are
+    trainable = jax.tree.map(jnp.asarray, dataclasses.replace(w_d, embed=None))
 
     def draft_logits(params, tokens, step):
-        return logits_of(weights_from_flat({**frozen, **params}), cfg_d, tokens, step)
+        return logits_of(dataclasses.replace(params, embed=frozen_embed), cfg_d, tokens, step)
 
     def loss_fn(params, tokens, step, mask, target_lp):
         lp = jax.nn.log_softmax(draft_logits(params, tokens, step))
@@ -163,9 +163,7 @@ def main():
     after = acceptance(trainable)
     print(f"greedy acceptance after training:  {after:.3f}")
 
-    flat = {k: np.asarray(v) for k, v in {**frozen, **trainable}.items()}
-    assert set(flat) == set(weights_to_flat(weights_from_flat({**frozen, **trainable})))
-    dest = save_draft(args.out, target_dir, cfg_d, flat,
+    dest = save_draft(args.out, target_dir, cfg_d, dataclasses.replace(trainable, embed=frozen_embed),
                       {"kind": "distilled", "layers": args.layers, "steps": args.steps,
                        "greedy_acceptance": after})
     report = {"out": str(dest), "layers": args.layers, "steps": args.steps, "sequences": len(seqs),

@@ -298,13 +298,19 @@ TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_la
                    num_kv_heads=4, head_dim=8, rope_theta=500.0, max_position_embeddings=256)
 
 
-def random_weights(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    """Flat numpy weights (numpy: no compile per weight shape), scaled so that logits are far from uniform."""
+def random_weights(cfg: ModelConfig, seed: int):
+    """Numpy weights (numpy: no compile per weight shape), scaled so that logits are far from uniform."""
     from jaxserve.model import llama
+    from jaxserve.model.weight_info import from_named, named
 
     rng = np.random.default_rng(seed)
-    return {name: (1 + 0.1 * rng.standard_normal(info.shape) if info.norm else 0.2 * rng.standard_normal(info.shape))
-            .astype(np.float32) for name, info in llama.param_table(cfg).items()}
+    infos = llama.weight_info(cfg)
+    by_name = named(infos)
+    # NOTE: drawn in the order the weights were once listed (final_norm before the layers): seeds keep their values.
+    order = sorted(by_name, key=lambda n: {"embed": 0, "final_norm": 1, "lm_head": 3}.get(n, 2))
+    return from_named(infos, {n: (1 + 0.1 * rng.standard_normal(by_name[n].shape) if by_name[n].norm
+                                  else 0.2 * rng.standard_normal(by_name[n].shape)).astype(np.float32)
+                              for n in order})
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from jaxserve.config import ModelConfig
 from jaxserve.model import llama
+from jaxserve.model.weight_info import named
 
 Q = gguf.GGMLQuantizationType
 TOKENS = [3, 17, 99, 42, 5, 64, 127, 0, 88, 13, 21]
@@ -28,7 +29,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_flat(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in llama.weights_to_flat(llama.init_weights(cfg, jax.random.key(seed))).items()}
+    return {k: np.asarray(v) for k, v in named(llama.init_weights(cfg, jax.random.key(seed))).items()}
 
 
 # ------------------------------------------------------------------------------- the source formats

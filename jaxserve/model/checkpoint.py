@@ -3,10 +3,11 @@
 A checkpoint is a folder:
 
     config.json     {"model": ModelConfig.to_dict(), "source": {...}, "format_version": 1}
-    params/         an orbax checkpoint of the flat weight dict ("embed", "layers.wq", ...; `llama.param_table`),
-                    float32 or bfloat16 as converted; a quantized weight is stored as its arrays
-                    ("layers.wq.values", "layers.wq.scales", ...; `jaxserve.model.quantization`), and config.json
-                    then holds {"quantization": QuantSpec.to_dict()}
+    params/         an orbax checkpoint of a flat dict: each array under its path in `llama.weight_info`'s
+                    tree ("embed", "layers.wq", ...; `weight_info.named`), float32 or bfloat16 as converted;
+                    a quantized weight is stored as its arrays ("layers.wq.values", "layers.wq.scales", ...;
+                    `quantization.quantize_info`), and config.json then holds
+                    {"quantization": QuantSpec.to_dict()}
     tokenizer.json, tokenizer_config.json, ...   the tokenizer and its chat template
 
 `python -m checkpoints_conv` writes these from Hugging Face safetensors or GGUF files.
@@ -23,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.llama import LlamaWeights, abstract_weights, param_table, weights_from_flat, weights_to_flat
-from jaxserve.model.quantization import QuantSpec, component_table, from_components, is_quantized, to_components
+from jaxserve.model.llama import LlamaWeights, weight_info
+from jaxserve.model.quantization import QuantSpec, is_quantized, quantize_info
+from jaxserve.model.weight_info import abstract, from_named, named
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -55,42 +57,49 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     return ModelConfig.from_dict(meta["model"]), meta
 
 
-def save_checkpoint(dest: str | Path, cfg: ModelConfig, flat_weights: Mapping[str, Any], *,
+def stored_info(cfg: ModelConfig, meta: Mapping[str, Any], dtype=jnp.float32) -> LlamaWeights:
+    """The description of a checkpoint's weights as `load_checkpoint` returns them: dense ones in `dtype`,
+    quantized ones as stored (`meta` is the checkpoint's config.json)."""
+    return quantize_info(weight_info(cfg, dtype), QuantSpec.from_dict(meta.get("quantization")))
+
+
+def save_checkpoint(dest: str | Path, cfg: ModelConfig, weights: LlamaWeights, *,
                     source: dict[str, Any] | None = None, quantization: QuantSpec | None = None) -> None:
     """Writes `config.json` and `params/` into the folder `dest` (created if needed; `params/` must not exist).
 
     Args:
       dest: the checkpoint folder.
       cfg: the model's architecture.
-      flat_weights: every name of `llama.param_table(cfg)`, numpy or jax arrays of exactly those shapes, all
-        float32 or all bfloat16 (the stored dtype; `load_checkpoint` casts on restore).
+      weights: every weight of `llama.weight_info(cfg)`, numpy or jax arrays of exactly those shapes, the dense
+        ones all float32 or all bfloat16 (the stored dtype; `load_checkpoint` casts on restore).
       source: where the weights came from (format, path, ...), recorded in config.json.
-      quantization: which weights of `flat_weights` are quantized (`Int8Weight` / `Int4Weight` values) and how.
+      quantization: which weights are quantized (`Int8Weight` / `Int4Weight` values) and how.
     """
     import orbax.checkpoint as ocp
 
     dest = Path(dest).absolute()
-    table = param_table(cfg)
-    if set(flat_weights) != set(table):
-        raise ValueError(f"weights do not match the model config: missing {sorted(set(table) - set(flat_weights))}, "
-                         f"unexpected {sorted(set(flat_weights) - set(table))}")
     spec = quantization or QuantSpec()
-    quantized = component_table(table, spec)
-    if {n for n, w in flat_weights.items() if is_quantized(w)} != set(quantized):
-        raise ValueError(f"quantized weights {sorted(n for n, w in flat_weights.items() if is_quantized(w))} do not "
+    dense = weight_info(cfg)
+    want, got = named(dense), named(weights, is_leaf=is_quantized)  # one name per weight
+    if set(got) != set(want):
+        raise ValueError(f"weights do not match the model config: missing {sorted(set(want) - set(got))}, "
+                         f"unexpected {sorted(set(got) - set(want))}")
+    quantized = {n for n, i in want.items() if spec.scheme_for(i) != "none"}
+    if {n for n, w in got.items() if is_quantized(w)} != quantized:
+        raise ValueError(f"quantized weights {sorted(n for n, w in got.items() if is_quantized(w))} do not "
                          f"match the quantization spec's {sorted(quantized)}")
-    dtypes = {jnp.dtype(w.dtype).name for n, w in flat_weights.items() if n not in quantized}
+    dtypes = {jnp.dtype(w.dtype).name for n, w in got.items() if n not in quantized}
     if len(dtypes) != 1 or not dtypes <= set(STORED_DTYPES):
         raise ValueError(f"checkpoint weights must all be one of {STORED_DTYPES}; got {sorted(dtypes)}")
-    for name, info in table.items():
-        if name in quantized:
-            for c, ci in quantized[name].items():
-                a = getattr(flat_weights[name], c)
-                if tuple(a.shape) != ci.shape or jnp.dtype(a.dtype) != jnp.dtype(ci.dtype):
-                    raise ValueError(f"weight {name}.{c} is {jnp.dtype(a.dtype).name}{list(a.shape)}, expected "
-                                     f"{ci.dtype}{list(ci.shape)}")
-        elif tuple(flat_weights[name].shape) != info.shape:
-            raise ValueError(f"weight {name} has shape {tuple(flat_weights[name].shape)}, expected {info.shape}")
+    arrays = named(weights)  # the names on disk: "layers.wq", or "layers.wq.values", "layers.wq.scales", ...
+    for name, info in named(quantize_info(dense, spec)).items():
+        a = arrays[name]
+        if name not in want:  # an array of a quantized weight ("layers.wq.values"): its dtype is the layout's
+            if tuple(a.shape) != info.shape or jnp.dtype(a.dtype) != info.dtype:
+                raise ValueError(f"weight {name} is {jnp.dtype(a.dtype).name}{list(a.shape)}, expected "
+                                 f"{info.dtype.name}{list(info.shape)}")
+        elif tuple(a.shape) != info.shape:
+            raise ValueError(f"weight {name} has shape {tuple(a.shape)}, expected {info.shape}")
     dest.mkdir(parents=True, exist_ok=True)
     # NOTE: numpy weights are written as they are: no deep copy (orbax's default, which doubles peak memory)
     # and no compression (whole-tensor chunks would need a compressed copy each, and loading is faster).
@@ -100,7 +109,7 @@ def save_checkpoint(dest: str | Path, cfg: ModelConfig, flat_weights: Mapping[st
         (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
     with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(dest / PARAMS_DIR, args=ocp.args.PyTreeSave(to_components(dict(flat_weights))))
+        checkpointer.save(dest / PARAMS_DIR, args=ocp.args.PyTreeSave(arrays))
     meta = {"model": cfg.to_dict(), "source": {**(source or {}), "dtype": dtypes.pop()},
             "format_version": FORMAT_VERSION}
     if spec.active:
@@ -109,8 +118,9 @@ def save_checkpoint(dest: str | Path, cfg: ModelConfig, flat_weights: Mapping[st
 
 
 def load_checkpoint(path: str | Path, dtype=jnp.float32,
-                    shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> tuple[ModelConfig, LlamaWeights]:
-    """Restores a checkpoint straight into `dtype` and the given shardings.
+                    shardings: LlamaWeights | Mapping[str, jax.sharding.Sharding] | None = None,
+                    ) -> tuple[ModelConfig, LlamaWeights]:
+    """Restores a checkpoint straight into `dtype`, the given shardings and the weights pytree.
 
     Each device reads only its own shard of each weight, cast to `dtype` on the way (orbax's restore against
     an abstract target), so no full host copy of the model is made: what makes tensor parallelism load.
@@ -118,10 +128,10 @@ def load_checkpoint(path: str | Path, dtype=jnp.float32,
 
     Args:
       path: a checkpoint folder (see the module docstring).
-      dtype: the dtype of every returned weight, whatever dtype was stored.
-      shardings: flat weight name → `jax.sharding.Sharding`; names left out (or all, when None) go to a
-        `SingleDeviceSharding` on the first device. A quantized weight's arrays are named "layers.wq.values",
-        "layers.wq.scales", ... (their logical axes: `quantization.component_table`).
+      dtype: the dtype of every returned dense weight, whatever dtype was stored.
+      shardings: a tree of `jax.sharding.Sharding`s like `stored_info(...)` (e.g. `plan.shardings(...)` of it),
+        or a dict naming some arrays ("layers.wq", "layers.wq.scales", ...); arrays left out (or all, when
+        None) go to a `SingleDeviceSharding` on the first device.
     Returns:
       (the model config, the weights pytree).
     """
@@ -129,23 +139,18 @@ def load_checkpoint(path: str | Path, dtype=jnp.float32,
 
     path = Path(path).absolute()
     cfg, meta = read_config(path)
-    spec = QuantSpec.from_dict(meta.get("quantization"))
-    table = param_table(cfg)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = dict(shardings or {})
-    target = weights_to_flat(abstract_weights(cfg, jnp.dtype(dtype),
-                                              {name: shardings.get(name, default) for name in table}))
-    for name, comps in component_table(table, spec).items():
-        del target[name]
-        target.update({f"{name}.{c}": jax.ShapeDtypeStruct(ci.shape, jnp.dtype(ci.dtype),
-                                                           sharding=shardings.get(f"{name}.{c}", default))
-                       for c, ci in comps.items()})
-    unknown = set(shardings) - set(target)
-    if unknown:
-        raise ValueError(f"shardings name weights the model does not have: {sorted(unknown)}")
+    infos = stored_info(cfg, meta, dtype)
+    if shardings is None or isinstance(shardings, Mapping):
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        by_name = dict(shardings or {})
+        unknown = set(by_name) - set(named(infos))
+        if unknown:
+            raise ValueError(f"shardings name weights the model does not have: {sorted(unknown)}")
+        shardings = from_named(infos, {name: by_name.get(name, default) for name in named(infos)})
+    target = named(abstract(infos, shardings))  # the checkpoint's own flat names
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-        flat = checkpointer.restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
-    return cfg, weights_from_flat(from_components(flat, table, spec))
+        restored = checkpointer.restore(path / PARAMS_DIR, args=ocp.args.StandardRestore(target))
+    return cfg, from_named(infos, restored)
 
 
 def read_quantization(path: str | Path) -> QuantSpec:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +21,10 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention import AttentionFn
 from jaxserve.model.quantization import embedding_lookup, qdot, tied_head
+from jaxserve.model.sharding import ShardingPlan
 from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
+from jaxserve.model.weight_info import ArrayInfo, init_arrays
 from pallas_kernels.kv_cache import write_kv
-
-if TYPE_CHECKING:
-    from jaxserve.model.sharding import ShardingPlan
 
 MatmulFn = Callable[..., jax.Array]  # qdot's signature: (spec, x, w, **einsum_kwargs) -> y
 
@@ -59,78 +57,44 @@ class LlamaWeights:
     lm_head: jax.Array | None = None  # [D, V]; None when tied to `embed`
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """One weight, described once: its shape and the logical name of each axis (for sharding)."""
+def weight_info(cfg: ModelConfig, dtype=jnp.float32) -> LlamaWeights:
+    """Every weight described once (`ArrayInfo`: shape, dtype, logical axes), as a `LlamaWeights` tree.
 
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    norm: bool = False  # RMSNorm scales initialise to one and never get quantized
-    contract: int = 0  # the `in` axes a matmul contracts (after "layers", if stacked); > 0: quantizable
-
-
-def param_table(cfg: ModelConfig) -> dict[str, ParamInfo]:
-    """Flat names ("layers.wq", "embed", ...) to their description. The single source of truth for shapes."""
+    Init, abstract shapes, shardings and the quantized variants are functions of this tree
+    (`jaxserve.model.weight_info`, `ShardingPlan.shardings`, `quantization.quantize_info`).
+    """
     L, D, F, N, K, H, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                            cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    table = {
-        "embed": ParamInfo((V, D), ("vocab", "embed")),
-        "final_norm": ParamInfo((D,), (None,), norm=True),
-        "layers.attn_norm": ParamInfo((L, D), ("layers", None), norm=True),
-        "layers.wq": ParamInfo((L, D, N, H), ("layers", "embed", "heads", None), contract=1),
-        "layers.wk": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
-        "layers.wv": ParamInfo((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
-        "layers.wo": ParamInfo((L, N, H, D), ("layers", "heads", None, "embed"), contract=2),
-        "layers.mlp_norm": ParamInfo((L, D), ("layers", None), norm=True),
-        "layers.w_gate": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
-        "layers.w_up": ParamInfo((L, D, F), ("layers", "embed", "ffw"), contract=1),
-        "layers.w_down": ParamInfo((L, F, D), ("layers", "ffw", "embed"), contract=1),
-    }
-    if cfg.attention_bias:
-        table["layers.bq"] = ParamInfo((L, N, H), ("layers", "heads", None))
-        table["layers.bk"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
-        table["layers.bv"] = ParamInfo((L, K, H), ("layers", "kv_heads", None))
-    if not cfg.tie_word_embeddings:
-        table["lm_head"] = ParamInfo((D, V), ("embed", "vocab"), contract=1)
-    return table
 
+    def info(shape, axes, **kw) -> ArrayInfo:
+        return ArrayInfo(shape, axes, dtype, **kw)
 
-def weights_from_flat(flat: dict[str, jax.Array]) -> LlamaWeights:
-    """Builds the pytree from flat names; the inverse of `weights_to_flat`."""
-    layer_fields = {f.name for f in dataclasses.fields(LayerWeights)}
-    layers = LayerWeights(**{k.split(".", 1)[1]: v for k, v in flat.items()
-                             if k.startswith("layers.") and k.split(".", 1)[1] in layer_fields})
-    return LlamaWeights(embed=flat["embed"], layers=layers, final_norm=flat["final_norm"],
-                        lm_head=flat.get("lm_head"))
-
-
-def weights_to_flat(weights: LlamaWeights) -> dict[str, jax.Array]:
-    flat = {"embed": weights.embed, "final_norm": weights.final_norm}
-    if weights.lm_head is not None:
-        flat["lm_head"] = weights.lm_head
-    for f in dataclasses.fields(LayerWeights):
-        value = getattr(weights.layers, f.name)
-        if value is not None:
-            flat[f"layers.{f.name}"] = value
-    return flat
-
-
-def abstract_weights(cfg: ModelConfig, dtype, shardings: dict | None = None) -> LlamaWeights:
-    """ShapeDtypeStructs for every weight (for orbax restore and AOT lowering), optionally with shardings."""
-    return weights_from_flat({
-        name: jax.ShapeDtypeStruct(info.shape, dtype, sharding=(shardings or {}).get(name))
-        for name, info in param_table(cfg).items()})
+    norm = info((L, D), ("layers", None), norm=True)
+    bias = cfg.attention_bias  # Qwen2
+    layers = LayerWeights(
+        attn_norm=norm,
+        wq=info((L, D, N, H), ("layers", "embed", "heads", None), contract=1),
+        wk=info((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        wv=info((L, D, K, H), ("layers", "embed", "kv_heads", None), contract=1),
+        wo=info((L, N, H, D), ("layers", "heads", None, "embed"), contract=2),
+        mlp_norm=norm,
+        w_gate=info((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        w_up=info((L, D, F), ("layers", "embed", "ffw"), contract=1),
+        w_down=info((L, F, D), ("layers", "ffw", "embed"), contract=1),
+        bq=info((L, N, H), ("layers", "heads", None)) if bias else None,
+        bk=info((L, K, H), ("layers", "kv_heads", None)) if bias else None,
+        bv=info((L, K, H), ("layers", "kv_heads", None)) if bias else None)
+    # NOTE: the embedding [V, D] is quantized as the tied head it also is, [D, V] (one `in` axis: D).
+    return LlamaWeights(
+        embed=info((V, D), ("vocab", "embed"), contract=1, transpose=True, embedding=True),
+        layers=layers,
+        final_norm=info((D,), (None,), norm=True),
+        lm_head=None if cfg.tie_word_embeddings else info((D, V), ("embed", "vocab"), contract=1, embedding=True))
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.05) -> LlamaWeights:
     """Random weights for unit tests (tiny configs); norms start at one, perturbed so they matter."""
-    table = param_table(cfg)
-    keys = jax.random.split(key, len(table))
-    flat = {}
-    for k, (name, info) in zip(keys, sorted(table.items())):
-        noise = jax.random.normal(k, info.shape, jnp.float32)
-        flat[name] = (1.0 + 0.1 * noise if info.norm else scale * noise).astype(dtype)
-    return weights_from_flat(flat)
+    return init_arrays(weight_info(cfg, dtype), key, scale)
 
 
 # ---------------------------------------------------------------------------------------------- math

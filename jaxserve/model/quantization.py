@@ -4,8 +4,8 @@ Decode is memory-bandwidth-bound, so the bytes of weights read per step are the 
 is a registered-dataclass pytree that replaces a dense projection weight in `LlamaWeights`; `qdot` is the
 one matmul the model calls, and it accepts either kind.
 
-Layout. A dense projection is [*in, *out] (wq [D, N, H], wo [N, H, D], w_down [F, D]; llama.py's
-`ParamInfo.contract` counts the `in` axes). Quantized, its `in` axes are flattened to I and split into
+Layout. A dense projection is [*in, *out] (wq [D, N, H], wo [N, H, D], w_down [F, D]; its
+`ArrayInfo.contract` counts the `in` axes). Quantized, its `in` axes are flattened to I and split into
 G groups of g = I / G consecutive inputs, with layers stacked in front as usual:
 
     Int8Weight  values int8  [L, G, g, *out]     w = values * scales              (symmetric)
@@ -23,7 +23,7 @@ gathers columns (`embedding_lookup`), and the head needs no transpose (`tied_hea
 
 Tensor parallelism: scales and mins carry the same logical axis names as the values they scale (the out
 axes, and the group axis G, named after the weight's first input axis), so `ShardingRules` maps them the
-same way and each device holds exactly the scales of its own shard; `quantized_axes` gives the names.
+same way and each device holds exactly the scales of its own shard; `quantized_info` gives the names.
 Row-parallel weights (wo over heads, w_down over ffw) shard G, which needs (I / tp) % g == 0; with a
 single group (per-channel int8) the input axis name sits on g instead and the scales are replicated.
 """
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.model.weight_info import ArrayInfo
 from pallas_kernels.quantized_matmul import default_block_m, quantized_matmul, supported_block_n
 from pallas_kernels.quantized_weights import (
     COMPONENTS,
@@ -264,11 +265,11 @@ class QuantSpec:
     def active(self) -> bool:
         return self.weights != "none" or self.embeddings != "none"
 
-    def scheme_for(self, name: str, contract: int) -> str:
-        """The scheme of flat weight `name` ("none" for norms, biases and anything that is not a matmul)."""
-        if name in ("embed", "lm_head"):
+    def scheme_for(self, info: ArrayInfo) -> str:
+        """The scheme of a weight ("none" for norms, biases and anything that is not a matmul)."""
+        if info.embedding:
             return self.embeddings
-        return self.weights if contract > 0 else "none"
+        return self.weights if info.contract > 0 else "none"
 
     def group_size(self, scheme: str) -> int | None:
         return (self.int8_group_size or None) if scheme == "int8" else self.int4_group_size
@@ -281,26 +282,14 @@ class QuantSpec:
         return cls(**(d or {}))
 
 
-@dataclasses.dataclass(frozen=True)
-class ComponentInfo:
-    """One array of a quantized weight, described like `llama.ParamInfo` (shape, dtype, logical axes)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    axes: tuple[str | None, ...]
-
-
-def _as_head(name: str, info) -> tuple[tuple[int, ...], tuple[str | None, ...], int]:
-    """(dense shape, axes, number of `in` axes) a weight is quantized in: embed as its head [D, V]."""
-    if name == "embed":
-        return tuple(reversed(info.shape)), tuple(reversed(info.axes)), 1
-    return info.shape, info.axes, info.contract
-
-
-def quantized_axes(name: str, info, scheme: str, group_size: int | None) -> dict[str, ComponentInfo]:
-    """Component name ("values", "scales", ...) → its shape, dtype and logical axes, for one flat weight."""
-    shape, axes, n_in = _as_head(name, info)
-    lead = 1 if axes[0] == "layers" else 0
+def quantized_info(info: ArrayInfo, scheme: str, group_size: int | None,
+                   scale_dtype) -> ArrayInfo | QuantizedWeight:
+    """One weight's description quantized: an `Int8Weight` / `Int4Weight` whose arrays are `ArrayInfo`s
+    (shape, dtype and logical axes of values / packed, scales and mins). "none" returns `info`."""
+    if scheme == "none":
+        return info
+    shape, axes = (info.shape[::-1], info.axes[::-1]) if info.transpose else (info.shape, info.axes)
+    lead, n_in = info.lead, info.contract
     in_shape, out_shape = shape[lead:lead + n_in], shape[lead + n_in:]
     size = math.prod(in_shape)
     g = effective_group(size, group_size)
@@ -308,73 +297,51 @@ def quantized_axes(name: str, info, scheme: str, group_size: int | None) -> dict
     lead_shape, lead_axes, out_axes = shape[:lead], axes[:lead], axes[lead + n_in:]
     in_name = axes[lead]  # the first input axis: the outermost part of the flattened I
     g_axes = (in_name, None) if G > 1 else (None, in_name)
-    scales = ComponentInfo((*lead_shape, G, *out_shape), "", (*lead_axes, g_axes[0], *out_axes))
-    if scheme == "int8":
-        return {"values": ComponentInfo((*lead_shape, G, g, *out_shape), "int8", (*lead_axes, *g_axes, *out_axes)),
-                "scales": scales}
-    return {"packed": ComponentInfo((*lead_shape, G, g // 2, *out_shape), "uint8", (*lead_axes, *g_axes, *out_axes)),
-            "scales": scales, "mins": scales}
+    scales = ArrayInfo((*lead_shape, G, *out_shape), (*lead_axes, g_axes[0], *out_axes), scale_dtype)
+    layout = dict(in_shape=tuple(in_shape), out_ndim=len(out_shape))
+    if scheme == "int8":  # values [*lead, G, g, *out]
+        values = ArrayInfo((*lead_shape, G, g, *out_shape), (*lead_axes, *g_axes, *out_axes), jnp.int8)
+        return Int8Weight(values, scales, **layout)
+    packed = ArrayInfo((*lead_shape, G, g // 2, *out_shape), (*lead_axes, *g_axes, *out_axes), jnp.uint8)
+    return Int4Weight(packed, scales, scales, **layout)
 
 
-def component_table(param_table: dict, spec: QuantSpec) -> dict[str, dict[str, ComponentInfo]]:
-    """Flat weight name → its components, for the weights `spec` quantizes (scale dtypes filled in)."""
-    out = {}
-    for name, info in param_table.items():
-        scheme = spec.scheme_for(name, info.contract)
-        if scheme != "none":
-            comps = quantized_axes(name, info, scheme, spec.group_size(scheme))
-            out[name] = {c: (dataclasses.replace(ci, dtype=spec.scale_dtype) if not ci.dtype else ci)
-                         for c, ci in comps.items()}
-    return out
+def quantize_info(infos, spec: QuantSpec):
+    """The description of the weights `spec` quantizes, quantized (scales in `spec.scale_dtype`)."""
+    return jax.tree.map(lambda i: quantized_info(i, spec.scheme_for(i), spec.group_size(spec.scheme_for(i)),
+                                                 spec.scale_dtype), infos)
 
 
-def quantize_flat(flat: dict[str, Any], param_table: dict, spec: QuantSpec) -> dict[str, Any]:
-    """Quantizes the dense weights of a flat dict that `spec` names; others (and quantized ones) pass through."""
-    out = dict(flat)
-    for name, info in param_table.items():
-        scheme = spec.scheme_for(name, info.contract)
-        if scheme == "none" or is_quantized(flat[name]):
-            continue
-        _, axes, n_in = _as_head(name, info)
-        w = flat[name].T if name == "embed" else flat[name]
-        out[name] = quantize(w, scheme, n_in, lead_ndim=1 if axes[0] == "layers" else 0,
-                             group_size=spec.group_size(scheme), scale_dtype=jnp.dtype(spec.scale_dtype))
-    return out
+def info_like(infos, weights):
+    """The description of `weights` as they are: each quantized weight by its own scheme, group size and scale
+    dtype (after `engine_quantization` these may differ weight by weight)."""
+    return jax.tree.map(lambda i, w: quantized_info(i, scheme_of(w), w.group_size, w.scales.dtype)
+                        if is_quantized(w) else i, infos, weights)
 
 
-def dequantize_flat(flat: dict[str, Any], dtype) -> dict[str, Any]:
+def quantize_weights(weights, infos, spec: QuantSpec):
+    """Quantizes the dense weights that `spec` names; others (and quantized ones) pass through."""
+
+    def one(info: ArrayInfo, w):
+        scheme = spec.scheme_for(info)
+        if scheme == "none" or is_quantized(w):
+            return w
+        return quantize(w.T if info.transpose else w, scheme, info.contract, lead_ndim=info.lead,
+                        group_size=spec.group_size(scheme), scale_dtype=jnp.dtype(spec.scale_dtype))
+
+    return jax.tree.map(one, infos, weights)
+
+
+def dequantize_weights(weights, infos, dtype):
     """Every quantized weight back to dense `dtype` (embed back to [V, D])."""
-    out = {}
-    for name, w in flat.items():
-        if is_quantized(w):
-            w = dequantize_weight(w, dtype)
-            w = w.T if name == "embed" else w
-        out[name] = w
-    return out
 
+    def one(info: ArrayInfo, w):
+        if not is_quantized(w):
+            return w
+        w = dequantize_weight(w, dtype)
+        return w.T if info.transpose else w
 
-def to_components(flat: dict[str, Any]) -> dict[str, Any]:
-    """Flat weights → flat arrays: a quantized "layers.wq" becomes "layers.wq.values", "layers.wq.scales"."""
-    out = {}
-    for name, w in flat.items():
-        if is_quantized(w):
-            out.update({f"{name}.{c}": getattr(w, c) for c in COMPONENTS[type(w)]})
-        else:
-            out[name] = w
-    return out
-
-
-def from_components(arrays: dict[str, Any], param_table: dict, spec: QuantSpec) -> dict[str, Any]:
-    """The inverse of `to_components` for the weights `spec` quantizes."""
-    out = dict(arrays)
-    for name, comps in component_table(param_table, spec).items():
-        info = param_table[name]
-        shape, _, n_in = _as_head(name, info)
-        lead = 1 if info.axes[0] == "layers" else 0
-        fields = {c: out.pop(f"{name}.{c}") for c in comps}
-        cls = Int8Weight if "values" in comps else Int4Weight
-        out[name] = cls(**fields, in_shape=tuple(shape[lead:lead + n_in]), out_ndim=len(shape) - lead - n_in)
-    return out
+    return jax.tree.map(one, infos, weights)
 
 
 def np_tree(tree):
@@ -382,9 +349,8 @@ def np_tree(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def engine_quantization(flat: dict[str, Any], param_table: dict, quantization: str, quantize_embeddings: bool,
-                        dtype) -> dict[str, Any]:
-    """The engine's `--quantization` applied to loaded weights.
+def engine_quantization(weights, infos, quantization: str, quantize_embeddings: bool, dtype):
+    """The engine's `--quantization` applied to loaded weights (a tree like `infos`, the dense description).
 
     auto: as stored. none: every weight dequantized to `dtype`. int8 / int4: the projections (and, with
     `quantize_embeddings`, embed and lm_head) in that scheme at its default group size; a weight already
@@ -392,15 +358,15 @@ def engine_quantization(flat: dict[str, Any], param_table: dict, quantization: s
     quantized again. Weights the request leaves out stay as stored.
     """
     if quantization == "auto":
-        return flat
+        return weights
     if quantization == "none":
-        return dequantize_flat(flat, dtype)
+        return dequantize_weights(weights, infos, dtype)
     spec = QuantSpec(quantization, quantization if quantize_embeddings else "none")
-    out = dict(flat)
-    for name, info in param_table.items():
-        scheme = spec.scheme_for(name, info.contract)
-        if scheme == "none" or scheme_of(flat[name]) == scheme:
-            continue
-        out[name] = dequantize_flat({name: flat[name]}, dtype)[name]
-        out.update(quantize_flat({name: out[name]}, {name: info}, spec))
-    return out
+
+    def one(info: ArrayInfo, w):
+        scheme = spec.scheme_for(info)
+        if scheme == "none" or scheme_of(w) == scheme:
+            return w
+        return quantize_weights(dequantize_weights(w, info, dtype), info, spec)
+
+    return jax.tree.map(one, infos, weights)

@@ -2,7 +2,7 @@
 
 The mesh has two axes named for what they do: `data` (replicas of the weights, each taking a slice of a
 step's tokens) and `model` (tensor parallelism: each device holds a slice of every layer). Model code
-names only logical axes (`llama.param_table`, and the activation constraints in `llama.forward`);
+names only logical axes (`llama.weight_info`, and the activation constraints in `llama.forward`);
 `ShardingRules` maps those to mesh axes, so changing the layout is a change to that one table.
 
 The default rules are Megatron's: Q/K/V and gate/up are column-parallel (split over heads / ffw), O and
@@ -31,8 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.llama import LlamaWeights, param_table, weights_from_flat, weights_to_flat
-from jaxserve.model.quantization import QuantSpec, component_table, is_quantized, quantized_axes, scheme_of
+from jaxserve.model.weight_info import ArrayInfo
 from pallas_kernels.kv_cache import QuantizedKV
 
 logger = logging.getLogger(__name__)
@@ -138,6 +137,11 @@ class ShardingPlan:
                     spec[i] = None
         return NamedSharding(self.mesh, PartitionSpec(*spec))
 
+    def shardings(self, infos):
+        """One NamedSharding per array of a description tree (`llama.weight_info`, quantized or not), from each
+        array's logical axes and shape: the tree jit's in/out_shardings and orbax's restore take."""
+        return jax.tree.map(lambda i: self.sharding(i.axes, i.shape), infos)
+
     def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         """`with_sharding_constraint` by logical axes: the only tensor-parallel line model code contains."""
         return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
@@ -176,50 +180,14 @@ def serving_config(cfg: ModelConfig, plan: ShardingPlan) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * plan.kv_replicas)
 
 
-def weight_shardings(cfg: ModelConfig, plan: ShardingPlan, spec: QuantSpec | None = None) -> dict[str, NamedSharding]:
-    """Flat array name → NamedSharding, from each weight's logical axes in `llama.param_table(cfg)`.
-
-    A weight that `spec` quantizes is named by its arrays ("layers.wq.values", "layers.wq.scales", ...), each
-    sharded by its own logical axes (`quantization.component_table`): what `load_checkpoint` takes.
-    """
-    table = param_table(cfg)
-    quantized = component_table(table, spec or QuantSpec())
-    out = {}
-    for name, info in table.items():
-        if name in quantized:
-            out.update({f"{name}.{c}": plan.sharding(ci.axes, ci.shape) for c, ci in quantized[name].items()})
-        else:
-            out[name] = plan.sharding(info.axes, info.shape)
-    return out
-
-
-def weight_sharding_tree(cfg: ModelConfig, plan: ShardingPlan, like: LlamaWeights | None = None) -> LlamaWeights:
-    """The shardings as a `LlamaWeights` pytree (for jit's in/out_shardings).
-
-    With `like`, the tree takes its structure: each quantized weight of `like` gets one sharding per array,
-    from the logical axes of its scheme and group size (`quantization.quantized_axes`), so scales shard
-    exactly like the values they scale. Shapes come from `cfg` (`like` may be a not yet KV-repeated model).
-    """
-    flat_like = weights_to_flat(like) if like is not None else {}
-    out = {}
-    for name, info in param_table(cfg).items():
-        w = flat_like.get(name)
-        if is_quantized(w):
-            comps = quantized_axes(name, info, scheme_of(w), w.group_size)
-            out[name] = dataclasses.replace(w, **{c: plan.sharding(ci.axes, ci.shape) for c, ci in comps.items()})
-        else:
-            out[name] = plan.sharding(info.axes, info.shape)
-    return weights_from_flat(out)
-
-
-def place_weights(weights: LlamaWeights, cfg: ModelConfig, plan: ShardingPlan) -> LlamaWeights:
-    """Every array of `weights` (dense or quantized) moved into its sharding by logical axes (`weight_sharding_tree`).
+def place_weights(weights, infos, plan: ShardingPlan):
+    """Every array of `weights` (dense or quantized) moved into its sharding by the logical axes of `infos`
+    (their description as they are: `quantization.info_like`).
 
     NOTE: a jitted identity rather than `jax.device_put`, so it also works on arrays spanning processes; the
     input is donated, so arrays already in place are not copied.
     """
-    return jax.jit(lambda w: w, out_shardings=weight_sharding_tree(cfg, plan, like=weights),
-                   donate_argnums=0)(weights)
+    return jax.jit(lambda w: w, out_shardings=plan.shardings(infos), donate_argnums=0)(weights)
 
 
 # Logical axes of the KV cache [L, P, page_size, 2K, H]: split over KV heads (whole heads, K and V together);
@@ -259,27 +227,32 @@ def shard_attention(attention, plan: ShardingPlan):
     return sharded
 
 
-def repeat_kv_heads(weights: LlamaWeights, cfg: ModelConfig, plan: ShardingPlan) -> LlamaWeights:
+def repeat_kv_heads(weights, infos, plan: ShardingPlan):
     """Repeats each KV head's projection (and bias) `plan.kv_replicas` times, into the served layout's shardings.
 
     Head k becomes heads k*r .. k*r + r - 1, so query head n (of KV head n // G) lands on served KV head
-    n // (G / r): the same head, now on the query head's device. `cfg` is the checkpoint's config.
+    n // (G / r): the same head, now on the query head's device. `infos` describes `weights` as they are
+    (the checkpoint's config, quantized as stored); every array with a "kv_heads" axis is repeated along it:
+    wk, wv [L, D, K, H] (quantized: values / packed [L, G, g, K, H], scales and mins [L, G, K, H]) and
+    bk, bv [L, K, H] become [..., K*r, H].
     """
     r = plan.kv_replicas
     if r == 1:
         return weights
-    served = weights_to_flat(weight_sharding_tree(serving_config(cfg, plan), plan, like=weights))
-    names = [n for n in ("wk", "wv", "bk", "bv") if getattr(weights.layers, n) is not None]
 
-    def repeat(*weights):
-        # The KV-head axis is every array's second to last: wk, wv [L, D, K, H] (quantized: values / packed
-        # [L, G, g, K, H], scales and mins [L, G, K, H]) and bk, bv [L, K, H] become [..., K*r, H].
-        return [jax.tree.map(lambda a: a.repeat(r, axis=a.ndim - 2), w) for w in weights]
+    # `infos` describes `weights` leaf for leaf, so their flattened leaves line up.
+    infos_flat, (leaves, treedef) = jax.tree.leaves(infos), jax.tree.flatten(weights)
+    picked = [n for n, info in enumerate(infos_flat) if "kv_heads" in info.axes]
+    axes = [infos_flat[n].axes.index("kv_heads") for n in picked]
 
-    out = jax.jit(repeat, out_shardings=[served[f"layers.{n}"] for n in names])(
-        *[getattr(weights.layers, n) for n in names])
-    layers = dataclasses.replace(weights.layers, **dict(zip(names, out)))
-    return dataclasses.replace(weights, layers=layers)
+    def served(info: ArrayInfo, k: int) -> NamedSharding:  # the served shape: K*r heads on axis k
+        return plan.sharding(info.axes, (*info.shape[:k], info.shape[k] * r, *info.shape[k + 1:]))
+
+    out = jax.jit(lambda *a: [x.repeat(r, axis=k) for x, k in zip(a, axes)],
+                  out_shardings=[served(infos_flat[n], k) for n, k in zip(picked, axes)])(*[leaves[n] for n in picked])
+    for n, x in zip(picked, out):
+        leaves[n] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def per_device_bytes(*trees) -> dict[str, int]:

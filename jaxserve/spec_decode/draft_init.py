@@ -15,28 +15,28 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.checkpoint import load_checkpoint, save_checkpoint
-from jaxserve.model.llama import weights_to_flat
+from jaxserve.model.llama import LlamaWeights
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
-def truncated_weights(target_dir: str | Path, num_layers: int) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """(draft config, flat float32 numpy weights) keeping the target's first `num_layers` layers."""
+def truncated_weights(target_dir: str | Path, num_layers: int) -> tuple[ModelConfig, LlamaWeights]:
+    """(draft config, float32 numpy weights) keeping the target's first `num_layers` layers."""
     cfg, weights = load_checkpoint(target_dir)
     if not 1 <= num_layers <= cfg.num_layers:
         raise ValueError(f"num_layers must be in [1, {cfg.num_layers}], got {num_layers}")
-    flat = {name: np.asarray(jax.device_get(w)) for name, w in weights_to_flat(weights).items()}
-    flat = {name: (w[:num_layers] if name.startswith("layers.") else w) for name, w in flat.items()}
-    return dataclasses.replace(cfg, num_layers=num_layers), flat
+    weights = jax.tree.map(lambda w: np.asarray(jax.device_get(w)), weights)
+    layers = jax.tree.map(lambda w: w[:num_layers], weights.layers)  # every layer field is [L, ...]
+    return dataclasses.replace(cfg, num_layers=num_layers), dataclasses.replace(weights, layers=layers)
 
 
-def save_draft(dest: str | Path, target_dir: str | Path, cfg: ModelConfig, flat: dict[str, np.ndarray],
+def save_draft(dest: str | Path, target_dir: str | Path, cfg: ModelConfig, weights: LlamaWeights,
                source: dict | None = None) -> Path:
     """Writes a draft checkpoint folder (weights + the target's tokenizer files) usable as --speculative-model."""
     dest = Path(dest)
     if (dest / "params").exists():
         shutil.rmtree(dest / "params")
-    save_checkpoint(dest, cfg, {k: np.asarray(v, np.float32) for k, v in flat.items()},
+    save_checkpoint(dest, cfg, jax.tree.map(lambda w: np.asarray(w, np.float32), weights),
                     source={"draft_of": str(target_dir), **(source or {})})
     for name in TOKENIZER_FILES:
         if (Path(target_dir) / name).exists():
@@ -45,5 +45,5 @@ def save_draft(dest: str | Path, target_dir: str | Path, cfg: ModelConfig, flat:
 
 
 def make_truncated_draft(target_dir: str | Path, dest: str | Path, num_layers: int) -> Path:
-    cfg, flat = truncated_weights(target_dir, num_layers)
-    return save_draft(dest, target_dir, cfg, flat, {"kind": "truncated", "num_layers": num_layers})
+    cfg, weights = truncated_weights(target_dir, num_layers)
+    return save_draft(dest, target_dir, cfg, weights, {"kind": "truncated", "num_layers": num_layers})

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import llama, quantization, sharding
 from jaxserve.model.attention import ATTENTION_BACKENDS
-from jaxserve.model.checkpoint import load_checkpoint, read_config
+from jaxserve.model.checkpoint import load_checkpoint, read_config, stored_info
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
 from jaxserve.model.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
 from jaxserve.model.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
@@ -82,18 +82,19 @@ class ModelRunner:
                              "mode; it does not lower for TPU yet: use --quantized-matmul xla")
         if config.quantized_matmul == "pallas" and self.plan.mesh.size > 1:  # XLA does not partition a pallas_call
             raise ValueError("--quantized-matmul pallas runs on one device only (no shard_map yet)")
-        # Every array straight into its sharding; a quantized checkpoint's scales shard like their values.
-        stored_quant = quantization.QuantSpec.from_dict(meta.get("quantization"))
-        _, weights = load_checkpoint(checkpoint_dir, self.dtype,
-                                     sharding.weight_shardings(stored_cfg, self.plan, stored_quant))
-        weights = sharding.repeat_kv_heads(weights, stored_cfg, self.plan)
+        # Every array straight into its sharding, in the weights tree; a quantized checkpoint's scales shard like
+        # their values (their logical axes come from the one description, `llama.weight_info`).
+        stored = stored_info(stored_cfg, meta, self.dtype)
+        _, weights = load_checkpoint(checkpoint_dir, self.dtype, self.plan.shardings(stored))
+        weights = sharding.repeat_kv_heads(weights, stored, self.plan)
         # NOTE: with KV heads repeated the model runs (and the cache is sized) as if it had that many.
         self.model_config = cfg = sharding.serving_config(stored_cfg, self.plan)
-        weights = llama.weights_from_flat(quantization.engine_quantization(
-            llama.weights_to_flat(weights), llama.param_table(cfg), config.quantization,
-            config.quantize_embeddings, self.dtype))
+        dense = llama.weight_info(cfg, self.dtype)
+        weights = quantization.engine_quantization(weights, dense, config.quantization, config.quantize_embeddings,
+                                                   self.dtype)
+        self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
-        self.weights = sharding.place_weights(weights, cfg, self.plan)
+        self.weights = sharding.place_weights(weights, self.weight_info, self.plan)
         logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
                     jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
                     time.perf_counter() - t0)
@@ -110,7 +111,7 @@ class ModelRunner:
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
         self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
         rep = self.plan.replicated
-        weight_shardings = sharding.weight_sharding_tree(cfg, self.plan, like=self.weights)
+        weight_shardings = self.plan.shardings(self.weight_info)
         # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
         # dense weights take qdot either way.
         self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot

@@ -22,6 +22,7 @@ from jaxserve import model_registry
 from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.checkpoint import is_checkpoint, load_checkpoint, read_config
+from jaxserve.model.weight_info import from_named, named
 from jaxserve.text.tokenizer import load_tokenizer
 
 from source_formats import CHAT_TEMPLATE, TOKENS, Q, random_flat, tiny_config, to_hf, write_gguf, write_hf
@@ -33,11 +34,11 @@ def assert_same_model(ckpt, cfg: ModelConfig, expected: dict[str, np.ndarray]) -
     """The checkpoint holds exactly `expected` and gives exactly its logits."""
     got_cfg, weights = load_checkpoint(ckpt, jnp.float32)
     assert got_cfg == cfg
-    got = {k: np.asarray(v) for k, v in llama.weights_to_flat(weights).items()}
+    got = {k: np.asarray(v) for k, v in named(weights).items()}
     assert sorted(got) == sorted(expected)
     for name in expected:
         np.testing.assert_array_equal(got[name], np.asarray(expected[name], np.float32), err_msg=name)
-    direct = llama.weights_from_flat({k: jnp.asarray(v, jnp.float32) for k, v in expected.items()})
+    direct = from_named(llama.weight_info(cfg), {k: jnp.asarray(v, jnp.float32) for k, v in expected.items()})
     want = np.asarray(llama.sequence_logits(direct, cfg, TOKENS))
     np.testing.assert_allclose(np.asarray(llama.sequence_logits(weights, cfg, TOKENS)), want, rtol=1e-6, atol=1e-6)
 

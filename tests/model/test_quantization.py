@@ -22,6 +22,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.model import llama
 from jaxserve.model import quantization as qz
 from jaxserve.model.checkpoint import load_checkpoint, read_quantization, save_checkpoint
+from jaxserve.model.weight_info import named
 from pallas_kernels.quantized_weights import pack_int4, unpack_int4
 
 from source_formats import random_flat, write_gguf
@@ -177,14 +178,17 @@ def test_quantized_forward_equals_forward_of_dequantized_weights(tied, spec):
     dequantized weights."""
     cfg = tiny_config(tie_word_embeddings=tied)
     w = llama.init_weights(cfg, jax.random.key(0))
-    flat = qz.quantize_flat(llama.weights_to_flat(w), llama.param_table(cfg), spec)
-    assert {n for n, a in flat.items() if qz.is_quantized(a)} == set(qz.component_table(llama.param_table(cfg), spec))
-    deq = llama.weights_from_flat(qz.dequantize_flat(flat, jnp.float32))
+    infos = llama.weight_info(cfg)
+    qw = qz.quantize_weights(w, infos, spec)
+    flat = named(qw, is_leaf=qz.is_quantized)
+    described = named(qz.quantize_info(infos, spec), is_leaf=qz.is_quantized)
+    assert {n for n, a in flat.items() if qz.is_quantized(a)} == {n for n, i in described.items() if qz.is_quantized(i)}
+    deq = qz.dequantize_weights(qw, infos, jnp.float32)
     ids = [int(t) for t in np.random.default_rng(4).integers(0, cfg.vocab_size, 21)]
-    got = np.asarray(llama.sequence_logits(llama.weights_from_flat(flat), cfg, ids, page_size=4))
+    got = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4))
     np.testing.assert_allclose(got, np.asarray(llama.sequence_logits(deq, cfg, ids, page_size=4)),
                                rtol=1e-5, atol=1e-5)
-    assert qz.weight_bytes(llama.weights_from_flat(flat)) < qz.weight_bytes(w) / 2
+    assert qz.weight_bytes(qw) < qz.weight_bytes(w) / 2
 
 
 def test_int8_weights_compose_with_the_int8_kv_cache(monkeypatch):
@@ -194,8 +198,7 @@ def test_int8_weights_compose_with_the_int8_kv_cache(monkeypatch):
 
     cfg = tiny_config()
     w = llama.init_weights(cfg, jax.random.key(5))
-    qw = llama.weights_from_flat(qz.quantize_flat(llama.weights_to_flat(w), llama.param_table(cfg),
-                                                  qz.QuantSpec("int8", "int8")))
+    qw = qz.quantize_weights(w, llama.weight_info(cfg), qz.QuantSpec("int8", "int8"))
     ids = [int(t) for t in np.random.default_rng(5).integers(0, cfg.vocab_size, 21)]
     ref = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4))
     monkeypatch.setattr(llama, "write_kv", write_kv)  # quantize K/V on write, as the kernels issue wires it
@@ -224,15 +227,15 @@ def test_engine_quantization_option_and_server_flag():
 
 def test_engine_quantization_keeps_matching_weights_and_converts_the_rest():
     cfg = tiny_config()
-    table = llama.param_table(cfg)
-    flat = qz.quantize_flat(llama.weights_to_flat(llama.init_weights(cfg, jax.random.key(6))), table,
-                            qz.QuantSpec("int4", int4_group_size=32))
-    assert qz.engine_quantization(flat, table, "auto", False, jnp.float32) is flat
-    dense = qz.engine_quantization(flat, table, "none", False, jnp.float32)
+    infos = llama.weight_info(cfg)
+    q = qz.quantize_weights(llama.init_weights(cfg, jax.random.key(6)), infos, qz.QuantSpec("int4", int4_group_size=32))
+    flat = named(q, is_leaf=qz.is_quantized)
+    assert qz.engine_quantization(q, infos, "auto", False, jnp.float32) is q
+    dense = named(qz.engine_quantization(q, infos, "none", False, jnp.float32), is_leaf=qz.is_quantized)
     assert not any(qz.is_quantized(a) for a in dense.values())
-    kept = qz.engine_quantization(flat, table, "int4", False, jnp.float32)
+    kept = named(qz.engine_quantization(q, infos, "int4", False, jnp.float32), is_leaf=qz.is_quantized)
     assert kept["layers.wq"] is flat["layers.wq"] and kept["layers.wq"].group_size == 32  # a repack stays as is
-    as8 = qz.engine_quantization(flat, table, "int8", True, jnp.float32)
+    as8 = named(qz.engine_quantization(q, infos, "int8", True, jnp.float32), is_leaf=qz.is_quantized)
     assert all(qz.scheme_of(as8[n]) == "int8" for n in ("layers.wq", "layers.w_down", "embed", "lm_head"))
     assert qz.scheme_of(as8["layers.attn_norm"]) == "none"
 
@@ -240,24 +243,26 @@ def test_engine_quantization_keeps_matching_weights_and_converts_the_rest():
 def test_quantized_checkpoint_round_trips_and_loads_sharded(tmp_path):
     """orbax stores each quantized weight's arrays; on a 2-device mesh, values and their scales shard alike."""
     cfg = tiny_config()
-    table = llama.param_table(cfg)
+    infos = llama.weight_info(cfg)
     spec = qz.QuantSpec("int4", "int8", int4_group_size=16, scale_dtype="bfloat16")
-    flat = qz.quantize_flat(llama.weights_to_flat(llama.init_weights(cfg, jax.random.key(7))), table, spec)
-    save_checkpoint(tmp_path / "ckpt", cfg, qz.np_tree(flat), quantization=spec)
+    q = qz.quantize_weights(llama.init_weights(cfg, jax.random.key(7)), infos, spec)
+    flat = named(q, is_leaf=qz.is_quantized)
+    save_checkpoint(tmp_path / "ckpt", cfg, qz.np_tree(q), quantization=spec)
     assert read_quantization(tmp_path / "ckpt") == spec
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
     rules = {"heads": "tp", "kv_heads": "tp", "ffw": "tp"}  # column and row parallel over the head / ffw axes
+    quantized = named(qz.quantize_info(infos, spec), is_leaf=qz.is_quantized)
     shardings = {f"{name}.{c}": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
                      *[rules.get(a) for a in ci.axes]))
-                 for name, comps in qz.component_table(table, spec).items() for c, ci in comps.items()}
+                 for name, w in quantized.items() if qz.is_quantized(w) for c, ci in named(w).items()}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings.update({name: replicated for name in table if not qz.is_quantized(flat[name])})
+    shardings.update({name: replicated for name in quantized if not qz.is_quantized(flat[name])})
     got_cfg, weights = load_checkpoint(tmp_path / "ckpt", jnp.float32, shardings)
     assert got_cfg == cfg
     wo = weights.layers.wo  # row parallel: the group axis G carries "heads"
     assert isinstance(wo, qz.Int4Weight) and wo.packed.sharding.spec[1] == "tp" and wo.scales.sharding.spec[1] == "tp"
     assert len({d for d in wo.scales.sharding.device_set}) == 2
-    for name, a in llama.weights_to_flat(weights).items():
+    for name, a in named(weights, is_leaf=qz.is_quantized).items():
         for c in qz.COMPONENTS.get(type(a), ()):
             np.testing.assert_array_equal(np.asarray(getattr(a, c)), np.asarray(getattr(flat[name], c)))
 
@@ -286,12 +291,12 @@ def test_gguf_blocks_repack_to_exactly_what_gguf_dequantizes(tmp_path, monkeypat
     convert(tmp_path / "m.gguf", tmp_path / "ckpt", progress=False, quantize=scheme, quantize_embeddings="int8")
     monkeypatch.setattr(gguf.quants, "dequantize", real)
     _, weights = load_checkpoint(tmp_path / "ckpt", jnp.float32)
-    flat = llama.weights_to_flat(weights)
+    flat = named(weights, is_leaf=qz.is_quantized)
     for name in ("layers.wq", "layers.wk", "layers.wo", "layers.w_down", "embed", "lm_head"):
         want = "int8" if name in ("embed", "lm_head") else scheme
         assert qz.scheme_of(flat[name]) == want and flat[name].group_size == 32, name
         assert flat[name].scales.dtype == jnp.float16
-    dense = qz.dequantize_flat(flat, jnp.float32)
+    dense = named(qz.dequantize_weights(weights, llama.weight_info(cfg), jnp.float32))
     assert sorted(dense) == sorted(held)
     for name, want in held.items():
         np.testing.assert_array_equal(np.asarray(dense[name]), np.asarray(want, np.float32), err_msg=name)
@@ -351,11 +356,9 @@ def smollm2():
     cfg, weights = load_checkpoint(path, jnp.float32)
     text_ids = load_tokenizer(path).encode((DATA / "perplexity_text.txt").read_text())
     golden = json.loads((DATA / "golden_smollm2.json").read_text())["prompts"]
-    table = llama.param_table(cfg)
-    flat = llama.weights_to_flat(weights)
     models = {"float32": weights}
     for scheme in ("int8", "int4"):  # default specs: int8 per channel, int4 g=128 (96 where D = 576)
-        models[scheme] = llama.weights_from_flat(qz.quantize_flat(flat, table, qz.QuantSpec(scheme)))
+        models[scheme] = qz.quantize_weights(weights, llama.weight_info(cfg), qz.QuantSpec(scheme))
     return dict(cfg=cfg, models=models, text_ids=text_ids, golden=golden, scorer=Scorer(cfg), results={})
 
 
@@ -413,7 +416,7 @@ def test_real_gguf_q4_1_tensor_repacks_to_the_float_checkpoint(smollm2):
              if t.name == "blk.0.attn_q.weight")
     assert t.tensor_type == Q.Q4_1
     _, _, transform = lookup(gguf_table("llama"), t.name)
-    target = llama.param_table(smollm2["cfg"])["layers.wq"].shape[1:]
+    target = llama.weight_info(smollm2["cfg"]).layers.wq.shape[1:]
     weights = smollm2["models"]["float32"]
     parts = repack(np.asarray(t.data), "Q4_1", transform, target, 1, t.name)
     w = qz.Int4Weight(parts["packed"], parts["scales"], parts["mins"], in_shape=target[:1], out_ndim=2)

@@ -29,6 +29,7 @@ from jaxserve.model.attention import paged_attention_xla
 from jaxserve.model.checkpoint import read_config, save_checkpoint
 from jaxserve.model.sampler import RowSampling
 from jaxserve.model.step_inputs import SeqChunk, build_step_inputs
+from jaxserve.model.weight_info import named
 from jaxserve.worker.model_runner import ModelRunner
 
 from conftest import TINY, random_weights
@@ -40,7 +41,7 @@ MESHES = [(2, 1), (4, 1), (8, 1), (2, 4)]  # (tensor, data)
 
 @pytest.fixture(scope="module")
 def tiny_weights():
-    return llama.weights_from_flat(random_weights(TINY, 7))
+    return random_weights(TINY, 7)
 
 
 def two_steps():
@@ -67,13 +68,13 @@ def run_two_steps(weights, tp: int, dp: int):
     else:
         plan = sharding.plan_sharding(TINY, tp, dp)
         cfg = sharding.serving_config(TINY, plan)
-        weights = sharding.repeat_kv_heads(jax.device_put(weights, sharding.weight_sharding_tree(TINY, plan)),
-                                           TINY, plan)
+        infos = llama.weight_info(TINY)
+        weights = sharding.repeat_kv_heads(jax.device_put(weights, plan.shardings(infos)), infos, plan)
         kv_sharding = sharding.kv_cache_sharding(plan)
         kv = jax.device_put(jnp.zeros(llama.kv_cache_shape(cfg, NUM_PAGES, PAGE)), kv_sharding)
         attention = sharding.shard_attention(paged_attention_xla, plan)
         fn = jax.jit(functools.partial(llama.forward, cfg=cfg, attention=attention, plan=plan),
-                     in_shardings=(sharding.weight_sharding_tree(cfg, plan), kv_sharding, plan.replicated),
+                     in_shardings=(plan.shardings(llama.weight_info(cfg)), kv_sharding, plan.replicated),
                      out_shardings=(plan.replicated, kv_sharding))
     steps = two_steps()
     compiled = fn.lower(weights, kv, steps[0]).compile()  # both steps have the same shapes
@@ -152,9 +153,9 @@ def test_runner_loads_into_shardings_and_compiles_two_all_reduces_per_layer(runn
     runner, tp = runner_tp8, 8
     cfg = runner.model_config
     assert cfg.num_kv_heads == max(TINY.num_kv_heads, tp)  # TP=8: the 4 KV heads are each served twice
-    for name, w in llama.weights_to_flat(runner.weights).items():
+    for name, w in named(runner.weights).items():
         assert w.sharding.spec == EXPECTED_SPECS[name], name
-        shape = llama.param_table(cfg)[name].shape
+        shape = named(llama.weight_info(cfg))[name].shape
         split = [s // tp if e == "model" else s for s, e in zip(shape, EXPECTED_SPECS[name])]
         assert {tuple(s.data.shape) for s in w.addressable_shards} == {tuple(split)}, name
         assert len({s.device for s in w.addressable_shards}) == tp
@@ -163,7 +164,7 @@ def test_runner_loads_into_shardings_and_compiles_two_all_reduces_per_layer(runn
 
     # Each device holds an eighth of every split weight: about an eighth of the model (norms are replicated).
     held = sharding.per_device_bytes(runner.weights)
-    total = sum(np.prod(i.shape) * 4 for i in llama.param_table(cfg).values())
+    total = sum(np.prod(i.shape) * 4 for i in jax.tree.leaves(llama.weight_info(cfg)))
     assert len(held) == tp and len(set(held.values())) == 1 and total / tp <= held["0"] < 1.01 * total / tp
 
     hlo = runner.step_hlo(16, 2)
@@ -234,10 +235,9 @@ QUANT_SPEC = qz.QuantSpec("int4", "int8", int8_group_size=16, int4_group_size=16
 @pytest.fixture(scope="module")
 def tiny_quantized_checkpoint(tiny_checkpoint, tmp_path_factory):
     cfg, _ = read_config(tiny_checkpoint)
-    table = llama.param_table(cfg)
-    flat = qz.quantize_flat(random_weights(cfg, 11), table, QUANT_SPEC)
+    weights = qz.quantize_weights(random_weights(cfg, 11), llama.weight_info(cfg), QUANT_SPEC)
     dest = tmp_path_factory.mktemp("tiny_quantized")
-    save_checkpoint(dest, cfg, qz.np_tree(flat), source={"format": "random"}, quantization=QUANT_SPEC)
+    save_checkpoint(dest, cfg, qz.np_tree(weights), source={"format": "random"}, quantization=QUANT_SPEC)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_checkpoint / name, dest / name)
     return dest

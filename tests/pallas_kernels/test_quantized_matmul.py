@@ -177,7 +177,7 @@ def test_forward_with_the_pallas_matmul_matches_qdot(spec):
     """Every projection and the tied head (V = 128) through the kernel in interpret mode, 13 tokens."""
     cfg = tiny_config()
     w = llama.init_weights(cfg, jax.random.key(0))
-    qw = llama.weights_from_flat(qz.quantize_flat(llama.weights_to_flat(w), llama.param_table(cfg), spec))
+    qw = qz.quantize_weights(w, llama.weight_info(cfg), spec)
     ids = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 13)]
     ref = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4))
     got = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4, matmul=qz.qdot_pallas))
@@ -202,9 +202,8 @@ def test_runner_with_pallas_matmul_samples_what_the_xla_runner_samples(tmp_path)
 
     cfg = tiny_config()
     spec = qz.QuantSpec("int4", int4_group_size=32)
-    flat = qz.quantize_flat(llama.weights_to_flat(llama.init_weights(cfg, jax.random.key(3))),
-                            llama.param_table(cfg), spec)
-    save_checkpoint(tmp_path, cfg, qz.np_tree(flat), quantization=spec)
+    qw = qz.quantize_weights(llama.init_weights(cfg, jax.random.key(3)), llama.weight_info(cfg), spec)
+    save_checkpoint(tmp_path, cfg, qz.np_tree(qw), quantization=spec)
     outs = {}
     for matmul in ("xla", "pallas"):
         runner = ModelRunner(EngineConfig(model=str(tmp_path), dtype="float32", quantized_matmul=matmul,

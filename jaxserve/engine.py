@@ -58,11 +58,14 @@ class _Choice:
 class LLMEngine:
     """The one orchestrator; implements `EngineClient` (and `OfflineEngineClient`: `step()` on the caller's thread)."""
 
-    def __init__(self, config: EngineConfig, *, warmup: bool = True):
+    def __init__(self, config: EngineConfig, *, warmup: bool = True, runner: ModelRunner | None = None,
+                 tokenizer=None):
+        """`runner` and `tokenizer` replace the ones built from `config.model` (benchmarks of the host side)."""
         self.config = config
-        checkpoint_dir = resolve_engine_model(config)
-        self.tokenizer = load_tokenizer(checkpoint_dir)
-        self.runner = ModelRunner(config, checkpoint_dir)
+        if runner is None or tokenizer is None:
+            checkpoint_dir = resolve_engine_model(config)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+        self.runner = runner if runner is not None else ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching,
                                        self.max_model_len)

@@ -10,6 +10,12 @@ Threads and ownership:
     thread reads; the server bridges it to asyncio.
   * With speculative decoding on, `self.spec` (a `SpecDecoder`, engine thread only) runs each step (a
     verify step when any request has proposals) and proposes the next step's tokens (see `spec_decode.py`).
+
+Host/device overlap (docs/engine.md): `step()` dispatches step N without waiting (JAX dispatch is async),
+then turns step N-1's tokens into text (`self._pending`: detokenization, stop strings, the stream puts)
+while the device computes, then collects step N and updates the scheduler. Scheduling reads token ids,
+never text, so this changes no token; deltas reach their streams one step later. Speculative steps stay
+serial.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def run_in_process(rows: int, *, steps: int = 200, device_ms: float = 0.0, token
 
 
 def run_server(rows: int, *, max_tokens: int = 200, device_ms: float = 0.0, tokenizer=None,
-               max_num_seqs: int = 64, timeout: float = 120.0) -> dict:
+               max_num_seqs: int = 64, timeout: float = 120.0, guardrails: bool = True) -> dict:
     """`rows` loopback clients stream /v1/completions from the real app over the engine in its thread.
 
     The steps measured are those in which all `rows` requests decode (clients start a little apart, and
@@ -191,6 +191,7 @@ def run_server(rows: int, *, max_tokens: int = 200, device_ms: float = 0.0, toke
     from aiohttp import web
 
     from jaxserve.server.app import ServingConfig, create_app
+    from jaxserve.server.guardrails import GuardrailConfig
 
     engine = build_engine(rows, max_num_seqs=max_num_seqs, device_ms=device_ms, tokenizer=tokenizer)
     runner = engine.runner
@@ -219,7 +220,8 @@ def run_server(rows: int, *, max_tokens: int = 200, device_ms: float = 0.0, toke
     engine.start()
 
     async def main():
-        app = create_app(ServingConfig(max_waiting=max(1024, rows)), engine)
+        app = create_app(ServingConfig(max_waiting=max(1024, rows), guardrails=GuardrailConfig(enabled=guardrails)),
+                         engine)
         app_runner = web.AppRunner(app)
         await app_runner.setup()
         site = web.TCPSite(app_runner, "127.0.0.1", 0)
@@ -262,24 +264,27 @@ def run_server(rows: int, *, max_tokens: int = 200, device_ms: float = 0.0, toke
 
 
 def run(rows_list: list[int], *, server: bool = False, steps: int = 200, device_ms: float = 0.0,
-        max_num_seqs: int = 64) -> dict:
+        max_num_seqs: int = 64, guardrails: bool = True) -> dict:
     """One case per row count; returns {"cases": [...], "host_ms_per_step": {rows: ms}, "steps_per_s": {...}}."""
     tokenizer = default_tokenizer()
     cases = []
     for rows in rows_list:
         if server:
             cases.append(run_server(rows, max_tokens=steps + 64, device_ms=device_ms, tokenizer=tokenizer,
-                                    max_num_seqs=max_num_seqs))
+                                    max_num_seqs=max_num_seqs, guardrails=guardrails))
         else:
             cases.append(run_in_process(rows, steps=steps, device_ms=device_ms, tokenizer=tokenizer,
                                         max_num_seqs=max_num_seqs))
-    return {"server": server, "device_ms": device_ms, "cases": cases,
+    return {"server": server, "guardrails": guardrails, "device_ms": device_ms, "cases": cases,
             "host_ms_per_step": {str(c["rows"]): round(c["host_ms_per_step"], 3) for c in cases},
             "steps_per_s": {str(c["rows"]): round(c["steps_per_s"], 1) for c in cases}}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"engine host overhead ({'HTTP server, loopback clients' if result['server'] else 'in-process'}, "
+    where = "in-process"
+    if result["server"]:
+        where = f"HTTP server, loopback clients, guardrails {'on' if result['guardrails'] else 'off'}"
+    lines = [f"engine host overhead ({where}, "
              f"stand-in device {result['device_ms']} ms/step)",
              f"{'rows':>5} {'steps':>6} {'host ms/step p50':>17} {'mean':>7} {'cpu ms p50':>10} {'steps/s':>8} "
              f"{'device idle ms/step':>20}"]

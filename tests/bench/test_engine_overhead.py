@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -44,3 +45,33 @@ def test_stand_in_device_time_is_waited_for():
         engine.step()
     assert engine.runner.num_steps >= 4
     assert engine.runner.blocked_seconds > 0.004 * engine.runner.num_steps * 0.5
+
+
+def test_overlapped_engine_streams_whole_text_and_cuts_stop_strings():
+    """The engine emits step N-1's text while step N runs: every request still gets all its text, a stop
+    string ends its request without reaching the stream, and no page is left held."""
+    tokenizer = engine_overhead.default_tokenizer()
+    engine = engine_overhead.build_engine(6, max_num_seqs=8, tokenizer=tokenizer)
+    mix = engine_overhead.request_mix(6, max_tokens=40)
+    # Learn request 0's greedy text, then ask again with a stop string cut from its middle.
+    first = engine.add_request(*mix[0])
+    while engine.has_unfinished():
+        engine.step()
+    deltas = list(first.ready())
+    tokens = [t for d in deltas for t in d.new_token_ids]
+    full = "".join(d.new_text for d in deltas)
+    assert len(tokens) == 40 and deltas[-1].finish_reason == "length"
+    assert full == tokenizer.decode(tokens)
+    stop = full[len(full) // 2:len(full) // 2 + 5]
+    prompt, params = mix[0]
+    streams = [engine.add_request(prompt, dataclasses.replace(params, stop=[stop]))]
+    streams += [engine.add_request(p, sp) for p, sp in mix[1:]]
+    while engine.has_unfinished():
+        engine.step()
+    stopped = list(streams[0].ready())
+    assert stopped[-1].finish_reason == "stop"
+    assert "".join(d.new_text for d in stopped) == full[:full.index(stop)]
+    for stream in streams[1:]:
+        got = list(stream.ready())
+        assert got[-1].finished and "".join(d.new_text for d in got) != ""
+    assert engine.kv_cache.pool.num_used_pages == 0

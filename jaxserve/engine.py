@@ -10,6 +10,12 @@ Threads and ownership:
     thread reads; the server bridges it to asyncio.
   * With speculative decoding on, `self.spec` (a `SpecDecoder`, engine thread only) runs each step (a
     verify step when any request has proposals) and proposes the next step's tokens (see `spec_decode.py`).
+
+Host/device overlap (docs/engine.md): `step()` dispatches step N without waiting (JAX dispatch is async),
+then turns step N-1's tokens into text (`self._pending`: detokenization, stop strings, the stream puts)
+while the device computes, then collects step N and updates the scheduler. Scheduling reads token ids,
+never text, so this changes no token; deltas reach their streams one step later. Speculative steps stay
+serial.
 """
 
 from __future__ import annotations
@@ -59,11 +65,14 @@ class _Choice:
 class LLMEngine:
     """The one orchestrator; implements `EngineClient` (and `OfflineEngineClient`: `step()` on the caller's thread)."""
 
-    def __init__(self, config: EngineConfig, *, warmup: bool = True):
+    def __init__(self, config: EngineConfig, *, warmup: bool = True, runner: ModelRunner | None = None,
+                 tokenizer=None):
+        """`runner` and `tokenizer` replace the ones built from `config.model` (benchmarks of the host side)."""
         self.config = config
-        checkpoint_dir = resolve_engine_model(config)
-        self.tokenizer = load_tokenizer(checkpoint_dir)
-        self.runner = ModelRunner(config, checkpoint_dir)
+        if runner is None or tokenizer is None:
+            checkpoint_dir = resolve_engine_model(config)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+        self.runner = runner if runner is not None else ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching,
                                        self.max_model_len)
@@ -72,6 +81,7 @@ class LLMEngine:
                                                    max_model_len=self.max_model_len), self.kv_cache)
         self.eos_token_ids = frozenset(self.tokenizer.eog_ids)
         self._choices: dict[str, _Choice] = {}  # sub-request id -> its choice state
+        self._pending = None  # (updates, ModelRunnerOutput) of the last step, not yet turned into text
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -180,7 +190,14 @@ class LLMEngine:
         return bool(self._choices) or not self._inbox.empty()
 
     def step(self) -> bool:
-        """One scheduling + model step. Returns False when there was nothing to do."""
+        """One scheduling + model step. Returns False when there was nothing to do.
+
+        NOTE(overlap): the model step is dispatched before the previous step's tokens are turned into text,
+        so detokenization, stop strings and streaming of step N-1 run while the device computes step N (JAX
+        dispatch is asynchronous). Scheduling needs only the token ids (`update_from_output` runs as soon as
+        a step is collected), never the text, so this changes no token: a request a stop string ends during
+        step N has merely been scheduled once more, and `update_from_output` drops that row.
+        """
         t0 = time.perf_counter()
         self._drain_inbox()
         sched = self.scheduler.schedule()
@@ -189,34 +206,54 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.release([r.request_id for r in sched.finished] + list(sched.preempted_ids))
         if not sched.chunks:
-            return bool(sched.finished)
+            emitted = self._emit_pending()
+            return bool(sched.finished) or emitted
         if self.spec is None:
             rows = [self._row_sampling(c.request) if c.sample else None for c in sched.chunks]
-            out = self.runner.execute(sched.chunks, rows)
-            sampled = dict(zip(out.request_ids, (int(t) for t in out.token_ids)))
+            in_flight = self.runner.dispatch(sched.chunks, rows)
+            self._emit_pending()  # the previous step's text, while the device runs this one
+            t_wait = time.perf_counter()
+            out = self.runner.collect(in_flight)
+            device_seconds = time.perf_counter() - t_wait
+            sampled = dict(zip(out.request_ids, out.token_ids.tolist()))
         else:
+            self._emit_pending()
             out = self.spec.execute(sched.chunks, self._row_sampling)
+            device_seconds = out.step_seconds - out.host_seconds
             sampled = dict(zip(out.request_ids, out.emitted))
-        row_of = {rid: i for i, rid in enumerate(out.request_ids)}
         updates = self.scheduler.update_from_output(sched, sampled)
-        for update in updates:
-            i = row_of.get(update.request_id)
-            logprobs = None
-            choice = self._choices.get(update.request_id)
-            if choice is None:
-                continue
-            if i is not None and choice.request.sampling_params.logprobs is not None and update.new_token_ids:
-                n = choice.request.sampling_params.logprobs
-                logprobs = [TokenLogprob(int(out.token_ids[i]), float(out.logprobs[i]),
-                                         [(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:n],
-                                                                               out.top_logprobs[i][:n])])]
-            self._emit(choice, update, logprobs)
+        self._pending = (updates, out)
         if self.spec is not None:
+            # The proposer reads the running requests: stop strings must have ended theirs first.
+            self._emit_pending()
             running = {r.request_id for r in self.scheduler.running}
             self.spec.release([c.request_id for c in sched.chunks if c.request_id not in running])
             self.spec.propose(self.scheduler.running)
-        self.stats.record_step(sched.num_scheduled_tokens, time.perf_counter() - t0,
-                               device_seconds=out.step_seconds - out.host_seconds)
+        self.stats.record_step(sched.num_scheduled_tokens, time.perf_counter() - t0, device_seconds=device_seconds)
+        return True
+
+    def _emit_pending(self) -> bool:
+        """Detokenizes, stop-checks and streams the last collected step's tokens; False if there were none."""
+        if self._pending is None:
+            return False
+        updates, out = self._pending
+        self._pending = None
+        row_of = None
+        for update in updates:
+            choice = self._choices.get(update.request_id)
+            if choice is None:  # aborted since
+                continue
+            logprobs = None
+            if choice.request.sampling_params.logprobs is not None and update.new_token_ids:
+                if row_of is None:
+                    row_of = {rid: i for i, rid in enumerate(out.request_ids)}
+                i = row_of.get(update.request_id)
+                if i is not None:
+                    n = choice.request.sampling_params.logprobs
+                    logprobs = [TokenLogprob(int(out.token_ids[i]), float(out.logprobs[i]),
+                                             [(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:n],
+                                                                                   out.top_logprobs[i][:n])])]
+            self._emit(choice, update, logprobs)
         return True
 
     def _drain_inbox(self) -> None:
@@ -276,6 +313,7 @@ class LLMEngine:
             choice.stream.put(delta)
 
     def _fail_all(self, message: str) -> None:
+        self._pending = None
         if self.spec is not None:
             self.spec.release(list(self._choices))
         for sub_id, choice in list(self._choices.items()):

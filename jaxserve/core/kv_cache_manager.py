@@ -119,6 +119,10 @@ class KVCacheManager:
         """
         rid = request.request_id
         table = self._tables.get(rid, [])
+        if not new_computed_pages and table and (
+                request.num_computed_tokens + num_new_tokens <= len(table) * self.page_size
+                and (self.max_model_len is None or request.num_computed_tokens + num_new_tokens <= self.max_model_len)):
+            return []  # NOTE: the common decode step: the last page still has room, nothing to allocate
         if new_computed_pages and table:
             raise ValueError(f"request {rid!r} already holds pages; prefix hits are taken only at admission")
         total = request.num_computed_tokens + len(new_computed_pages) * self.page_size + num_new_tokens

@@ -22,6 +22,7 @@ parameters, its seed and its position, never on the rest of the batch or on its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -106,54 +107,72 @@ def build_sampling_metadata(rows: list[RowSampling | None], num_rows: int, vocab
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
-    temperature = np.zeros(num_rows, np.float32)
-    top_k = np.zeros(num_rows, np.int32)
-    top_p = np.ones(num_rows, np.float32)
-    min_p = np.zeros(num_rows, np.float32)
-    repetition = np.ones(num_rows, np.float32)
-    presence = np.zeros(num_rows, np.float32)
-    frequency = np.zeros(num_rows, np.float32)
+    # NOTE: one tuple per live row, then one array per field (no per-field Python stores): this runs every step.
+    live = [r for r, row in enumerate(rows) if row is not None]
+    fields = np.zeros((num_rows, 7), np.float64)  # temperature, top_k, top_p, min_p, rep., presence, frequency
+    fields[:, 2] = fields[:, 4] = 1.0
     seeds = np.zeros(num_rows, np.uint32)
     positions = np.zeros(num_rows, np.int32)
-    history = np.full((num_rows, history_len), -1, np.int32)
+    if live:
+        values = []
+        for r in live:
+            p = rows[r].params
+            if p.temperature > GREEDY_TEMPERATURE:
+                # Filters only matter to random rows; keeping them neutral on greedy rows lets the batch skip them.
+                values.append((p.temperature, p.top_k if 0 < p.top_k < vocab_size else 0, p.top_p, p.min_p,
+                               p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+            else:
+                values.append((0.0, 0, 1.0, 0.0, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+        fields[live] = values
+        seeds[live] = [rows[r].seed % 2**32 for r in live]  # NOTE: seeds 2**32 apart share a key
+        positions[live] = [rows[r].position for r in live]
+    temperature, top_p, min_p = (fields[:, i].astype(np.float32) for i in (0, 2, 3))
+    top_k = fields[:, 1].astype(np.int32)
+    repetition, presence, frequency = (fields[:, i].astype(np.float32) for i in (4, 5, 6))
+    penalized = [r for r in live if _has_penalties(rows[r].params)]
+    if penalized:
+        history = np.full((num_rows, history_len), -1, np.int32)
+    else:
+        # NOTE: no row reads the history: share one read-only block of -1 per shape instead of filling
+        # R x S int32s (a megabyte at 64 rows x 4096) every step.
+        history = _empty_history(num_rows, history_len)
     prompt_lens = np.zeros(num_rows, np.int32)
-    biases: list[dict[int, float]] = []
-    for r, row in enumerate(rows):
-        bias: dict[int, float] = {}
-        biases.append(bias)
-        if row is None:
+    for r in penalized:
+        # NOTE: history is filled only where a penalty reads it; other rows keep -1 (counted as nothing).
+        row = rows[r]
+        n_prompt, n_out = len(row.prompt_token_ids), len(row.output_token_ids)
+        if n_prompt + n_out > history_len:
+            raise ValueError(f"row {r}: {n_prompt + n_out} tokens of history exceed history_len {history_len}")
+        history[r, :n_prompt] = row.prompt_token_ids
+        history[r, n_prompt:n_prompt + n_out] = row.output_token_ids
+        prompt_lens[r] = n_prompt
+    biases: dict[int, dict[int, float]] = {}
+    for r in live:
+        row = rows[r]
+        if not row.params.logit_bias and not row.banned_ids:
             continue
-        p = row.params
-        if p.temperature > GREEDY_TEMPERATURE:
-            # Filters only matter to random rows; keeping them neutral on greedy rows lets the batch skip them.
-            temperature[r] = p.temperature
-            top_k[r] = p.top_k if 0 < p.top_k < vocab_size else 0
-            top_p[r], min_p[r] = p.top_p, p.min_p
-        repetition[r], presence[r], frequency[r] = p.repetition_penalty, p.presence_penalty, p.frequency_penalty
-        seeds[r] = row.seed % 2**32  # NOTE: seeds 2**32 apart share a key
-        positions[r] = row.position
-        bias.update({int(t): float(v) for t, v in (p.logit_bias or {}).items()})
+        bias = {int(t): float(v) for t, v in (row.params.logit_bias or {}).items()}
         bias.update({int(t): -math.inf for t in row.banned_ids})
         bad = [t for t in bias if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"row {r}: token ids {bad} in logit_bias / banned ids are outside [0, {vocab_size})")
-        if _has_penalties(p):
-            # NOTE: history is filled only where a penalty reads it; other rows keep -1 (counted as nothing).
-            n_prompt, n_out = len(row.prompt_token_ids), len(row.output_token_ids)
-            if n_prompt + n_out > history_len:
-                raise ValueError(f"row {r}: {n_prompt + n_out} tokens of history exceed history_len {history_len}")
-            history[r, :n_prompt] = row.prompt_token_ids
-            history[r, n_prompt:n_prompt + n_out] = row.output_token_ids
-            prompt_lens[r] = n_prompt
-    width = max([MIN_BIAS_WIDTH] + [len(b) for b in biases])
+        biases[r] = bias
+    width = max([MIN_BIAS_WIDTH] + [len(b) for b in biases.values()])
     width = 1 << (width - 1).bit_length()
     bias_ids = np.zeros((num_rows, width), np.int32)
     bias_values = np.zeros((num_rows, width), np.float32)
-    for r, bias in enumerate(biases):
+    for r, bias in biases.items():
         bias_ids[r, :len(bias)] = list(bias.keys())
         bias_values[r, :len(bias)] = list(bias.values())
     return SamplingMetadata(temperature, top_k, top_p, min_p, repetition, presence, frequency, seeds, positions,
                             bias_ids, bias_values, history, prompt_lens)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_history(num_rows: int, history_len: int) -> np.ndarray:
+    history = np.full((num_rows, history_len), -1, np.int32)
+    history.flags.writeable = False
+    return history
 
 
 def sample(logits: jax.Array, md: SamplingMetadata, *, num_logprobs: int, num_candidates: int = NUM_CANDIDATES,

@@ -9,6 +9,7 @@ Padding tokens write their K/V into the null page 0 and their outputs are ignore
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -50,9 +51,13 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     `n - 1 - num_spec + j`, clamped to its last token. So with L = 1 it is the row's last token, and a
     speculative row's first 1 + num_spec entries score its last known token and each of its proposals.
     """
-    total = sum(len(c.token_ids) for c in chunks)
-    if total > num_tokens or len(chunks) > num_rows:
-        raise ValueError(f"step of {total} tokens / {len(chunks)} rows exceeds bucket {num_tokens} / {num_rows}")
+    # NOTE: vectorized: a handful of numpy calls per step whatever the row count, and no per-token Python (the
+    # step is rebuilt on the host every few milliseconds; see docs/performance.md, "host overhead").
+    n_rows = len(chunks)
+    lens = np.fromiter((len(c.token_ids) for c in chunks), np.int64, n_rows)  # [r] query tokens per row
+    total = int(lens.sum())
+    if total > num_tokens or n_rows > num_rows:
+        raise ValueError(f"step of {total} tokens / {n_rows} rows exceeds bucket {num_tokens} / {num_rows}")
     p_max = -(-max_pages_per_seq // kv_block_pages) * kv_block_pages
     qb = query_block_for(num_tokens, num_rows)
     nb = num_query_blocks(num_tokens, num_rows, qb)
@@ -68,29 +73,46 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     qblock_starts = np.zeros(nb, np.int32)
     qblock_lens = np.zeros(nb, np.int32)
 
-    t = b = 0
-    for r, c in enumerate(chunks):
-        n = len(c.token_ids)
-        end = c.start_pos + n
-        if len(c.page_table) * page_size < end or len(c.page_table) > p_max:
-            raise ValueError(f"row {r}: page table of {len(c.page_table)} pages cannot hold {end} tokens")
-        table = np.asarray(c.page_table, np.int32)
-        pos = np.arange(c.start_pos, end, dtype=np.int32)
-        token_ids[t:t + n] = c.token_ids
-        positions[t:t + n] = pos
-        slot_mapping[t:t + n] = table[pos // page_size] * page_size + pos % page_size
-        page_tables[r, :len(table)] = table
-        kv_lens[r] = end
-        num_spec = getattr(c, "num_spec", 0)
-        if num_spec >= min(n, logits_per_row):
-            raise ValueError(f"row {r}: {num_spec} proposals need more than {n} tokens or {logits_per_row} logits")
-        logits_indices[r] = np.minimum(t + n - 1 - num_spec + np.arange(logits_per_row), t + n - 1)
-        for s in range(0, n, qb):
-            qblock_rows[b], qblock_starts[b], qblock_lens[b] = r, t + s, min(qb, n - s)
-            b += 1
-        t += n
-        query_starts[r + 1] = t
-    query_starts[len(chunks) + 1:] = t
+    if n_rows:
+        starts = np.fromiter((c.start_pos for c in chunks), np.int64, n_rows)
+        num_spec = np.fromiter((getattr(c, "num_spec", 0) for c in chunks), np.int64, n_rows)
+        table_lens = np.fromiter((len(c.page_table) for c in chunks), np.int64, n_rows)
+        ends = starts + lens
+        bad = np.flatnonzero((table_lens * page_size < ends) | (table_lens > p_max))
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"row {r}: page table of {table_lens[r]} pages cannot hold {ends[r]} tokens")
+        bad = np.flatnonzero(num_spec >= np.minimum(lens, logits_per_row))
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"row {r}: {num_spec[r]} proposals need more than {lens[r]} tokens or "
+                             f"{logits_per_row} logits")
+        qs = np.cumsum(lens)  # [r] end of each row's tokens
+        query_starts[1:n_rows + 1] = qs
+        query_starts[n_rows + 1:] = total
+        first = qs - lens  # [r] start of each row's tokens
+        token_ids[:total] = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), np.int32,
+                                        total)
+        row_of = np.repeat(np.arange(n_rows), lens)  # [t] row of each real token
+        pos = starts[row_of] + np.arange(total) - first[row_of]  # [t]
+        positions[:total] = pos
+        # Page tables, row by row, left to right: a boolean mask assigns in that (C) order.
+        page_tables[:n_rows][np.arange(p_max) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(c.page_table for c in chunks), np.int32, int(table_lens.sum()))
+        slot_mapping[:total] = page_tables[row_of, pos // page_size] * page_size + pos % page_size
+        kv_lens[:n_rows] = ends
+        last = (qs - 1)[:, None]  # [r, 1]
+        logits_indices[:n_rows] = np.minimum(last - num_spec[:, None] + np.arange(logits_per_row), last)
+        if qb == 1:
+            qblock_rows[:total], qblock_starts[:total], qblock_lens[:total] = row_of, np.arange(total), 1
+        else:
+            blocks = -(-lens // qb)  # [r] query blocks of each row
+            nb_used = int(blocks.sum())
+            block_row = np.repeat(np.arange(n_rows), blocks)
+            k = np.arange(nb_used) - np.repeat(np.cumsum(blocks) - blocks, blocks)  # block index within its row
+            qblock_rows[:nb_used] = block_row
+            qblock_starts[:nb_used] = first[block_row] + k * qb
+            qblock_lens[:nb_used] = np.minimum(qb, lens[block_row] - k * qb)
     logits_indices = logits_indices.reshape(-1)
     if all_logits:
         logits_indices = np.arange(num_tokens, dtype=np.int32)

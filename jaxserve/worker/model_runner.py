@@ -54,6 +54,17 @@ class ModelRunnerOutput:
     emitted: list[list[int]] | None = None
 
 
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step whose outputs may still be computing on the device."""
+
+    request_ids: list[str]  # of the sampled chunks, in chunk order
+    picked: list[int]  # their row indices
+    out: SampleOutput  # device arrays, [R] / [R, NUM_LOGPROBS]
+    start: float  # time.perf_counter() at dispatch
+    host_seconds: float  # preparing the inputs
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -196,22 +207,33 @@ class ModelRunner:
 
     def execute(self, chunks, rows: list[RowSampling | None]) -> ModelRunnerOutput:
         """Runs one step. `chunks` are `SeqChunk`-like; `rows[i]` is the sampling of chunk i or None."""
+        return self.collect(self.dispatch(chunks, rows))
+
+    def dispatch(self, chunks, rows: list[RowSampling | None]) -> PendingStep:
+        """Builds the inputs and launches the step; returns at once (JAX dispatch is asynchronous), so the
+        host can do other work while the device runs. `collect()` it before the next `dispatch()`."""
         t0 = time.perf_counter()
         num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
-        step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.page_table) for c in chunks],
-                                 num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
+        step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                  max_pages_per_seq=self.max_pages_per_seq)
-        md = build_sampling_metadata(list(rows) + [None] * (num_rows - len(rows)), num_rows, self.vocab_size,
-                                     self.max_model_len)
+        md = build_sampling_metadata(rows, num_rows, self.vocab_size, self.max_model_len)
         t1 = time.perf_counter()
         out = self._run(step, md)
         picked = [i for i, r in enumerate(rows) if r is not None]
-        token_ids, logprobs, top_ids, top_logprobs = jax.device_get(
-            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
+        return PendingStep([chunks[i].request_id for i in picked], picked, out, t0, t1 - t0)
+
+    def collect(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Waits for a dispatched step and copies its sampled tokens to the host."""
+        token_ids, logprobs, top_ids, top_logprobs = self._fetch(pending.out)
+        picked = pending.picked
         return ModelRunnerOutput(
-            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
-            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
-            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0)
+            request_ids=pending.request_ids, token_ids=token_ids[picked], logprobs=logprobs[picked],
+            top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
+            step_seconds=time.perf_counter() - pending.start, host_seconds=pending.host_seconds)
+
+    def _fetch(self, out) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The one blocking device-to-host copy of a step's sampled outputs."""
+        return jax.device_get((out.token_ids, out.logprobs, out.top_ids, out.top_logprobs))
 
     def execute_spec(self, chunks, rows: list[list[RowSampling] | None], draft_probs: jax.Array | None = None, *,
                      num_tokens: int | None = None, num_rows: int | None = None) -> ModelRunnerOutput:

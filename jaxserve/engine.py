@@ -152,11 +152,7 @@ class LLMEngine:
         self._wakeup.set()
 
     def stats_snapshot(self) -> EngineStatsSnapshot:
-        spec = None
-        if self.spec is not None:
-            s = self.spec.stats
-            spec = SpecDecodeSnapshot(s.acceptance_rate, s.mean_accepted_length, s.num_drafts, s.num_draft_tokens,
-                                      s.num_accepted_tokens, s.num_emitted_tokens, tuple(s.accepted_per_position))
+        spec = SpecDecodeSnapshot.from_stats(self.spec.stats) if self.spec is not None else None
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
                                    self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
 

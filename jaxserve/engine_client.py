@@ -32,6 +32,12 @@ class SpecDecodeSnapshot:
     num_emitted_tokens: int
     accepted_per_position: tuple[int, ...]
 
+    @classmethod
+    def from_stats(cls, stats) -> SpecDecodeSnapshot:
+        """A copy of the spec decoder's live `SpecDecodeStats` counters."""
+        return cls(stats.acceptance_rate, stats.mean_accepted_length, stats.num_drafts, stats.num_draft_tokens,
+                   stats.num_accepted_tokens, stats.num_emitted_tokens, tuple(stats.accepted_per_position))
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineStatsSnapshot:

@@ -214,15 +214,21 @@ def test_draft_model_greedy_equals_plain_greedy_on_the_real_model(tmp_path):
 
 
 def test_server_metrics_export_the_speculative_counters():
+    import dataclasses
     import types
 
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from jaxserve.engine_client import SpecDecodeSnapshot
     from jaxserve.server.metrics import EngineCollector
+
+    from conftest import FakeEngine
 
     stats = SpecDecodeStats(2)
     stats.record(2, 2)
-    engine = types.SimpleNamespace(spec=types.SimpleNamespace(stats=stats))
+    base = FakeEngine().stats_snapshot()
+    spec = SpecDecodeSnapshot.from_stats(stats)
+    engine = types.SimpleNamespace(stats_snapshot=lambda: dataclasses.replace(base, spec_decode=spec))
     registry = CollectorRegistry()
     registry.register(EngineCollector(lambda: engine, dict))
     text = generate_latest(registry).decode()
@@ -231,5 +237,5 @@ def test_server_metrics_export_the_speculative_counters():
     assert 'jaxserve:spec_decode_num_accepted_tokens_per_pos_total{position="1"} 0.0' in text
     assert "jaxserve:spec_decode_acceptance_rate 0.5" in text
     no_spec = CollectorRegistry()
-    no_spec.register(EngineCollector(lambda: types.SimpleNamespace(spec=None), dict))
+    no_spec.register(EngineCollector(lambda: types.SimpleNamespace(stats_snapshot=lambda: base), dict))
     assert "spec_decode" not in generate_latest(no_spec).decode()

@@ -306,30 +306,7 @@ def test_tpu_kernel_lowers_to_mosaic(name, monkeypatch):
     assert "tpu_custom_call" in lowered.as_text()
 
 
-# ----------------------------------------------------------------------------------- backend and engine
-
-
-def test_backend_resolution_and_bucket_dispatch():
-    assert backend.resolve_attention_backend("auto", "cpu") == "xla"
-    assert backend.resolve_attention_backend("pallas", "cpu") == "pallas"
-    with pytest.raises(ValueError, match="auto, xla or pallas"):
-        backend.resolve_attention_backend("triton")
-    # decode at batch 4 over 32k tokens, 8 KV heads: split until ~512 programs, at most 16 splits
-    assert backend.decode_num_splits(4, 8, 32768, 64) == 16
-    assert backend.decode_num_splits(256, 8, 32768, 64) == 1
-    assert backend.decode_num_splits(1, 1, 256, 128) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_start_up_probe_runs_in_interpret_mode(platform):
-    backend.probe_kernels(platform, interpret=True)
-
-
-def test_auto_falls_back_to_xla_when_pallas_does_not_compile(monkeypatch, caplog):
-    monkeypatch.setattr(backend, "pallas_available", lambda platform=None: False)
-    assert backend.resolve_attention_backend("auto", "gpu") == "xla"
-    assert "falling back to XLA" in caplog.text
+# ------------------------------------------- the tiny model through the kernels (the registry: tests/model)
 
 
 def tiny_config(**overrides):

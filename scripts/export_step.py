@@ -43,6 +43,8 @@ def main() -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(8, args.tensor_parallel_size)}"
 
     from jaxserve.config import EngineConfig
+    from jaxserve.model.checkpoint import read_config
+    from jaxserve.model_registry import resolve_model
     from jaxserve.worker import export
 
     t0 = time.perf_counter()
@@ -51,7 +53,8 @@ def main() -> int:
                           kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           num_pages=args.num_pages)
-    reports = export.export_step(config, export.model_config(args.model), args.platform, tpu_chip=args.tpu_chip,
+    model = export.BUILTIN_MODELS.get(args.model) or read_config(resolve_model(args.model))[0]
+    reports = export.export_step(config, model, args.platform, tpu_chip=args.tpu_chip,
                                  max_buckets=args.max_buckets)
     for r in reports:
         print(r.line(), flush=True)

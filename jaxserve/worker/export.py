@@ -63,16 +63,6 @@ class BucketReport:
         return f"{head}  devices: {self.devices}  pallas calls: {self.pallas_calls}  kernels: {kernels}"
 
 
-def model_config(name: str) -> ModelConfig:
-    """A built-in shape config (`llama3-8b`) or the config of a model the registry knows (the default name)."""
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]
-    from jaxserve.model.checkpoint import read_config
-    from jaxserve.model_registry import resolve_model
-
-    return read_config(resolve_model(name))[0]
-
-
 @contextlib.contextmanager
 def describe_tpu(platform: str, chip: str) -> Iterator[None]:
     """Tells the Mosaic lowering which TPU it lowers for: with no TPU attached it asks the CPU device."""

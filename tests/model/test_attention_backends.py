@@ -86,6 +86,8 @@ def test_pallas_under_tp2_matches_xla_tp1_and_compiles_nothing_after_warmup(tiny
     runner = llm.engine.runner
     assert runner.attention_backend == "pallas" and runner.plan.tensor_parallel_size == 2
     compiled = runner.num_compiled()
+    # Warm-up compiled every bucket once, for the plain step and (speculative) the verify step too.
+    assert compiled == len(runner.buckets.shapes()) * (2 if speculative else 1)
     got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     assert got == xla_tp1_tokens[kv_cache_dtype]
     assert runner.num_compiled() == compiled  # every shape, verify steps included, was compiled at warm-up

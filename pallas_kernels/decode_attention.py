@@ -126,7 +126,7 @@ def paged_decode_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     Returns:
       [T, N, H] in q's dtype; zeros for padding tokens.
     """
-    validate(q, kv_pages, layer, step, gpu=True)
+    validate(q, kv_pages, layer, step, gpu=not interpret)  # Triton's size rules bind only where Triton compiles
     T, N, H = q.shape
     page_size, K = kv_pages.shape[2], kv_pages.shape[3] // 2
     ppb = max(pages_per_block or default_pages_per_block(H, page_size), -(-16 // page_size))

@@ -150,7 +150,7 @@ def ragged_paged_attention(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     Returns:
       [T, N, H] in q's dtype; zeros for padding tokens.
     """
-    validate(q, kv_pages, layer, step, gpu=True)
+    validate(q, kv_pages, layer, step, gpu=not interpret)  # Triton's size rules bind only where Triton compiles
     T, N, H = q.shape
     K = kv_pages.shape[3] // 2
     ppb = pages_per_block or default_pages_per_block(H, kv_pages.shape[2])

@@ -193,3 +193,25 @@ def test_int8_kv_cache_holds_more_pages_and_keeps_greedy_outputs():
         for lp, gold in zip(out.outputs[0].logprobs, prompt["top_logprobs"]):
             assert abs(lp.logprob - gold[0][1]) <= INT8_KV_LOGPROB_ATOL, prompt["name"]
     assert_idle_and_accounted(llm8)
+
+
+@pytest.mark.slow
+def test_pallas_backend_reproduces_golden_greedy_tokens_in_interpret_mode():
+    """`LLM(attention_backend="pallas")`: the GPU kernels in interpret mode on CPU, int8 KV pages, prefills
+    chunked 16 tokens at a time (35 tokens: 16 + 16 + 3), then a prefix-cache hit of two whole pages.
+
+    Interpret mode is slow, so: two prompts, four tokens each, and only the buckets the steps use.
+    """
+    llm = LLM(attention_backend="pallas", kv_cache_dtype="int8", max_num_seqs=2, max_num_batched_tokens=16,
+              max_model_len=128, kv_cache_memory=16 * 2**20, warmup=False)
+    assert llm.engine.runner.attention_backend == "pallas"
+    n = 4
+    greedy = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    chosen = [next(p for p in PROMPTS if p["name"] == name) for name in ("digits_text", "code_text")]
+    outs = llm.generate([p["prompt_ids"] for p in chosen], greedy, use_tqdm=False)
+    for out, prompt in zip(outs, chosen):
+        assert out.outputs[0].token_ids == prompt["greedy_ids"][:n], prompt["name"]
+    hit = llm.generate([chosen[0]["prompt_ids"]], greedy, use_tqdm=False)[0]
+    assert hit.num_cached_tokens == 32
+    assert hit.outputs[0].token_ids == chosen[0]["greedy_ids"][:n]
+    assert_idle_and_accounted(llm)

@@ -6,7 +6,8 @@ An attention function has the signature
 
 and must have seen this step's K/V written by `pallas_kernels.kv_cache.write_kv` first (a token attends to
 itself). Pallas kernels (`pallas_kernels/`) implement the same signature; `pallas_kernels.reference` is the dense
-float32 reference every implementation is tested against.
+float32 reference every implementation is tested against. Which implementation serves a step is chosen in
+one place, the registry `jaxserve.model.attention_backends.BACKENDS` (`--attention-backend auto|xla|pallas`).
 """
 
 from __future__ import annotations
@@ -78,5 +79,3 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     dest = jnp.where(q_valid, tok, T).reshape(-1)
     return jnp.zeros((T, N, H), q.dtype).at[dest].set(out.astype(q.dtype), mode="drop")
 
-
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"xla": paged_attention_xla}

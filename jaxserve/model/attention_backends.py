@@ -1,30 +1,42 @@
-"""Choosing a kernel: per platform once at start-up, per bucket shape at trace time.
+"""The attention backend registry: `--attention-backend auto|xla|pallas` -> one attention function.
 
-`paged_attention_pallas` has the engine's attention signature and is what `--attention-backend pallas`
-registers. Its choice is static (Python, at trace time), so each compiled bucket holds exactly one kernel:
+`BACKENDS` is the one table: a backend name -> a factory that builds the attention function for a
+platform ("cpu", "gpu" or "tpu"). Every function it returns has the signature of
+`jaxserve.model.attention.AttentionFn` and is hashable with a stable identity (jit caches keep hitting).
+`select_attention` is what the model runner, the draft proposer and `scripts/export_step.py` call; the
+runner wraps the result in `sharding.shard_attention`, so under tensor parallelism a Pallas kernel runs
+per device on its own heads (XLA does not partition a `pallas_call`).
 
-  * TPU: `tpu_ragged_paged_attention` for every bucket.
-  * GPU: `ragged_paged_attention` for buckets with prefill chunks; for decode-shaped buckets (one token per
-    query block) whose longest context reaches `SPLIT_K_MIN_KV_TOKENS`, the split-K
-    `paged_decode_attention`, with enough splits to give the GPU ~`TARGET_PROGRAMS` programs.
-  * CPU: the GPU kernels in interpret mode (correctness only: tests, `--attention-backend pallas` on CPU).
-
-`resolve_attention_backend("auto")` picks Pallas on GPU/TPU and XLA on CPU, and falls back to XLA with a
-logged warning if the Pallas kernel does not compile on this machine (a probe on a tiny step).
+  * xla: `paged_attention_xla`, every platform.
+  * pallas: `paged_attention_pallas`, which picks the kernel per bucket shape at trace time (static
+    Python, so each compiled bucket holds exactly one kernel):
+      - TPU: `tpu_ragged_paged_attention` (Mosaic) for every bucket;
+      - GPU: `ragged_paged_attention` (Triton) for buckets with prefill chunks; for decode-shaped buckets
+        (one token per query block) whose longest context reaches `SPLIT_K_MIN_KV_TOKENS`, the split-K
+        `paged_decode_attention`, with enough splits to give the GPU ~`TARGET_PROGRAMS` programs;
+      - CPU: the GPU kernels in interpret mode (correct but slow: tests, and `--attention-backend pallas`).
+  * auto: Pallas on GPU and TPU if the start-up probe (this platform's kernels, on a tiny step at the
+    model's head shapes and KV dtype) compiles and runs; else XLA, with a warning naming the error. On
+    CPU, XLA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.config import ATTENTION_BACKENDS as BACKEND_NAMES
+from jaxserve.config import ModelConfig
+from jaxserve.model.attention import AttentionFn, paged_attention_xla
 from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
 from pallas_kernels.decode_attention import paged_decode_attention
-from pallas_kernels.kv_cache import KVPages
+from pallas_kernels.kv_cache import KVPages, allocate_kv_pages
 from pallas_kernels.ragged_attention import default_pages_per_block, ragged_paged_attention
 from pallas_kernels.tpu_ragged_attention import tpu_ragged_paged_attention
 
@@ -34,6 +46,12 @@ logger = logging.getLogger(__name__)
 # split-K pays once a decode program would walk >= 1k tokens alone, and ~4 programs per SM hide latency.
 SPLIT_K_MIN_KV_TOKENS = 1024
 TARGET_PROGRAMS = 512
+
+
+def kernel_platform(platform: str | None = None) -> str:
+    """"cpu", "gpu" or "tpu": the kernel family for a JAX platform name (default: this process's backend)."""
+    platform = (platform or jax.default_backend()).lower()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
 def decode_num_splits(num_tokens: int, num_kv_heads: int, max_kv_tokens: int, kv_tokens_per_block: int) -> int:
@@ -49,11 +67,11 @@ def decode_num_splits(num_tokens: int, num_kv_heads: int, max_kv_tokens: int, kv
 def paged_attention_pallas(q: jax.Array, kv_pages: KVPages, layer: jax.Array, step: StepInputs, *, scale: float,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            platform: str | None = None, interpret: bool | None = None) -> jax.Array:
-    """The `--attention-backend pallas` entry point: the engine's attention signature, kernel chosen statically.
+    """The Pallas backend: the engine's attention signature, kernel chosen statically per bucket.
 
     `platform` defaults to `jax.default_backend()`; `interpret` defaults to True exactly on CPU.
     """
-    platform = platform or jax.default_backend()
+    platform = kernel_platform(platform)
     if interpret is None:
         interpret = platform == "cpu"
     opts = dict(scale=scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
@@ -70,22 +88,49 @@ def paged_attention_pallas(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
 
 @functools.lru_cache(maxsize=None)
 def make_pallas_attention(*, platform: str | None = None, interpret: bool | None = None,
-                          sliding_window: int | None = None, soft_cap: float | None = None):
-    """A hashable attention function with these options bound (stable identity: jit caches keep hitting)."""
-    return functools.partial(paged_attention_pallas, platform=platform, interpret=interpret,
+                          sliding_window: int | None = None, soft_cap: float | None = None) -> AttentionFn:
+    """`paged_attention_pallas` with these options bound (cached: the same options give the same object)."""
+    return functools.partial(paged_attention_pallas, platform=kernel_platform(platform), interpret=interpret,
                              sliding_window=sliding_window, soft_cap=soft_cap)
 
 
-def probe_kernels(platform: str, *, interpret: bool = False) -> None:
+BACKENDS: dict[str, Callable[[str], AttentionFn]] = {
+    "xla": lambda platform: paged_attention_xla,
+    "pallas": lambda platform: make_pallas_attention(platform=platform),
+}
+if set(BACKEND_NAMES) != {"auto", *BACKENDS}:  # config.py (no JAX) validates the names the flag accepts
+    raise ImportError(f"config.ATTENTION_BACKENDS {BACKEND_NAMES} and the registry {sorted(BACKENDS)} disagree")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeShape:
+    """The head layout and KV dtype the start-up probe runs the kernels at (the served model's)."""
+
+    num_kv_heads: int = 1
+    group: int = 2
+    head_dim: int = 128
+    page_size: int = 16
+    kv_dtype: str = "bfloat16"
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, page_size: int, kv_dtype, tensor_parallel_size: int = 1) -> ProbeShape:
+        """The per-device shape of `cfg` (its served KV heads split `tensor_parallel_size` ways)."""
+        return cls(max(1, cfg.num_kv_heads // tensor_parallel_size), cfg.num_heads // cfg.num_kv_heads,
+                   cfg.head_dim, page_size, jnp.dtype(kv_dtype).name)
+
+
+def probe_kernels(platform: str, shape: ProbeShape = ProbeShape(), *, interpret: bool = False) -> None:
     """Runs this platform's kernels on a tiny mixed step and a tiny decode step; raises if any fails."""
-    page, K, G, H = 16, 1, 2, 128
-    kv = jnp.zeros((1, 4, page, 2 * K, H), jnp.bfloat16)
+    platform = kernel_platform(platform)
+    K, G, H, page = shape.num_kv_heads, shape.group, shape.head_dim, shape.page_size
+    kv = allocate_kv_pages((1, 4, page, 2 * K, H), jnp.dtype(shape.kv_dtype))
+    q_dtype = jnp.float32 if jnp.dtype(shape.kv_dtype) == jnp.float32 else jnp.bfloat16
     kernels = [tpu_ragged_paged_attention] if platform == "tpu" else [ragged_paged_attention, paged_decode_attention]
-    for num_tokens, chunks in ((32, [SeqChunk([0] * 3, 0, [1]), SeqChunk([0], 20, [2, 3])]),
-                               (2, [SeqChunk([0], 2, [1]), SeqChunk([0], 20, [2, 3])])):
+    for num_tokens, chunks in ((32, [SeqChunk([0] * 3, 0, [1]), SeqChunk([0], page + 4, [2, 3])]),
+                               (2, [SeqChunk([0], 2, [1]), SeqChunk([0], page + 4, [2, 3])])):
         step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=2, page_size=page, max_pages_per_seq=2)
         step = jax.tree.map(jnp.asarray, step)
-        q = jnp.zeros((num_tokens, K * G, H), jnp.bfloat16)
+        q = jnp.zeros((num_tokens, K * G, H), q_dtype)
         for kernel in kernels:
             out = kernel(q, kv, jnp.int32(0), step, scale=1.0, interpret=interpret)
             if not np.isfinite(np.asarray(out, np.float32)).all():
@@ -93,29 +138,41 @@ def probe_kernels(platform: str, *, interpret: bool = False) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def pallas_available(platform: str | None = None) -> bool:
-    """Whether the Pallas kernels for this platform compile and run here (probed once)."""
-    platform = platform or jax.default_backend()
-    if platform not in ("gpu", "tpu"):
-        return False
+def probe_error(platform: str, shape: ProbeShape = ProbeShape()) -> Exception | None:
+    """The error that stops this platform's Pallas kernels from running here, or None (probed once)."""
     try:
-        probe_kernels(platform)
-        return True
-    except Exception as e:  # noqa: BLE001 - any lowering or compile failure means "not available"
-        logger.warning("Pallas attention kernel unavailable on %s (%s: %s)", platform, type(e).__name__, e)
-        return False
+        probe_kernels(platform, shape)
+        return None
+    except Exception as e:  # noqa: BLE001 - any lowering, compile or run failure means "not available"
+        return e
 
 
-def resolve_attention_backend(name: str, platform: str | None = None) -> str:
+def pallas_available(platform: str | None = None, shape: ProbeShape = ProbeShape()) -> bool:
+    """Whether the Pallas kernels compile and run on this GPU / TPU (always False on CPU: interpret mode only)."""
+    platform = kernel_platform(platform)
+    return platform in ("gpu", "tpu") and probe_error(platform, shape) is None
+
+
+def resolve_attention_backend(name: str, platform: str | None = None, shape: ProbeShape = ProbeShape()) -> str:
     """`auto|xla|pallas` -> `xla` or `pallas` for this machine; `auto` falls back to XLA with a warning."""
-    if name not in ("auto", "xla", "pallas"):
-        raise ValueError(f"attention backend must be auto, xla or pallas; got {name!r}")
-    platform = platform or jax.default_backend()
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
+    platform = kernel_platform(platform)
     if name != "auto":
         return name
-    if platform == "cpu":
+    if platform not in ("gpu", "tpu"):
         return "xla"
-    if pallas_available(platform):
+    if pallas_available(platform, shape):
         return "pallas"
-    logger.warning("attention backend auto: Pallas unavailable on %s, falling back to XLA", platform)
+    e = probe_error(platform, shape)
+    logger.warning("attention backend auto: the Pallas kernels failed the start-up probe on %s (%s: %s); "
+                   "falling back to XLA", platform, type(e).__name__, e)
     return "xla"
+
+
+def select_attention(name: str, platform: str | None = None,
+                     shape: ProbeShape = ProbeShape()) -> tuple[str, AttentionFn]:
+    """(the backend in effect, its attention function) for `--attention-backend name` on `platform`."""
+    resolved = resolve_attention_backend(name, platform, shape)
+    logger.info("attention backend: %s (asked for %s, platform %s)", resolved, name, kernel_platform(platform))
+    return resolved, BACKENDS[resolved](kernel_platform(platform))

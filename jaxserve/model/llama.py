@@ -144,7 +144,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
       weights: the parameter pytree.
       kv_pages: [L, P, page_size, 2K, H], K and V interleaved per KV head.
       step: token ids, positions, KV slots and page tables (see `StepInputs`).
-      attention: the paged-attention implementation (`jaxserve.model.attention.ATTENTION_BACKENDS`).
+      attention: the paged-attention implementation (`jaxserve.model.attention_backends.select_attention`).
       plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
         `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
       matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA) or `quantization.qdot_pallas` (the Pallas

@@ -27,11 +27,10 @@ import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.core.kv_cache_manager import KVCacheManager
-from jaxserve.model import llama
+from jaxserve.model import attention_backends, llama
 from jaxserve.model.checkpoint import load_checkpoint
 from jaxserve.model.sampler import GREEDY_TEMPERATURE, build_sampling_metadata, filtered_probs, process_logits, sample
 from jaxserve.model.step_inputs import SeqChunk, StepBuckets, build_step_inputs
-from jaxserve.worker.model_runner import resolve_attention
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,10 @@ class DraftProposer:
         self.kv = KVCacheManager(num_pages, self.page_size, enable_prefix_caching=False,
                                  max_model_len=self.max_model_len)
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.k + 1)
-        self._step = jax.jit(functools.partial(_draft_step, cfg=self.model_config,
-                                               attention=resolve_attention(config.attention_backend)),
+        _, attention = attention_backends.select_attention(
+            config.attention_backend,
+            shape=attention_backends.ProbeShape.for_model(self.model_config, self.page_size, target_runner.dtype))
+        self._step = jax.jit(functools.partial(_draft_step, cfg=self.model_config, attention=attention),
                              donate_argnums=(1,))
         self._seqs: dict[str, _DraftSeq] = {}
         self._probs = None  # [R, K, V] q of the last proposals, on the device

@@ -24,8 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.model import llama, quantization, sharding
-from jaxserve.model.attention import ATTENTION_BACKENDS
+from jaxserve.model import attention_backends, llama, quantization, sharding
 from jaxserve.model.checkpoint import load_checkpoint, read_config, stored_info
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
 from jaxserve.model.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
@@ -71,14 +70,6 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
-def resolve_attention(name: str):
-    if name == "auto":
-        name = "pallas" if jax.default_backend() != "cpu" and "pallas" in ATTENTION_BACKENDS else "xla"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available here; have {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, checkpoint_dir: str):
         self.config = config
@@ -120,19 +111,16 @@ class ModelRunner:
                                 out_shardings=kv_sharding)()
         self.spec_tokens = config.spec_tokens  # K > 0: verify steps (execute_spec) are compiled too
         self.buckets = StepBuckets(config.max_num_seqs, config.max_num_batched_tokens, self.spec_tokens + 1)
-        self.attention = sharding.shard_attention(resolve_attention(config.attention_backend), self.plan)
-        rep = self.plan.replicated
+        self.attention_backend, attention = attention_backends.select_attention(
+            config.attention_backend, shape=attention_backends.ProbeShape.for_model(
+                cfg, self.page_size, self.kv_dtype, self.plan.tensor_parallel_size))
+        self.attention = sharding.shard_attention(attention, self.plan)
         weight_shardings = self.plan.shardings(self.weight_info)
         # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
         # dense weights take qdot either way.
         self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, attention=self.attention, plan=self.plan,
-                                               matmul=self.matmul),
-                             in_shardings=(weight_shardings, kv_sharding, rep, rep),
-                             out_shardings=(rep, kv_sharding), donate_argnums=(1,))
-        self._verify = jax.jit(functools.partial(_verify_step, cfg=cfg, attention=self.attention, plan=self.plan,
-                                                 matmul=self.matmul),
-                               out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
+        self._step = jit_step(cfg, self.attention, self.plan, self.matmul, weight_shardings, kv_sharding)
+        self._verify = jit_verify_step(cfg, self.attention, self.plan, self.matmul, kv_sharding)
         self.draft_probs_in_verify = config.spec_method == "draft"
         self._log_memory()
         self._channel = None
@@ -155,10 +143,9 @@ class ModelRunner:
                 logger.info("device %s: %.1f MiB in use", device, stats["bytes_in_use"] / 2**20)
 
     def _placeholder_inputs(self, num_tokens: int, num_rows: int):
-        # All-padding inputs: K/V writes land in the null page 0 and outputs are discarded.
-        step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
-                                 max_pages_per_seq=self.max_pages_per_seq)
-        return step, build_sampling_metadata([None] * num_rows, num_rows, self.vocab_size, self.max_model_len)
+        return placeholder_inputs(num_tokens, num_rows, page_size=self.page_size,
+                                  max_pages_per_seq=self.max_pages_per_seq, vocab_size=self.vocab_size,
+                                  max_model_len=self.max_model_len)
 
     def _run(self, step: StepInputs, md: SamplingMetadata):
         """Runs the jitted step on every process (the leader broadcasts the inputs first)."""
@@ -281,6 +268,34 @@ class ModelRunner:
             logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
             step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0,
             emitted=[emitted[i, :num_emitted[i]].tolist() for i in picked])
+
+
+def placeholder_inputs(num_tokens: int, num_rows: int, *, page_size: int, max_pages_per_seq: int, vocab_size: int,
+                       max_model_len: int) -> tuple[StepInputs, SamplingMetadata]:
+    """All-padding inputs of one bucket (warm-up, AOT export): K/V writes land in the null page 0 and outputs
+    are discarded."""
+    step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=page_size,
+                             max_pages_per_seq=max_pages_per_seq)
+    return step, build_sampling_metadata([None] * num_rows, num_rows, vocab_size, max_model_len)
+
+
+def jit_step(cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul, weight_shardings, kv_sharding):
+    """The serving step (forward + sample, KV pages donated) jitted with the mesh's shardings: what the runner
+    runs and `scripts/export_step.py` lowers. Host inputs come in replicated; sampled tokens go out replicated.
+
+    `attention` is the backend's function already wrapped by `sharding.shard_attention`.
+    """
+    rep = plan.replicated
+    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention, plan=plan, matmul=matmul),
+                   in_shardings=(weight_shardings, kv_sharding, rep, rep),
+                   out_shardings=(rep, kv_sharding), donate_argnums=(1,))
+
+
+def jit_verify_step(cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul, kv_sharding):
+    """The speculative verify step (forward + rejection sampling, KV pages donated), jitted."""
+    rep = plan.replicated
+    return jax.jit(functools.partial(_verify_step, cfg=cfg, attention=attention, plan=plan, matmul=matmul),
+                   out_shardings=(rep, rep, kv_sharding), donate_argnums=(1,))
 
 
 def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from jaxserve.config import ModelConfig
-from jaxserve.model import attention_backends as backend
 from jaxserve.model import llama
 from jaxserve.model.attention import paged_attention_xla
+from jaxserve.model.attention_backends import select_attention
 from jaxserve.model.step_inputs import SeqChunk, build_step_inputs
 from pallas_kernels.decode_attention import paged_decode_attention
 from pallas_kernels.kv_cache import QuantizedKV, dequantize_kv, quantize_kv, write_kv
@@ -306,30 +306,9 @@ def test_tpu_kernel_lowers_to_mosaic(name, monkeypatch):
     assert "tpu_custom_call" in lowered.as_text()
 
 
-# ----------------------------------------------------------------------------------- backend and engine
+# ------------------------------------------- the tiny model through the kernels (the registry: tests/model)
 
-
-def test_backend_resolution_and_bucket_dispatch():
-    assert backend.resolve_attention_backend("auto", "cpu") == "xla"
-    assert backend.resolve_attention_backend("pallas", "cpu") == "pallas"
-    with pytest.raises(ValueError, match="auto, xla or pallas"):
-        backend.resolve_attention_backend("triton")
-    # decode at batch 4 over 32k tokens, 8 KV heads: split until ~512 programs, at most 16 splits
-    assert backend.decode_num_splits(4, 8, 32768, 64) == 16
-    assert backend.decode_num_splits(256, 8, 32768, 64) == 1
-    assert backend.decode_num_splits(1, 1, 256, 128) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_start_up_probe_runs_in_interpret_mode(platform):
-    backend.probe_kernels(platform, interpret=True)
-
-
-def test_auto_falls_back_to_xla_when_pallas_does_not_compile(monkeypatch, caplog):
-    monkeypatch.setattr(backend, "pallas_available", lambda platform=None: False)
-    assert backend.resolve_attention_backend("auto", "gpu") == "xla"
-    assert "falling back to XLA" in caplog.text
+PALLAS = select_attention("pallas", "cpu")[1]  # what --attention-backend pallas serves on CPU (interpret mode)
 
 
 def tiny_config(**overrides):
@@ -345,7 +324,7 @@ def test_model_with_pallas_attention_matches_xla_path():
     ids = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 21)]
     ref = np.asarray(llama.sequence_logits(w, cfg, ids, page_size=PAGE))
     got = np.asarray(llama.sequence_logits(w, cfg, ids, page_size=PAGE,
-                                           attention=backend.make_pallas_attention(platform="cpu")))
+                                           attention=PALLAS))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
 
@@ -362,7 +341,7 @@ def test_model_with_int8_kv_cache(monkeypatch):
                              page_size=PAGE, max_pages_per_seq=pages, all_logits=True)
     kv = QuantizedKV.zeros(llama.kv_cache_shape(cfg, pages + 1, PAGE))
     fwd = jax.jit(llama.forward, static_argnames=("cfg", "attention"))
-    got, kv = fwd(w, kv, jax.tree.map(jnp.asarray, step), cfg, backend.make_pallas_attention(platform="cpu"))
+    got, kv = fwd(w, kv, jax.tree.map(jnp.asarray, step), cfg, PALLAS)
     assert kv.values.dtype == jnp.int8
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-2)
 
@@ -420,6 +399,6 @@ def test_real_model_pallas_backend_logits_match_xla(smollm2):
     cfg, weights, prompt = smollm2
     ids = prompt["prompt_ids"] + prompt["greedy_ids"][:7]
     ref = np.asarray(llama.sequence_logits(weights, cfg, ids))
-    got = np.asarray(llama.sequence_logits(weights, cfg, ids, attention=backend.make_pallas_attention(platform="cpu")))
+    got = np.asarray(llama.sequence_logits(weights, cfg, ids, attention=PALLAS))
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
     assert got[len(prompt["prompt_ids"]) - 1:].argmax(-1).tolist() == prompt["greedy_ids"][:8]

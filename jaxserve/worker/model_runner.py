@@ -119,8 +119,9 @@ class ModelRunner:
         # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
         # dense weights take qdot either way.
         self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
-        self._step = jit_step(cfg, self.attention, self.plan, self.matmul, weight_shardings, kv_sharding)
-        self._verify = jit_verify_step(cfg, self.attention, self.plan, self.matmul, kv_sharding)
+        self._step = BucketExecutables(jit_step(cfg, self.attention, self.plan, self.matmul, weight_shardings,
+                                                kv_sharding))
+        self._verify = BucketExecutables(jit_verify_step(cfg, self.attention, self.plan, self.matmul, kv_sharding))
         self.draft_probs_in_verify = config.spec_method == "draft"
         self._log_memory()
         self._channel = None
@@ -156,6 +157,12 @@ class ModelRunner:
         out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
         return out
 
+    def _compile(self, num_tokens: int, num_rows: int) -> None:
+        """Compiles (or loads from the persistent compilation cache) one bucket's executables, without running."""
+        if self.spec_tokens:  # verify steps; steps without proposals take the plain step
+            self._verify.compile(self.weights, self.kv_pages, *self._verify_inputs([], [], None, num_tokens, num_rows))
+        self._step.compile(self.weights, self.kv_pages, *self._placeholder_inputs(num_tokens, num_rows))
+
     def follow(self) -> None:
         """Followers of a multi-process run: run the leader's steps until it sends STOP."""
         if self._channel is None or distributed.is_leader():
@@ -175,19 +182,25 @@ class ModelRunner:
 
     def step_hlo(self, num_tokens: int, num_rows: int) -> str:
         """The compiled HLO text of the step for one bucket (to inspect its collectives and fusions)."""
-        step, md = self._placeholder_inputs(num_tokens, num_rows)
-        return self._step.lower(self.weights, self.kv_pages, step, md).compile().as_text()
+        inputs = self._placeholder_inputs(num_tokens, num_rows)
+        return self._step.compile(self.weights, self.kv_pages, *inputs).as_text()
 
     def num_compiled(self) -> int:
-        return self._step._cache_size() + self._verify._cache_size()
+        """Executables this runner has (compiled, or loaded from the persistent cache), verify steps included."""
+        return len(self._step) + len(self._verify)
 
     def warmup(self) -> float:
-        """Compiles every step shape once; returns the seconds it took."""
+        """Compiles every step shape once (ahead of time: nothing runs); returns the seconds it took.
+
+        NOTE: compiling without running keeps a restart short: with the persistent compilation cache warm, each
+        bucket only traces, lowers and loads its executable. Multi-process runs also run each bucket, so the
+        followers (which compile as they receive steps) are warm too.
+        """
         t0 = time.perf_counter()
         for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape"):
-            if self.spec_tokens:  # verify steps; steps without proposals take the plain step below
-                self.execute_spec([], [], num_tokens=num_tokens, num_rows=num_rows)
-            jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))
+            self._compile(num_tokens, num_rows)
+            if self._channel is not None:
+                jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))
         seconds = time.perf_counter() - t0
         logger.info("warm-up compiled %d step shapes in %.1fs", len(self.buckets.shapes()), seconds)
         return seconds
@@ -234,9 +247,23 @@ class ModelRunner:
           num_tokens, num_rows: force a bucket (warm-up).
         """
         t0 = time.perf_counter()
-        K, L = self.spec_tokens, self.spec_tokens + 1
         if num_tokens is None:
             num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
+        inputs = self._verify_inputs(chunks, rows, draft_probs, num_tokens, num_rows)
+        t1 = time.perf_counter()
+        out, rej, self.kv_pages = self._verify(self.weights, self.kv_pages, *inputs)
+        picked = [i for i, r in enumerate(rows) if r is not None]
+        token_ids, logprobs, top_ids, top_logprobs, emitted, num_emitted = jax.device_get(
+            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, rej.token_ids, rej.num_emitted))
+        return ModelRunnerOutput(
+            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
+            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
+            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0,
+            emitted=[emitted[i, :num_emitted[i]].tolist() for i in picked])
+
+    def _verify_inputs(self, chunks, rows, draft_probs, num_tokens: int, num_rows: int) -> tuple:
+        """The verify step's inputs after the weights and pages: (step, md, draft_ids, num_draft, draft_probs)."""
+        K, L = self.spec_tokens, self.spec_tokens + 1
         step = build_step_inputs([SeqChunk(c.token_ids, c.start_pos, c.page_table, c.num_spec) for c in chunks],
                                  num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                  max_pages_per_seq=self.max_pages_per_seq, logits_per_row=L)
@@ -257,17 +284,37 @@ class ModelRunner:
                 draft_probs = jnp.pad(draft_probs, ((0, num_rows - draft_probs.shape[0]), (0, 0), (0, 0)))
         else:
             draft_probs = None
-        t1 = time.perf_counter()
-        out, rej, self.kv_pages = self._verify(self.weights, self.kv_pages, step, md, draft_ids, num_draft,
-                                               draft_probs)
-        picked = [i for i, r in enumerate(rows) if r is not None]
-        token_ids, logprobs, top_ids, top_logprobs, emitted, num_emitted = jax.device_get(
-            (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs, rej.token_ids, rej.num_emitted))
-        return ModelRunnerOutput(
-            request_ids=[chunks[i].request_id for i in picked], token_ids=token_ids[picked],
-            logprobs=logprobs[picked], top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
-            step_seconds=time.perf_counter() - t0, host_seconds=t1 - t0,
-            emitted=[emitted[i, :num_emitted[i]].tolist() for i in picked])
+        return step, md, draft_ids, num_draft, draft_probs
+
+
+class BucketExecutables:
+    """One jitted step's executables, compiled ahead of time, one per bucket.
+
+    A call runs the executable of its arguments' shapes, compiling it first only if warm-up did not (LLM(...,
+    warmup=False)); `len()` counts them, so "nothing compiled after warm-up" is a plain count.
+    """
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self._by_shape: dict[tuple, jax.stages.Compiled] = {}
+
+    @staticmethod
+    def _key(args) -> tuple:
+        leaves, treedef = jax.tree.flatten(args[2:])  # the per-step inputs; weights and pages never change shape
+        return treedef, tuple(np.shape(x) for x in leaves)
+
+    def compile(self, *args) -> jax.stages.Compiled:
+        key = self._key(args)
+        exe = self._by_shape.get(key)
+        if exe is None:
+            exe = self._by_shape[key] = self.jitted.lower(*args).compile()
+        return exe
+
+    def __call__(self, *args):
+        return self.compile(*args)(*args)
+
+    def __len__(self) -> int:
+        return len(self._by_shape)
 
 
 def placeholder_inputs(num_tokens: int, num_rows: int, *, page_size: int, max_pages_per_seq: int, vocab_size: int,

@@ -21,6 +21,7 @@ B * T KV tokens written, 2 * P_matmul * B * T + 4 L N H * B * T (T + 1) / 2 FLOP
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -86,6 +87,13 @@ def matmul_params(cfg: ModelConfig) -> int:
     return L * per_layer + D * cfg.vocab_size
 
 
+def num_params(cfg: ModelConfig) -> int:
+    """Every parameter of the model, from its one weight description (`llama.weight_info`)."""
+    from jaxserve.model import llama
+
+    return sum(math.prod(info.shape) for info in jax.tree.leaves(llama.weight_info(cfg)))
+
+
 def kv_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
 
@@ -141,7 +149,7 @@ def datasheet_decode_floors(models: dict[str, ModelConfig], batches: tuple[int, 
     bytes) plus the KV of `context` tokens per sequence, read once a step; FLOPs over the peak."""
     rows = []
     for name, cfg in models.items():
-        wbytes = cfg.num_params() * itemsize
+        wbytes = num_params(cfg) * itemsize
         for batch in batches:
             for chip, machine in DATASHEETS.items():
                 f = decode_floor(cfg, wbytes, itemsize, [context] * batch, machine)

@@ -38,7 +38,7 @@ from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
 from jaxserve.engine_client import EngineStatsSnapshot, SpecDecodeSnapshot
-from jaxserve.model.sampler import RowSampling
+from jaxserve.model.sampler import BIAS_WIDTH, RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
 from jaxserve.text.output_processor import ChoiceText
@@ -141,6 +141,9 @@ class LLMEngine:
             if not 0 <= int(token) < vocab:
                 raise SamplingParamsError("logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids",
                                           f"token id {token} is outside the vocabulary [0, {vocab})")
+        if len(set(params.logit_bias or ()) | set(params.stop_token_ids) | self.eos_token_ids) > BIAS_WIDTH:
+            raise SamplingParamsError("logit_bias", f"logit_bias, stop_token_ids and the {len(self.eos_token_ids)} "
+                                      f"end-of-generation ids together exceed {BIAS_WIDTH} tokens")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise RequestTooLongError(

@@ -205,9 +205,13 @@ async def read_json(request: web.Request) -> Any:
         raise errors.body_too_large(request.content_length, limit)
     raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked bodies)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw)
+    except RecursionError:
+        raise errors.bad_request(f"The body is nested more than {protocol.MAX_JSON_DEPTH} levels deep.") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise errors.bad_request(f"The body is not valid JSON: {e}") from None
+    protocol.check_json(body)
+    return body
 
 
 # ---------------------------------------------------------------------------- handlers

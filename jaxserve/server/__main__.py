@@ -100,7 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--api-key", action="append", default=[], help="repeatable; also $JAXSERVE_API_KEY")
     s.add_argument("--max-waiting", type=int, default=ServingConfig.max_waiting,
-                   help="admitted requests without a first token; more get 503")
+                   help="admitted sequences (prompts x n) without a first token; more get 503")
+    s.add_argument("--max-seqs-per-request", type=int, default=ServingConfig.max_seqs_per_request,
+                   help="prompts x n of one request; more get 400")
+    s.add_argument("--max-seqs-in-engine-per-request", type=int,
+                   default=ServingConfig.max_seqs_in_engine_per_request,
+                   help="a request's sequences in the engine at once; its later prompts queue behind other requests")
+    s.add_argument("--allow-priority", action=argparse.BooleanOptionalAction, default=False,
+                   help="honour the body's `priority` from every caller (else 400 unless --priority-key)")
+    s.add_argument("--priority-key", action="append", default=[], metavar="KEY",
+                   help="repeatable: an API key whose `priority` is honoured")
     s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
     s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
     s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
@@ -153,6 +162,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
     serving = ServingConfig(
         served_model_name=args.served_model_name or Path(engine_cfg.model).name.removesuffix(".gguf"),
         model=engine_cfg.model, api_keys=tuple(keys), max_waiting=args.max_waiting,
+        max_seqs_per_request=args.max_seqs_per_request,
+        max_seqs_in_engine_per_request=args.max_seqs_in_engine_per_request, allow_priority=args.allow_priority,
+        priority_keys=tuple(args.priority_key),
         request_timeout=args.request_timeout, keepalive_interval=args.sse_keepalive_interval,
         max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
         rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),
@@ -167,6 +179,7 @@ def _describe(engine_cfg: EngineConfig, serving: ServingConfig) -> str:
     shown = dataclasses.asdict(serving)
     shown["api_keys"] = f"{len(serving.api_keys)} key(s)"
     shown["rate_limit_overrides"] = f"{len(serving.rate_limit_overrides)} key(s)"
+    shown["priority_keys"] = f"{len(serving.priority_keys)} key(s)"
     return json.dumps({"engine": dataclasses.asdict(engine_cfg), "server": shown}, default=str)
 
 

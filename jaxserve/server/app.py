@@ -52,7 +52,11 @@ class ServingConfig:
     served_model_name: str = "SmolLM2-135M-Instruct"
     model: str = "SmolLM2-135M-Instruct"  # what --model said (shown as the model's `root`)
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    max_waiting: int = 256  # admitted requests without a first token yet; more → 503
+    max_waiting: int = 256  # admitted sequences (prompts x n) without a first token yet; more → 503
+    max_seqs_per_request: int = 128  # prompts x n of one request; more → 400
+    max_seqs_in_engine_per_request: int = 16  # a request's sequences in the engine at once (its later prompts wait)
+    allow_priority: bool = False  # honour `priority` from every caller; else only from `priority_keys`
+    priority_keys: tuple[str, ...] = ()  # API keys whose `priority` is honoured (others get 400)
     request_timeout: float = 600.0  # seconds; 0: none
     keepalive_interval: float = 5.0  # seconds of SSE silence before a `: keep-alive` comment
     max_request_bytes: int = 1 << 20
@@ -67,6 +71,8 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_waiting < 1 or self.max_request_bytes < 1:
             raise ValueError("max_waiting and max_request_bytes must be positive")
+        if self.max_seqs_per_request < 1 or self.max_seqs_in_engine_per_request < 1:
+            raise ValueError("max_seqs_per_request and max_seqs_in_engine_per_request must be positive")
         if self.request_timeout < 0 or self.keepalive_interval <= 0 or self.shutdown_grace_period < 0:
             raise ValueError("request_timeout and shutdown_grace_period must be >= 0, keepalive_interval > 0")
         if self.accelerator_price_per_hour < 0 or not 0 < self.accelerator_utilization <= 1:
@@ -130,11 +136,17 @@ class ServerState:
     def num_queued(self) -> int:
         return sum(1 for g in self.inflight if not g.started)
 
+    @property
+    def num_waiting_seqs(self) -> int:
+        """Admitted sequences without a first token yet (what --max-waiting bounds)."""
+        return sum(g.num_waiting_seqs for g in self.inflight)
+
     def admit(self, gen: Generation) -> None:
         self.require_engine()
-        if self.num_queued >= self.config.max_waiting:
-            raise errors.unavailable(f"The server is busy: {self.num_queued} requests are waiting "
-                                     f"(--max-waiting {self.config.max_waiting}).", "queue_full")
+        waiting = self.num_waiting_seqs
+        if waiting + gen.num_seqs > self.config.max_waiting:
+            raise errors.unavailable(f"The server is busy: {waiting} sequences are waiting and this request adds "
+                                     f"{gen.num_seqs} (--max-waiting {self.config.max_waiting}).", "queue_full")
         gen.reservation = self.limiter.admit(self.rate_key(gen.http, gen.req.user), gen.reserved_tokens)
         self.inflight.add(gen)
 
@@ -145,10 +157,21 @@ class ServerState:
         if self.draining and not self.inflight:
             self._drained.set()
 
+    def check_priority(self, http: web.Request, priority: int) -> None:
+        """A non-zero `priority` jumps the queue: only the operator may allow it (to all or to some keys)."""
+        if priority == 0 or self.config.allow_priority:
+            return
+        token = bearer_token(http) or ""
+        if not any(hmac.compare_digest(token.encode(), key.encode()) for key in self.config.priority_keys):
+            raise errors.bad_request("'priority' is not allowed for this caller (the server honours it only with "
+                                     "--allow-priority or for --priority-key keys); omit it or send 0",
+                                     param="priority")
+
     def rate_key(self, http: web.Request, user: str | None) -> str:
         if self.config.api_keys:
             return bearer_token(http) or ""
-        return user or f"ip:{http.remote}"
+        # NOTE: never the body's `user`: a client picks it freely, so a new name per request would be a new bucket.
+        return f"ip:{http.remote}"
 
     def _server_gauges(self) -> dict[str, float]:
         return {"server_requests_in_flight": len(self.inflight), "server_requests_queued": self.num_queued,

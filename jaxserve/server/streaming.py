@@ -33,6 +33,14 @@ class DeltaBridge:
             stream.on_delta = self._ring
         self._event.set()  # deltas may have arrived before on_delta was set
 
+    def add(self, streams: Sequence[Any]) -> None:
+        """Listens to more streams (a request's later prompts, submitted as earlier ones finish)."""
+        for stream in streams:
+            self.streams.append(stream)
+            stream.on_delta = self._ring
+        if streams:
+            self._event.set()
+
     def _ring(self, delta: RequestDelta) -> None:  # engine thread
         try:
             self._loop.call_soon_threadsafe(self._event.set)

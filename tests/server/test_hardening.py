@@ -4,7 +4,13 @@ fake engine (conftest.py). Each test sends what the attacker sent and asserts th
 
 from __future__ import annotations
 
-from conftest import async_test, error_of, serving
+import asyncio
+import time
+
+from jaxserve.server.guardrails import GuardrailConfig
+from jaxserve.server.limits import Limits
+
+from conftest import FakeEngine, async_test, error_of, expected, serving
 
 # ---------------------------------------------------------------------------- 5. 400, never 500, on bad input
 
@@ -34,3 +40,77 @@ async def test_bad_bodies_are_400_naming_the_problem_not_500():
         # The server is still fine.
         resp = await c.post("/v1/completions", json={"prompt": [97, 98], "max_tokens": 2})
         assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "nt"
+
+
+# ---------------------------------------------------------------------------- 2. one request cannot starve others
+
+
+@async_test
+async def test_a_fan_out_request_queues_behind_others_and_is_capped():
+    engine = FakeEngine(max_num_seqs=4, step_delay=0.005)
+    async with serving(engine, max_seqs_in_engine_per_request=4, max_seqs_per_request=32,
+                       guardrails=GuardrailConfig(enabled=False)) as c:
+        prompts = [chr(97 + i) * 2 for i in range(8)]
+        fan_out = asyncio.create_task(c.post("/v1/completions", json={"prompt": prompts, "n": 4, "max_tokens": 10}))
+        while not engine.added:
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        other = await c.post("/v1/completions", json={"prompt": "zz", "max_tokens": 2})
+        waited = time.monotonic() - t0
+        assert other.status == 200 and (await other.json())["choices"][0]["text"] == expected("zz", 2)
+        assert not fan_out.done()  # it went ahead of the rest of the fan-out ...
+        assert waited < 0.5  # ... waiting for one prompt of it at most (all 8 take about 1 s)
+        body = await (await fan_out).json()
+        assert {ch["index"]: ch["text"] for ch in body["choices"]} == \
+            {p * 4 + i: expected(prompts[p], 10, i) for p in range(8) for i in range(4)}
+        assert len({rid for rid, _, _ in engine.added}) == 9
+        resp = await c.post("/v1/completions", json={"prompt": ["ab"] * 5, "n": 7, "max_tokens": 2})
+        err = error_of(await resp.json())
+        assert resp.status == 400 and err["param"] == "n" and "35 sequences" in err["message"]
+        assert c.state.num_waiting_seqs == 0 and engine.kv_cache.pool.num_used_pages == 0
+
+
+@async_test
+async def test_max_waiting_counts_sequences_not_http_requests():
+    engine = FakeEngine(max_num_seqs=16, first_token_delay=0.3)
+    async with serving(engine, max_waiting=8) as c:
+        first = asyncio.create_task(c.post("/v1/completions", json={"prompt": ["ab", "cd"], "n": 3, "max_tokens": 2}))
+        while not c.state.inflight:
+            await asyncio.sleep(0.005)
+        assert c.state.num_waiting_seqs == 6
+        resp = await c.post("/v1/completions", json={"prompt": "ab", "n": 3, "max_tokens": 2})
+        assert resp.status == 503 and error_of(await resp.json())["code"] == "queue_full"
+        assert (await c.post("/v1/completions", json={"prompt": "ab", "n": 2, "max_tokens": 2})).status == 200
+        assert (await first).status == 200
+
+
+# ---------------------------------------------------------------------------- 3. priority only where allowed
+
+
+@async_test
+async def test_priority_is_refused_unless_the_operator_allows_it():
+    body = {"prompt": "ab", "max_tokens": 2, "priority": -1000}
+    async with serving() as c:
+        resp = await c.post("/v1/completions", json=body)
+        assert resp.status == 400 and error_of(await resp.json())["param"] == "priority"
+        resp = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "priority": 5})
+        assert resp.status == 400 and error_of(await resp.json())["param"] == "priority"
+        assert (await c.post("/v1/completions", json={**body, "priority": 0})).status == 200
+    async with serving(allow_priority=True) as c:
+        assert (await c.post("/v1/completions", json=body)).status == 200
+    async with serving(api_keys=("ops", "user"), priority_keys=("ops",)) as c:
+        ok = await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer ops"})
+        refused = await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer user"})
+        assert ok.status == 200 and refused.status == 400
+
+
+# ---------------------------------------------------------------------------- 9. smaller findings
+
+
+@async_test
+async def test_without_keys_the_rate_limit_identity_is_the_address_not_the_user_field():
+    async with serving(rate_limits=Limits(requests_per_minute=3)) as c:
+        statuses = [(await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "user": f"u{i}"})).status
+                    for i in range(6)]
+        assert statuses == [200] * 3 + [429] * 3

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# Seconds between disconnect checks of a non-streaming request that gets no tokens.
+DISCONNECT_CHECK_INTERVAL = 0.5
+
+
 class ClientGone(Exception):
     pass
 
@@ -317,8 +321,14 @@ async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_w
     """The next deltas, or [] when a keep-alive is due. Raises on timeout and (non-streaming) on disconnect."""
     cfg = state.config
     while True:
+        # NOTE: a non-streaming request writes nothing until the end, so a write cannot tell it the client left:
+        # it looks at the transport on every wake-up, and wakes at least every DISCONNECT_CHECK_INTERVAL.
+        if not gen.req.stream and (gen.http.transport is None or gen.http.transport.is_closing()):
+            raise ClientGone()
         now = time.monotonic()
         wait = max(0.0, cfg.keepalive_interval - (now - last_write))
+        if not gen.req.stream:
+            wait = min(wait, DISCONNECT_CHECK_INTERVAL)
         if cfg.request_timeout:
             remaining = gen.t0 + cfg.request_timeout - now
             if remaining <= 0:
@@ -327,8 +337,6 @@ async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_w
         deltas = await bridge.next(max(wait, 0.001))
         if deltas:
             return deltas
-        if not gen.req.stream and (gen.http.transport is None or gen.http.transport.is_closing()):
-            raise ClientGone()
         if time.monotonic() - last_write >= cfg.keepalive_interval:
             return []
 

@@ -59,15 +59,20 @@ class DeltaBridge:
 
     async def next(self, timeout: float) -> list[RequestDelta]:
         """The deltas available now, waiting up to `timeout` seconds for some; [] when none came."""
-        while True:
-            self._event.clear()
-            deltas = self._drain()
-            if deltas:
-                return deltas
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except asyncio.TimeoutError:
-                return []
+        self._event.clear()
+        deltas = self._drain()
+        if deltas:
+            return deltas
+        # NOTE: not asyncio.wait_for: on Python 3.11 a cancellation (the client left) that arrives as the event
+        # fires is lost there. A timer that rings the same event leaves cancellation alone. The engine puts a
+        # delta on its stream before it rings, so clearing before the drain below loses no delta.
+        timer = self._loop.call_later(timeout, self._event.set)
+        try:
+            await self._event.wait()
+        finally:
+            timer.cancel()
+        self._event.clear()
+        return self._drain()  # [] when the timer rang
 
 
 class SSEWriter:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from jaxserve.server.guardrails import GuardrailConfig
 from jaxserve.server.limits import Limits
 
@@ -114,3 +116,60 @@ async def test_without_keys_the_rate_limit_identity_is_the_address_not_the_user_
         statuses = [(await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "user": f"u{i}"})).status
                     for i in range(6)]
         assert statuses == [200] * 3 + [429] * 3
+
+
+# ---------------------------------------------------------------------------- 6. abandoned requests end promptly
+
+
+@async_test
+async def test_an_abandoned_non_streaming_request_is_aborted_while_tokens_still_flow():
+    engine = FakeEngine(step_delay=0.01)
+    async with serving(engine, guardrails=GuardrailConfig(enabled=False)) as c:
+        task = asyncio.create_task(c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 240}))
+        while not engine.added:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
+        task.cancel()  # the client hangs up; tokens keep coming every 10 ms, so no silence gives it away
+        t0 = time.monotonic()
+        while not engine.aborted and time.monotonic() - t0 < 2.0:
+            await asyncio.sleep(0.01)
+        assert engine.aborted == [engine.added[0][0]] and time.monotonic() - t0 < 1.0  # not after 2.4 s of tokens
+        while c.state.inflight:
+            await asyncio.sleep(0.01)
+        assert engine.kv_cache.pool.num_used_pages == 0
+
+
+@async_test
+async def test_delta_bridge_never_loses_a_cancellation():
+    from jaxserve.server.streaming import DeltaBridge
+
+    bridge = DeltaBridge([], asyncio.get_running_loop())
+    for _ in range(20):
+        task = asyncio.create_task(bridge.next(10.0))
+        await asyncio.sleep(0.001)  # waiting now
+        bridge._event.set()  # the doorbell rings ...
+        task.cancel()  # ... in the same loop iteration as the client leaves: the cancellation must win
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@async_test
+async def test_a_non_streaming_wait_checks_the_connection_on_every_wake_up():
+    """Without handler cancellation (or when it is lost), the transport check alone must end the request,
+    even while deltas keep arriving."""
+    from types import SimpleNamespace
+
+    from jaxserve.server.serving import ClientGone, _next
+
+    class Busy:  # a bridge that always has a delta ready
+        async def next(self, timeout):
+            return ["delta"]
+
+    closing = SimpleNamespace(is_closing=lambda: True)
+    gen = SimpleNamespace(req=SimpleNamespace(stream=False), http=SimpleNamespace(transport=closing),
+                          t0=time.monotonic())
+    state = SimpleNamespace(config=SimpleNamespace(keepalive_interval=5.0, request_timeout=0))
+    with pytest.raises(ClientGone):
+        await _next(state, gen, Busy(), time.monotonic())
+    gen.http.transport = SimpleNamespace(is_closing=lambda: False)
+    assert await _next(state, gen, Busy(), time.monotonic()) == ["delta"]

@@ -37,7 +37,7 @@ from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
-from jaxserve.engine_client import EngineStatsSnapshot, SpecDecodeSnapshot
+from jaxserve.engine_client import EngineHealth, EngineStatsSnapshot, SpecDecodeSnapshot
 from jaxserve.model.sampler import BIAS_WIDTH, RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
@@ -88,6 +88,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wakeup = threading.Event()
+        self._progress_time = time.monotonic()  # the step loop's last finished iteration (liveness)
         self.spec = self._build_spec(config) if config.spec_tokens else None
         self.warmup_seconds = self.runner.warmup() if warmup else 0.0
         if self.spec is not None and self.spec.method == "draft" and warmup:
@@ -159,6 +160,10 @@ class LLMEngine:
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
                                    self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
 
+    def health(self) -> EngineHealth:
+        alive = self._thread is None or self._thread.is_alive() or self._stop.is_set()
+        return EngineHealth(alive, self.has_unfinished(), time.monotonic() - self._progress_time)
+
     def start(self) -> None:
         """Runs the step loop in a daemon thread until `shutdown()`."""
         self._thread = threading.Thread(target=self._loop, name="jaxserve-engine", daemon=True)
@@ -184,6 +189,7 @@ class LLMEngine:
             if not worked:
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
+            self._progress_time = time.monotonic()
 
     def has_unfinished(self) -> bool:
         return bool(self._choices) or not self._inbox.empty()

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="honour the body's `priority` from every caller (else 400 unless --priority-key)")
     s.add_argument("--priority-key", action="append", default=[], metavar="KEY",
                    help="repeatable: an API key whose `priority` is honoured")
+    s.add_argument("--liveness-stall-timeout", type=float, default=ServingConfig.liveness_stall_timeout,
+                   help="seconds; /live fails when work is pending and no engine step finished for this long; 0: never")
     s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
     s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
     s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
@@ -164,7 +166,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
         model=engine_cfg.model, api_keys=tuple(keys), max_waiting=args.max_waiting,
         max_seqs_per_request=args.max_seqs_per_request,
         max_seqs_in_engine_per_request=args.max_seqs_in_engine_per_request, allow_priority=args.allow_priority,
-        priority_keys=tuple(args.priority_key),
+        priority_keys=tuple(args.priority_key), liveness_stall_timeout=args.liveness_stall_timeout,
         request_timeout=args.request_timeout, keepalive_interval=args.sse_keepalive_interval,
         max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
         rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),

@@ -57,6 +57,7 @@ class ServingConfig:
     max_seqs_in_engine_per_request: int = 16  # a request's sequences in the engine at once (its later prompts wait)
     allow_priority: bool = False  # honour `priority` from every caller; else only from `priority_keys`
     priority_keys: tuple[str, ...] = ()  # API keys whose `priority` is honoured (others get 400)
+    liveness_stall_timeout: float = 300.0  # /live fails when work is pending and no step finished for this long
     request_timeout: float = 600.0  # seconds; 0: none
     keepalive_interval: float = 5.0  # seconds of SSE silence before a `: keep-alive` comment
     max_request_bytes: int = 1 << 20
@@ -305,6 +306,36 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": status}, status=503)
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: warm, not draining and room in the waiting queue (the load balancer's probe)."""
+    state = request.app[STATE]
+    if not state.ready:
+        status = "draining" if state.draining else "failed" if state.engine_error else "loading"
+        return web.json_response({"status": status}, status=503)
+    if state.num_waiting_seqs >= state.config.max_waiting:
+        return web.json_response({"status": "queue_full", "waiting": state.num_waiting_seqs}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def live(request: web.Request) -> web.Response:
+    """Liveness: fails only when a restart would help: the engine failed to start, its thread is gone, or work is
+    pending and no step finished for --liveness-stall-timeout seconds (a hung device or a dead follower)."""
+    state = request.app[STATE]
+    if state.engine_error is not None:
+        return web.json_response({"status": "failed", "reason": state.engine_error}, status=503)
+    if state.engine is None:  # still loading: the startup probe's business
+        return web.json_response({"status": "loading"})
+    health = state.engine.health()
+    if not health.thread_alive:
+        return web.json_response({"status": "dead", "reason": "the engine thread is gone"}, status=503)
+    stall = state.config.liveness_stall_timeout
+    if health.pending and stall and health.seconds_since_progress > stall:
+        return web.json_response({"status": "stalled", "reason": f"work is pending and no engine step finished for "
+                                  f"{health.seconds_since_progress:.0f} s (limit {stall:g} s)"}, status=503)
+    return web.json_response({"status": "ok", "pending": health.pending,
+                              "seconds_since_progress": round(health.seconds_since_progress, 3)})
+
+
 async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": jaxserve.__version__})
 
@@ -325,6 +356,8 @@ ROUTES = [
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/health", health),
+    ("GET", "/ready", ready),
+    ("GET", "/live", live),
     ("GET", "/metrics", metrics),
     ("GET", "/version", version),
     ("GET", "/openapi.json", openapi),

@@ -173,3 +173,36 @@ async def test_a_non_streaming_wait_checks_the_connection_on_every_wake_up():
         await _next(state, gen, Busy(), time.monotonic())
     gen.http.transport = SimpleNamespace(is_closing=lambda: False)
     assert await _next(state, gen, Busy(), time.monotonic()) == ["delta"]
+
+
+# ---------------------------------------------------------------------------- 10. readiness and liveness
+
+
+@async_test
+async def test_ready_and_live_follow_warmth_drain_queue_and_progress():
+    async with serving(ready=False) as c:
+        assert (await c.get("/ready")).status == 503 and (await c.get("/live")).status == 200  # loading
+        c.state.set_engine(c.engine)
+        assert (await c.get("/ready")).status == 200 and (await c.get("/live")).status == 200
+    engine = FakeEngine(step_delay=0.005)
+    async with serving(engine, max_waiting=2, liveness_stall_timeout=0.3,
+                       guardrails=GuardrailConfig(enabled=False)) as c:
+        engine.hang.set()  # the device hangs with work pending: /live must fail, /health cannot tell
+        task = asyncio.create_task(c.post("/v1/completions", json={"prompt": "ab", "n": 2, "max_tokens": 3}))
+        while not engine.added:
+            await asyncio.sleep(0.01)
+        resp = await c.get("/ready")
+        assert resp.status == 503 and (await resp.json())["status"] == "queue_full"
+        await asyncio.sleep(0.5)
+        resp = await c.get("/live")
+        assert resp.status == 503 and (await resp.json())["status"] == "stalled"
+        assert (await c.get("/health")).status == 200
+        engine.hang.clear()  # progress again
+        assert (await task).status == 200
+        assert (await c.get("/live")).status == 200 and (await c.get("/ready")).status == 200
+        c.state.begin_drain()
+        assert (await c.get("/ready")).status == 503 and (await c.get("/live")).status == 200
+        engine.shutdown()  # the engine thread is gone (stop not requested through the engine's own API)
+        engine._stop.clear()
+        resp = await c.get("/live")
+        assert resp.status == 503 and (await resp.json())["status"] == "dead"

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from jaxserve.config import EngineConfig
 from jaxserve.server.app import STATE, ServerState, ServingConfig, create_app
+from jaxserve.server.connections import ConnectionGuard, QuietExceptionHandler, raise_fd_limit
 from jaxserve.server.guardrails import GuardrailConfig
 from jaxserve.server.limits import Limits, parse_override
 
@@ -110,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="honour the body's `priority` from every caller (else 400 unless --priority-key)")
     s.add_argument("--priority-key", action="append", default=[], metavar="KEY",
                    help="repeatable: an API key whose `priority` is honoured")
+    s.add_argument("--header-timeout", type=float, default=ServingConfig.header_timeout,
+                   help="seconds from connect to a complete request head; slower connections are closed")
+    s.add_argument("--body-timeout", type=float, default=ServingConfig.body_timeout,
+                   help="seconds to read a request body (408 after)")
+    s.add_argument("--keepalive-timeout", type=float, default=ServingConfig.keepalive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--max-connections", type=int, default=ServingConfig.max_connections,
+                   help="open connections at most; more are closed at once")
     s.add_argument("--liveness-stall-timeout", type=float, default=ServingConfig.liveness_stall_timeout,
                    help="seconds; /live fails when work is pending and no engine step finished for this long; 0: never")
     s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
@@ -167,6 +176,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
         max_seqs_per_request=args.max_seqs_per_request,
         max_seqs_in_engine_per_request=args.max_seqs_in_engine_per_request, allow_priority=args.allow_priority,
         priority_keys=tuple(args.priority_key), liveness_stall_timeout=args.liveness_stall_timeout,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
+        max_connections=args.max_connections,
         request_timeout=args.request_timeout, keepalive_interval=args.sse_keepalive_interval,
         max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
         rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),
@@ -205,8 +216,13 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     loop = asyncio.get_running_loop()
     app = create_app(serving)
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None,
+                           keepalive_timeout=serving.keepalive_timeout)
     await runner.setup()
+    loop.set_exception_handler(QuietExceptionHandler())
+    logger.info("open-files limit %d", raise_fd_limit())
+    ConnectionGuard(header_timeout=serving.header_timeout, keepalive_timeout=serving.keepalive_timeout,
+                    max_connections=serving.max_connections).install(runner)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]

@@ -34,6 +34,7 @@ from aiohttp import web
 import jaxserve
 from jaxserve.engine_client import EngineClient
 from jaxserve.server import errors, protocol
+from jaxserve.server.connections import connection_middleware
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
 from jaxserve.server.limits import Limits, RateLimiter
@@ -58,6 +59,10 @@ class ServingConfig:
     allow_priority: bool = False  # honour `priority` from every caller; else only from `priority_keys`
     priority_keys: tuple[str, ...] = ()  # API keys whose `priority` is honoured (others get 400)
     liveness_stall_timeout: float = 300.0  # /live fails when work is pending and no step finished for this long
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to a complete request head
+    body_timeout: float = 30.0  # seconds to read a request body
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections at most; more are closed at once
     request_timeout: float = 600.0  # seconds; 0: none
     keepalive_interval: float = 5.0  # seconds of SSE silence before a `: keep-alive` comment
     max_request_bytes: int = 1 << 20
@@ -76,6 +81,8 @@ class ServingConfig:
             raise ValueError("max_seqs_per_request and max_seqs_in_engine_per_request must be positive")
         if self.request_timeout < 0 or self.keepalive_interval <= 0 or self.shutdown_grace_period < 0:
             raise ValueError("request_timeout and shutdown_grace_period must be >= 0, keepalive_interval > 0")
+        if min(self.header_timeout, self.body_timeout, self.keepalive_timeout) < 0 or self.max_connections < 1:
+            raise ValueError("header, body and keep-alive timeouts must be >= 0 (0: none), max_connections positive")
         if self.accelerator_price_per_hour < 0 or not 0 < self.accelerator_utilization <= 1:
             raise ValueError("accelerator_price_per_hour must be >= 0 and accelerator_utilization in (0, 1]")
 
@@ -227,7 +234,11 @@ async def read_json(request: web.Request) -> Any:
     limit = request.app[STATE].config.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise errors.body_too_large(request.content_length, limit)
-    raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked bodies)
+    try:
+        async with asyncio.timeout(request.app[STATE].config.body_timeout or None):
+            raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked)
+    except TimeoutError:
+        raise errors.body_timeout(request.app[STATE].config.body_timeout) from None
     try:
         body = json.loads(raw)
     except RecursionError:
@@ -366,7 +377,8 @@ ROUTES = [
 
 def create_app(config: ServingConfig, engine: EngineClient | None = None) -> web.Application:
     """The application. `engine` (already started) may be given now or later through `app[STATE].set_engine`."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_request_bytes)
+    app = web.Application(middlewares=[connection_middleware, error_middleware],
+                          client_max_size=config.max_request_bytes)
     state = ServerState(config)
     app[STATE] = state
     if engine is not None:

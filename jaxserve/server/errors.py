@@ -92,6 +92,11 @@ def timeout(seconds: float) -> APIError:
                     type="timeout_error", code="request_timeout", metric_type="timeout")
 
 
+def body_timeout(seconds: float) -> APIError:
+    return APIError(408, f"The request body did not arrive within {seconds:g} s.", code="request_timeout",
+                    metric_type="timeout", headers={"Connection": "close"})
+
+
 def engine_error(message: str | None) -> APIError:
     """A request the engine failed: it can never fit the KV cache (oom) or a step raised (internal)."""
     message = message or "the engine failed the request"

@@ -206,3 +206,86 @@ async def test_ready_and_live_follow_warmth_drain_queue_and_progress():
         engine._stop.clear()
         resp = await c.get("/live")
         assert resp.status == 503 and (await resp.json())["status"] == "dead"
+
+
+# ---------------------------------------------------------------------------- 1. slowloris
+
+
+async def _guarded_server(**config):
+    """The real server stack of `__main__.serve` (runner, guard, site) on 127.0.0.1 over the fake engine."""
+    from aiohttp import web
+
+    from jaxserve.server.app import ServingConfig, create_app
+    from jaxserve.server.connections import ConnectionGuard
+
+    engine = FakeEngine()
+    engine.start()
+    cfg = ServingConfig(served_model_name="fake", **config)
+    runner = web.AppRunner(create_app(cfg, engine), handler_cancellation=True, keepalive_timeout=cfg.keepalive_timeout)
+    await runner.setup()
+    guard = ConnectionGuard(header_timeout=cfg.header_timeout, keepalive_timeout=cfg.keepalive_timeout,
+                            max_connections=cfg.max_connections)
+    guard.install(runner)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, guard, engine, runner.addresses[0][1]
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), within) == b""
+    except ConnectionError:  # reset: closed too
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+@async_test
+async def test_slow_heads_and_bodies_are_cut_off_and_connections_are_capped():
+    import aiohttp
+
+    runner, guard, engine, port = await _guarded_server(header_timeout=0.3, body_timeout=0.3, max_connections=20)
+    try:
+        # Half-open heads: headers never finish.
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        for _, w in slow:
+            w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-a: ")
+        # Over the cap: closed at once, before any byte is read.
+        extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+        await asyncio.sleep(0.05)
+        assert guard.open <= 20 and guard.refused >= 2
+        assert all([await _closed(r, 2.0) for r, _ in slow])  # cut off after 0.3 s, not held for an hour
+        assert guard.timed_out >= 10
+        for _, w in slow + extra:
+            w.close()
+        # A body that never finishes: 408 after body_timeout.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"prompt\"")
+        head = await asyncio.wait_for(r.readline(), 2.0)
+        assert b"408" in head
+        w.close()
+        # Everyone else is served meanwhile and after.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/health") as resp:
+                assert resp.status == 200
+            async with s.post(f"http://127.0.0.1:{port}/v1/completions",
+                              json={"prompt": "ab", "max_tokens": 2}) as resp:
+                assert resp.status == 200
+        await asyncio.sleep(0.05)
+        assert guard.open <= 1
+    finally:
+        await runner.cleanup()
+        engine.shutdown()
+
+
+def test_event_loop_errors_are_rate_limited():
+    from jaxserve.server.connections import QuietExceptionHandler
+
+    logged = []
+    loop = type("Loop", (), {"default_exception_handler": lambda self, ctx: logged.append(ctx)})()
+    handler = QuietExceptionHandler(burst=5, period=60.0)
+    for _ in range(10_000):  # accept() failing under descriptor exhaustion, in a tight loop
+        handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
+    handler(loop, {"message": "other", "exception": ValueError()})
+    assert len(logged) == 6

@@ -220,7 +220,7 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPMethodNotAllowed as e:
         allowed = ", ".join(sorted(e.allowed_methods))
         err = APIError(405, f"Method {request.method} not allowed on {request.path}; use {allowed}.",
-                       code="method_not_allowed")
+                       code="method_not_allowed", headers={"Allow": allowed})
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -292,7 +292,9 @@ async def tokenize(request: web.Request) -> web.Response:
         text = body["prompt"]
     else:
         raise errors.bad_request("send 'prompt' (a string) or 'messages'", param="prompt")
-    ids = tok.encode(text, add_special_tokens=add_special)
+    # NOTE: rate-limited like generation (one request, no tokens), and tokenized off the event loop.
+    state.limiter.settle(state.limiter.admit(state.rate_key(request, None), 0), 0)
+    ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special)
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 

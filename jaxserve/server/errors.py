@@ -58,7 +58,8 @@ def content_policy(message: str, param: str = "messages") -> APIError:
 
 def unauthorized() -> APIError:
     return APIError(401, "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
-                    type="authentication_error", code="invalid_api_key", metric_type="unauthorized")
+                    type="authentication_error", code="invalid_api_key", metric_type="unauthorized",
+                    headers={"WWW-Authenticate": 'Bearer realm="jaxserve"'})
 
 
 def model_not_found(model: str, served: str) -> APIError:

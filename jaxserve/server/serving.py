@@ -294,7 +294,7 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
     if gen.num_seqs > limit:
         raise errors.bad_request(f"This request asks for {gen.num_seqs} sequences (prompts x n), more than the "
                                  f"server's limit of {limit} per request; split it.", param="n")
-    gen.prepare()
+    await asyncio.to_thread(gen.prepare)  # NOTE: tokenizing a 1 MB prompt takes ~1 s: not on the event loop
     state.admit(gen)  # 503 / 429; from here on `finally` must give back what admission took
     try:
         gen.submit()

@@ -289,3 +289,35 @@ def test_event_loop_errors_are_rate_limited():
         handler(loop, {"message": "socket.accept() out of system resource", "exception": OSError(24, "EMFILE")})
     handler(loop, {"message": "other", "exception": ValueError()})
     assert len(logged) == 6
+
+
+@async_test
+async def test_405_carries_allow_and_401_carries_www_authenticate():
+    async with serving(api_keys=("k",)) as c:
+        resp = await c.get("/v1/completions", headers={"Authorization": "Bearer k"})
+        assert resp.status == 405 and resp.headers["Allow"] == "POST"
+        resp = await c.post("/health")
+        assert resp.status == 405 and resp.headers["Allow"] == "GET"
+        resp = await c.post("/v1/completions", json={"prompt": "ab"})
+        assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@async_test
+async def test_tokenize_is_rate_limited_and_tokenizing_leaves_the_event_loop_free():
+    engine = FakeEngine()
+    slow_encode = engine.tokenizer.encode
+
+    def encode(text, add_special_tokens=True):
+        time.sleep(0.3)  # a 1 MB prompt
+        return slow_encode(text, add_special_tokens)
+
+    engine.tokenizer.encode = encode
+    async with serving(engine, rate_limits=Limits(requests_per_minute=2)) as c:
+        big = asyncio.create_task(c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2}))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        assert (await c.get("/health")).status == 200
+        assert time.monotonic() - t0 < 0.2  # not stalled behind the tokenizer
+        assert (await big).status == 200
+        statuses = [(await c.post("/tokenize", json={"prompt": "ab"})).status for _ in range(2)]
+        assert statuses == [200, 429]

@@ -150,6 +150,14 @@ class LLMEngine:
             raise RequestTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{wanted} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens or 1} for the completion).")
+        # NOTE: refused here, before a stream starts, so "can never fit the KV cache" is the same 400 streaming
+        # or not (the scheduler would otherwise fail it after the 200). The last token is never fed back.
+        kv_tokens = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len) - 1
+        if not self.kv_cache.can_ever_fit(kv_tokens):
+            raise RequestTooLongError(
+                f"The request needs {self.kv_cache.pages_for(kv_tokens)} KV pages ({len(prompt_ids)} prompt + "
+                f"{params.max_tokens} max_tokens tokens) but the cache has only {self.kv_cache.num_usable_pages}; "
+                f"lower max_tokens.")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -60,3 +60,13 @@ def test_no_valid_request_compiles_after_warm_up(llm, params, prompt_len):
     assert all(1 <= len(c.token_ids) <= p.max_tokens for o, p in zip(outs, params) for c in o.outputs)
     assert llm.engine.runner.num_compiled() == compiled
     assert llm.engine.kv_cache.pool.num_used_pages == 0  # every page back (cached pages count as free)
+
+
+def test_a_request_that_can_never_fit_the_kv_cache_is_refused_before_it_starts(tiny_checkpoint):
+    from jaxserve.engine import RequestTooLongError
+
+    small = LLM(str(tiny_checkpoint), max_num_seqs=2, max_num_batched_tokens=16, max_model_len=128, num_pages=4,
+                block_size=16, warmup=False)  # 3 usable pages: 48 tokens
+    small.engine.validate(list(range(10)), SamplingParams(max_tokens=30))
+    with pytest.raises(RequestTooLongError, match="KV pages"):  # the server answers 400, streaming or not
+        small.engine.validate(list(range(10)), SamplingParams(max_tokens=60))

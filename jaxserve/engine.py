@@ -37,8 +37,8 @@ from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
-from jaxserve.engine_client import EngineStatsSnapshot, SpecDecodeSnapshot
-from jaxserve.model.sampler import RowSampling
+from jaxserve.engine_client import EngineHealth, EngineStatsSnapshot, SpecDecodeSnapshot
+from jaxserve.model.sampler import BIAS_WIDTH, RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
 from jaxserve.text.output_processor import ChoiceText
@@ -88,6 +88,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wakeup = threading.Event()
+        self._progress_time = time.monotonic()  # the step loop's last finished iteration (liveness)
         self.spec = self._build_spec(config) if config.spec_tokens else None
         self.warmup_seconds = self.runner.warmup() if warmup else 0.0
         if self.spec is not None and self.spec.method == "draft" and warmup:
@@ -141,11 +142,22 @@ class LLMEngine:
             if not 0 <= int(token) < vocab:
                 raise SamplingParamsError("logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids",
                                           f"token id {token} is outside the vocabulary [0, {vocab})")
+        if len(set(params.logit_bias or ()) | set(params.stop_token_ids) | self.eos_token_ids) > BIAS_WIDTH:
+            raise SamplingParamsError("logit_bias", f"logit_bias, stop_token_ids and the {len(self.eos_token_ids)} "
+                                      f"end-of-generation ids together exceed {BIAS_WIDTH} tokens")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise RequestTooLongError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{wanted} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens or 1} for the completion).")
+        # NOTE: refused here, before a stream starts, so "can never fit the KV cache" is the same 400 streaming
+        # or not (the scheduler would otherwise fail it after the 200). The last token is never fed back.
+        kv_tokens = min(len(prompt_ids) + (params.max_tokens or self.max_model_len), self.max_model_len) - 1
+        if not self.kv_cache.can_ever_fit(kv_tokens):
+            raise RequestTooLongError(
+                f"The request needs {self.kv_cache.pages_for(kv_tokens)} KV pages ({len(prompt_ids)} prompt + "
+                f"{params.max_tokens} max_tokens tokens) but the cache has only {self.kv_cache.num_usable_pages}; "
+                f"lower max_tokens.")
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -155,6 +167,10 @@ class LLMEngine:
         spec = SpecDecodeSnapshot.from_stats(self.spec.stats) if self.spec is not None else None
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
                                    self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
+
+    def health(self) -> EngineHealth:
+        alive = self._thread is None or self._thread.is_alive() or self._stop.is_set()
+        return EngineHealth(alive, self.has_unfinished(), time.monotonic() - self._progress_time)
 
     def start(self) -> None:
         """Runs the step loop in a daemon thread until `shutdown()`."""
@@ -181,6 +197,7 @@ class LLMEngine:
             if not worked:
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
+            self._progress_time = time.monotonic()
 
     def has_unfinished(self) -> bool:
         return bool(self._choices) or not self._inbox.empty()

@@ -56,6 +56,15 @@ class EngineStatsSnapshot:
     spec_decode: SpecDecodeSnapshot | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineHealth:
+    """Whether the engine makes progress, for the liveness probe (read without a lock, like the stats)."""
+
+    thread_alive: bool  # the step loop's thread runs (True before `start()`)
+    pending: bool  # requests are queued or running
+    seconds_since_progress: float  # since the step loop last finished an iteration (a step, or an idle wait)
+
+
 class EngineClient(Protocol):
     """What the server calls. Every method but `start`/`shutdown` is safe from any thread."""
 
@@ -80,6 +89,10 @@ class EngineClient(Protocol):
 
     def stats_snapshot(self) -> EngineStatsSnapshot:
         """The counters `/metrics` exports."""
+
+    def health(self) -> EngineHealth:
+        """Progress and liveness (`/live`). NOTE: a dead multi-host follower hangs the leader's next collective,
+        so it shows here as no progress while work is pending."""
 
 
 class OfflineEngineClient(EngineClient, Protocol):

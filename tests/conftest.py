@@ -40,7 +40,7 @@ from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob  # noqa: E402
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError  # noqa: E402
 from jaxserve.core.scheduler import SchedulerStats  # noqa: E402
-from jaxserve.engine_client import EngineStatsSnapshot  # noqa: E402
+from jaxserve.engine_client import EngineHealth, EngineStatsSnapshot  # noqa: E402
 from jaxserve.server.app import STATE, ServingConfig, create_app  # noqa: E402
 
 # ---------------------------------------------------------------------------- the fake engine
@@ -118,6 +118,8 @@ class FakeEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.progress_time = time.monotonic()
+        self.hang = threading.Event()  # set: the next step hangs until it is cleared (a stuck device)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         wanted = len(prompt_ids) + (params.max_tokens or 1)
@@ -153,6 +155,11 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    def health(self) -> EngineHealth:
+        alive = self._thread is None or self._thread.is_alive()
+        return EngineHealth(alive, bool(self.scheduler.running or self.scheduler.waiting or not self._inbox.empty()),
+                            time.monotonic() - self.progress_time)
+
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -168,6 +175,7 @@ class FakeEngine:
     def _loop(self) -> None:
         sched = self.scheduler
         while not self._stop.is_set():
+            self.progress_time = time.monotonic()
             while not self._inbox.empty():
                 command, arg = self._inbox.get()
                 if command == "add":
@@ -185,6 +193,8 @@ class FakeEngine:
                 time.sleep(0.001)
                 continue
             time.sleep(self.step_delay)
+            while self.hang.is_set() and not self._stop.is_set():
+                time.sleep(0.01)
             self.stats.steps += 1
             for req in list(sched.running):
                 if time.monotonic() - req.scheduled < self.first_token_delay:

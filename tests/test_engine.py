@@ -135,9 +135,12 @@ def test_preemption_under_a_tiny_pool_keeps_greedy_outputs():
 
 @pytest.mark.slow
 def test_request_that_can_never_fit_gets_a_clear_error():
+    from jaxserve.engine import RequestTooLongError
+
     tiny = LLM(**{**ENGINE, "num_pages": 4}, warmup=False)  # 3 usable pages: 48 tokens
-    out = tiny.generate([PROMPTS[5]["prompt_ids"][:60]], SamplingParams(max_tokens=4), use_tqdm=False)[0]
-    assert out.outputs[0].finish_reason == "error" and "KV pages" in out.outputs[0].error
+    # Refused up front (the server's 400, streaming or not), before anything is queued.
+    with pytest.raises(RequestTooLongError, match="KV pages"):
+        tiny.generate([PROMPTS[5]["prompt_ids"][:60]], SamplingParams(max_tokens=4), use_tqdm=False)
     assert_idle_and_accounted(tiny)
 
 

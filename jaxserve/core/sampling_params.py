@@ -33,6 +33,10 @@ class SamplingParams:
     logprobs: int | None = None  # top-n alternatives to return with each sampled token (0: only the chosen)
 
     MAX_LOGPROBS = 20
+    # NOTE: the sampler packs logit_bias and (before min_tokens) stop_token_ids plus EOS into one fixed-width
+    # table compiled at warm-up (model/sampler.py BIAS_WIDTH), so both are bounded; 300 is OpenAI's limit.
+    MAX_LOGIT_BIAS = 300
+    MAX_STOP_TOKEN_IDS = 128
 
     def __post_init__(self):
         # Accept lists from JSON and normalise to tuples so the object stays hashable and frozen.
@@ -59,6 +63,10 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
              f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+            (len(self.logit_bias or ()) <= self.MAX_LOGIT_BIAS, "logit_bias",
+             f"may hold at most {self.MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or ())}"),
+            (len(self.stop_token_ids) <= self.MAX_STOP_TOKEN_IDS, "stop_token_ids",
+             f"may hold at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"),
         ]
         for ok, field, message in checks:
             if not ok:

@@ -38,8 +38,10 @@ GREEDY_TEMPERATURE = 1e-5
 # Most likely tokens the top-k/top-p filter looks at; rows whose threshold lies deeper fall back to a
 # bisection over the whole vocabulary (exact, 32 passes over [R, V]).
 NUM_CANDIDATES = 128
-# Logit-bias widths are powers of two from this up, so that a batch compiles for one of a few widths.
-MIN_BIAS_WIDTH = 8
+# Entries of every row's sparse bias table (logit_bias, then banned ids: EOS and stop_token_ids before
+# min_tokens). NOTE: one fixed width, compiled at warm-up, so no valid request compiles a new step; it holds
+# SamplingParams.MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS with room for the tokenizer's end-of-generation ids.
+BIAS_WIDTH = 512
 # Tokens per block in the two-level reductions over the vocabulary (argmax, top-k, the draw's inverse CDF).
 BLOCK = 128
 # On CPU, rows are sampled this many at a time so that each chunk's [rows, V] arrays stay in cache.
@@ -157,8 +159,10 @@ def build_sampling_metadata(rows: list[RowSampling | None], num_rows: int, vocab
         if bad:
             raise ValueError(f"row {r}: token ids {bad} in logit_bias / banned ids are outside [0, {vocab_size})")
         biases[r] = bias
-    width = max([MIN_BIAS_WIDTH] + [len(b) for b in biases.values()])
-    width = 1 << (width - 1).bit_length()
+    width = BIAS_WIDTH
+    too_wide = [r for r, b in biases.items() if len(b) > width]
+    if too_wide:
+        raise ValueError(f"rows {too_wide}: more than {width} logit_bias and banned ids")
     bias_ids = np.zeros((num_rows, width), np.int32)
     bias_values = np.zeros((num_rows, width), np.float32)
     for r, bias in biases.items():
@@ -229,9 +233,12 @@ def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
 
 
 def apply_logit_bias(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Adds each row's sparse bias (padding entries add 0 to id 0; -inf bans)."""
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, md.bias_ids].add(md.bias_values)
+    """Adds each row's sparse bias (padding entries add 0 to id 0; -inf bans); skipped when no row has one."""
+    def add(x):
+        rows = jnp.arange(x.shape[0])[:, None]
+        return x.at[rows, md.bias_ids].add(md.bias_values)
+
+    return lax.cond(jnp.any(md.bias_values != 0), add, lambda x: x, logits)
 
 
 def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from jaxserve.config import EngineConfig
 from jaxserve.server.app import STATE, ServerState, ServingConfig, create_app
+from jaxserve.server.connections import ConnectionGuard, QuietExceptionHandler, raise_fd_limit
 from jaxserve.server.guardrails import GuardrailConfig
 from jaxserve.server.limits import Limits, parse_override
 
@@ -100,7 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     s.add_argument("--api-key", action="append", default=[], help="repeatable; also $JAXSERVE_API_KEY")
     s.add_argument("--max-waiting", type=int, default=ServingConfig.max_waiting,
-                   help="admitted requests without a first token; more get 503")
+                   help="admitted sequences (prompts x n) without a first token; more get 503")
+    s.add_argument("--max-seqs-per-request", type=int, default=ServingConfig.max_seqs_per_request,
+                   help="prompts x n of one request; more get 400")
+    s.add_argument("--max-seqs-in-engine-per-request", type=int,
+                   default=ServingConfig.max_seqs_in_engine_per_request,
+                   help="a request's sequences in the engine at once; its later prompts queue behind other requests")
+    s.add_argument("--allow-priority", action=argparse.BooleanOptionalAction, default=False,
+                   help="honour the body's `priority` from every caller (else 400 unless --priority-key)")
+    s.add_argument("--priority-key", action="append", default=[], metavar="KEY",
+                   help="repeatable: an API key whose `priority` is honoured")
+    s.add_argument("--header-timeout", type=float, default=ServingConfig.header_timeout,
+                   help="seconds from connect to a complete request head; slower connections are closed")
+    s.add_argument("--body-timeout", type=float, default=ServingConfig.body_timeout,
+                   help="seconds to read a request body (408 after)")
+    s.add_argument("--keepalive-timeout", type=float, default=ServingConfig.keepalive_timeout,
+                   help="seconds an idle keep-alive connection stays open")
+    s.add_argument("--max-connections", type=int, default=ServingConfig.max_connections,
+                   help="open connections at most; more are closed at once")
+    s.add_argument("--liveness-stall-timeout", type=float, default=ServingConfig.liveness_stall_timeout,
+                   help="seconds; /live fails when work is pending and no engine step finished for this long; 0: never")
     s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
     s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
     s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
@@ -153,6 +173,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
     serving = ServingConfig(
         served_model_name=args.served_model_name or Path(engine_cfg.model).name.removesuffix(".gguf"),
         model=engine_cfg.model, api_keys=tuple(keys), max_waiting=args.max_waiting,
+        max_seqs_per_request=args.max_seqs_per_request,
+        max_seqs_in_engine_per_request=args.max_seqs_in_engine_per_request, allow_priority=args.allow_priority,
+        priority_keys=tuple(args.priority_key), liveness_stall_timeout=args.liveness_stall_timeout,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, keepalive_timeout=args.keepalive_timeout,
+        max_connections=args.max_connections,
         request_timeout=args.request_timeout, keepalive_interval=args.sse_keepalive_interval,
         max_request_bytes=args.max_request_bytes, shutdown_grace_period=args.shutdown_grace_period,
         rate_limits=Limits(args.rate_limit_rpm, args.rate_limit_tpm),
@@ -167,6 +192,7 @@ def _describe(engine_cfg: EngineConfig, serving: ServingConfig) -> str:
     shown = dataclasses.asdict(serving)
     shown["api_keys"] = f"{len(serving.api_keys)} key(s)"
     shown["rate_limit_overrides"] = f"{len(serving.rate_limit_overrides)} key(s)"
+    shown["priority_keys"] = f"{len(serving.priority_keys)} key(s)"
     return json.dumps({"engine": dataclasses.asdict(engine_cfg), "server": shown}, default=str)
 
 
@@ -190,8 +216,13 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     loop = asyncio.get_running_loop()
     app = create_app(serving)
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None,
+                           keepalive_timeout=serving.keepalive_timeout)
     await runner.setup()
+    loop.set_exception_handler(QuietExceptionHandler())
+    logger.info("open-files limit %d", raise_fd_limit())
+    ConnectionGuard(header_timeout=serving.header_timeout, keepalive_timeout=serving.keepalive_timeout,
+                    max_connections=serving.max_connections).install(runner)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]

@@ -34,6 +34,7 @@ from aiohttp import web
 import jaxserve
 from jaxserve.engine_client import EngineClient
 from jaxserve.server import errors, protocol
+from jaxserve.server.connections import connection_middleware
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
 from jaxserve.server.limits import Limits, RateLimiter
@@ -52,7 +53,16 @@ class ServingConfig:
     served_model_name: str = "SmolLM2-135M-Instruct"
     model: str = "SmolLM2-135M-Instruct"  # what --model said (shown as the model's `root`)
     api_keys: tuple[str, ...] = ()  # empty: no authentication
-    max_waiting: int = 256  # admitted requests without a first token yet; more → 503
+    max_waiting: int = 256  # admitted sequences (prompts x n) without a first token yet; more → 503
+    max_seqs_per_request: int = 128  # prompts x n of one request; more → 400
+    max_seqs_in_engine_per_request: int = 16  # a request's sequences in the engine at once (its later prompts wait)
+    allow_priority: bool = False  # honour `priority` from every caller; else only from `priority_keys`
+    priority_keys: tuple[str, ...] = ()  # API keys whose `priority` is honoured (others get 400)
+    liveness_stall_timeout: float = 300.0  # /live fails when work is pending and no step finished for this long
+    header_timeout: float = 10.0  # seconds from connect (or the last response) to a complete request head
+    body_timeout: float = 30.0  # seconds to read a request body
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1024  # open connections at most; more are closed at once
     request_timeout: float = 600.0  # seconds; 0: none
     keepalive_interval: float = 5.0  # seconds of SSE silence before a `: keep-alive` comment
     max_request_bytes: int = 1 << 20
@@ -67,8 +77,12 @@ class ServingConfig:
     def __post_init__(self):
         if self.max_waiting < 1 or self.max_request_bytes < 1:
             raise ValueError("max_waiting and max_request_bytes must be positive")
+        if self.max_seqs_per_request < 1 or self.max_seqs_in_engine_per_request < 1:
+            raise ValueError("max_seqs_per_request and max_seqs_in_engine_per_request must be positive")
         if self.request_timeout < 0 or self.keepalive_interval <= 0 or self.shutdown_grace_period < 0:
             raise ValueError("request_timeout and shutdown_grace_period must be >= 0, keepalive_interval > 0")
+        if min(self.header_timeout, self.body_timeout, self.keepalive_timeout) < 0 or self.max_connections < 1:
+            raise ValueError("header, body and keep-alive timeouts must be >= 0 (0: none), max_connections positive")
         if self.accelerator_price_per_hour < 0 or not 0 < self.accelerator_utilization <= 1:
             raise ValueError("accelerator_price_per_hour must be >= 0 and accelerator_utilization in (0, 1]")
 
@@ -130,11 +144,17 @@ class ServerState:
     def num_queued(self) -> int:
         return sum(1 for g in self.inflight if not g.started)
 
+    @property
+    def num_waiting_seqs(self) -> int:
+        """Admitted sequences without a first token yet (what --max-waiting bounds)."""
+        return sum(g.num_waiting_seqs for g in self.inflight)
+
     def admit(self, gen: Generation) -> None:
         self.require_engine()
-        if self.num_queued >= self.config.max_waiting:
-            raise errors.unavailable(f"The server is busy: {self.num_queued} requests are waiting "
-                                     f"(--max-waiting {self.config.max_waiting}).", "queue_full")
+        waiting = self.num_waiting_seqs
+        if waiting + gen.num_seqs > self.config.max_waiting:
+            raise errors.unavailable(f"The server is busy: {waiting} sequences are waiting and this request adds "
+                                     f"{gen.num_seqs} (--max-waiting {self.config.max_waiting}).", "queue_full")
         gen.reservation = self.limiter.admit(self.rate_key(gen.http, gen.req.user), gen.reserved_tokens)
         self.inflight.add(gen)
 
@@ -145,10 +165,21 @@ class ServerState:
         if self.draining and not self.inflight:
             self._drained.set()
 
+    def check_priority(self, http: web.Request, priority: int) -> None:
+        """A non-zero `priority` jumps the queue: only the operator may allow it (to all or to some keys)."""
+        if priority == 0 or self.config.allow_priority:
+            return
+        token = bearer_token(http) or ""
+        if not any(hmac.compare_digest(token.encode(), key.encode()) for key in self.config.priority_keys):
+            raise errors.bad_request("'priority' is not allowed for this caller (the server honours it only with "
+                                     "--allow-priority or for --priority-key keys); omit it or send 0",
+                                     param="priority")
+
     def rate_key(self, http: web.Request, user: str | None) -> str:
         if self.config.api_keys:
             return bearer_token(http) or ""
-        return user or f"ip:{http.remote}"
+        # NOTE: never the body's `user`: a client picks it freely, so a new name per request would be a new bucket.
+        return f"ip:{http.remote}"
 
     def _server_gauges(self) -> dict[str, float]:
         return {"server_requests_in_flight": len(self.inflight), "server_requests_queued": self.num_queued,
@@ -189,7 +220,7 @@ async def error_middleware(request: web.Request, handler):
     except web.HTTPMethodNotAllowed as e:
         allowed = ", ".join(sorted(e.allowed_methods))
         err = APIError(405, f"Method {request.method} not allowed on {request.path}; use {allowed}.",
-                       code="method_not_allowed")
+                       code="method_not_allowed", headers={"Allow": allowed})
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
@@ -203,11 +234,19 @@ async def read_json(request: web.Request) -> Any:
     limit = request.app[STATE].config.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise errors.body_too_large(request.content_length, limit)
-    raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked bodies)
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        async with asyncio.timeout(request.app[STATE].config.body_timeout or None):
+            raw = await request.read()  # aiohttp raises HTTPRequestEntityTooLarge past client_max_size (chunked)
+    except TimeoutError:
+        raise errors.body_timeout(request.app[STATE].config.body_timeout) from None
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise errors.bad_request(f"The body is nested more than {protocol.MAX_JSON_DEPTH} levels deep.") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise errors.bad_request(f"The body is not valid JSON: {e}") from None
+    protocol.check_json(body)
+    return body
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -253,7 +292,9 @@ async def tokenize(request: web.Request) -> web.Response:
         text = body["prompt"]
     else:
         raise errors.bad_request("send 'prompt' (a string) or 'messages'", param="prompt")
-    ids = tok.encode(text, add_special_tokens=add_special)
+    # NOTE: rate-limited like generation (one request, no tokens), and tokenized off the event loop.
+    state.limiter.settle(state.limiter.admit(state.rate_key(request, None), 0), 0)
+    ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special)
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
@@ -278,6 +319,36 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": status}, status=503)
 
 
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: warm, not draining and room in the waiting queue (the load balancer's probe)."""
+    state = request.app[STATE]
+    if not state.ready:
+        status = "draining" if state.draining else "failed" if state.engine_error else "loading"
+        return web.json_response({"status": status}, status=503)
+    if state.num_waiting_seqs >= state.config.max_waiting:
+        return web.json_response({"status": "queue_full", "waiting": state.num_waiting_seqs}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def live(request: web.Request) -> web.Response:
+    """Liveness: fails only when a restart would help: the engine failed to start, its thread is gone, or work is
+    pending and no step finished for --liveness-stall-timeout seconds (a hung device or a dead follower)."""
+    state = request.app[STATE]
+    if state.engine_error is not None:
+        return web.json_response({"status": "failed", "reason": state.engine_error}, status=503)
+    if state.engine is None:  # still loading: the startup probe's business
+        return web.json_response({"status": "loading"})
+    health = state.engine.health()
+    if not health.thread_alive:
+        return web.json_response({"status": "dead", "reason": "the engine thread is gone"}, status=503)
+    stall = state.config.liveness_stall_timeout
+    if health.pending and stall and health.seconds_since_progress > stall:
+        return web.json_response({"status": "stalled", "reason": f"work is pending and no engine step finished for "
+                                  f"{health.seconds_since_progress:.0f} s (limit {stall:g} s)"}, status=503)
+    return web.json_response({"status": "ok", "pending": health.pending,
+                              "seconds_since_progress": round(health.seconds_since_progress, 3)})
+
+
 async def version(request: web.Request) -> web.Response:
     return web.json_response({"version": jaxserve.__version__})
 
@@ -298,6 +369,8 @@ ROUTES = [
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/health", health),
+    ("GET", "/ready", ready),
+    ("GET", "/live", live),
     ("GET", "/metrics", metrics),
     ("GET", "/version", version),
     ("GET", "/openapi.json", openapi),
@@ -306,7 +379,8 @@ ROUTES = [
 
 def create_app(config: ServingConfig, engine: EngineClient | None = None) -> web.Application:
     """The application. `engine` (already started) may be given now or later through `app[STATE].set_engine`."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_request_bytes)
+    app = web.Application(middlewares=[connection_middleware, error_middleware],
+                          client_max_size=config.max_request_bytes)
     state = ServerState(config)
     app[STATE] = state
     if engine is not None:

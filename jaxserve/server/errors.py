@@ -58,7 +58,8 @@ def content_policy(message: str, param: str = "messages") -> APIError:
 
 def unauthorized() -> APIError:
     return APIError(401, "Missing or invalid API key; send 'Authorization: Bearer <key>'.",
-                    type="authentication_error", code="invalid_api_key", metric_type="unauthorized")
+                    type="authentication_error", code="invalid_api_key", metric_type="unauthorized",
+                    headers={"WWW-Authenticate": 'Bearer realm="jaxserve"'})
 
 
 def model_not_found(model: str, served: str) -> APIError:
@@ -90,6 +91,11 @@ def unavailable(message: str, code: str) -> APIError:
 def timeout(seconds: float) -> APIError:
     return APIError(504, f"The request did not finish within the server's request timeout of {seconds:g} s.",
                     type="timeout_error", code="request_timeout", metric_type="timeout")
+
+
+def body_timeout(seconds: float) -> APIError:
+    return APIError(408, f"The request body did not arrive within {seconds:g} s.", code="request_timeout",
+                    metric_type="timeout", headers={"Connection": "close"})
 
 
 def engine_error(message: str | None) -> APIError:

@@ -1,6 +1,7 @@
 """Per-key rate limits: a requests-per-minute AND a tokens-per-minute token bucket for every key.
 
-A key is the API key when the server has keys, else the request's `user` field, else the client's address.
+A key is the API key when the server has keys, else the client's address (`ip:ADDRESS`); never the request's
+`user` field, which the client chooses freely.
 Each bucket holds at most one minute's allowance and refills continuously at limit/60 per second.
 
 Tokens are reserved at admission as prompt + max_tokens (for every choice), the worst case, and settled

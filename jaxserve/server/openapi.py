@@ -31,17 +31,21 @@ _SAMPLING = {
     "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "description": "extra field"},
     "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2},
     "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
-    "logit_bias": {"type": "object", "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100}},
+    "logit_bias": {"type": "object", "maxProperties": 300,
+                   "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100}},
     "seed": _INT,
-    "stop": {"oneOf": [_STR, {"type": "array", "items": _STR}]},
-    "stop_token_ids": {"type": "array", "items": _INT, "description": "extra field"},
+    "stop": {"oneOf": [{**_STR, "minLength": 1, "maxLength": 256},
+                       {"type": "array", "maxItems": 32, "items": {**_STR, "minLength": 1, "maxLength": 256}}]},
+    "stop_token_ids": {"type": "array", "maxItems": 128, "items": _INT, "description": "extra field"},
     "ignore_eos": {**_BOOL, "description": "extra field"},
     "min_tokens": {**_INT, "minimum": 0, "description": "extra field"},
     "max_tokens": {**_INT, "minimum": 1},
-    "user": {**_STR, "description": "rate-limit key when the server has no API keys"},
+    "user": {**_STR, "description": "accepted and ignored (never a rate-limit key: the client picks it)"},
     "stream": _BOOL,
-    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
-    "priority": {**_INT, "description": "lower runs first (extra field)"},
+    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL},
+                       "description": "only with `stream: true` (else 400)"},
+    "priority": {**_INT, "description": "lower runs first (extra field); other than 0 only where the operator "
+                                        "allows it (--allow-priority, --priority-key), else 400"},
 }
 
 _USAGE = {"type": "object", "properties": {
@@ -134,6 +138,12 @@ def openapi_spec(version: str) -> dict[str, Any]:
                             {"type": "object", "properties": {"status": {"enum": ["ok", "loading", "draining",
                                                                                    "failed"]}}},
                             extra={"503": {"description": "Not ready"}}),
+            "/ready": _get("Readiness: 200 when warm, not draining and the waiting queue has room",
+                           {"type": "object", "properties": {"status": _STR}},
+                           extra={"503": {"description": "Loading, draining, failed or queue full"}}),
+            "/live": _get("Liveness: 503 when the engine failed, its thread is gone, or work is pending and no step "
+                          "finished for --liveness-stall-timeout seconds", {"type": "object", "properties": {
+                              "status": _STR}}, extra={"503": {"description": "Restart me"}}),
             "/metrics": _get("Prometheus metrics (`jaxserve:` namespace)", _STR, "text/plain"),
             "/version": _get("Server version", {"type": "object", "properties": {"version": _STR}}),
             "/openapi.json": _get("This document", {"type": "object"}),

@@ -23,6 +23,9 @@ from jaxserve.text.chat_template import render_chat
 
 MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
+MAX_JSON_DEPTH = 64  # nesting of a request body (OpenAI bodies need about 6)
+MAX_STOP = 32  # stop strings per request (OpenAI allows 4); each is matched against every new piece of text
+MAX_STOP_LENGTH = 256  # characters per stop string
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 Prompt = str | list[int]
@@ -80,6 +83,30 @@ def json_type(value: Any) -> str:
             dict: "object"}.get(type(value), type(value).__name__)
 
 
+def check_json(body: Any) -> None:
+    """Refuses (400) a parsed body nested deeper than MAX_JSON_DEPTH or holding a lone surrogate (`"\\ud800"`
+    parses to a str that no tokenizer or encoder accepts). Iterative: a deep body cannot exhaust the stack."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad_request("The body holds a string that is not valid Unicode (a lone surrogate "
+                                      "escape such as \\ud800).") from None
+            continue
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(f"The body is nested more than {MAX_JSON_DEPTH} levels deep.")
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for key, item in items:
+                if key is not None:
+                    stack.append((key, depth))
+                stack.append((item, depth + 1))
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -88,6 +115,9 @@ def _stop(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("'stop' must be a non-empty string or an array of non-empty strings", param="stop")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_LENGTH for s in stop):
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} strings of at most {MAX_STOP_LENGTH} characters",
+                          param="stop")
     return tuple(stop)
 
 
@@ -95,6 +125,9 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     bias = _field(body, "logit_bias", (dict,))
     if not bias:
         return None
+    if len(bias) > SamplingParams.MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' may hold at most {SamplingParams.MAX_LOGIT_BIAS} entries, got {len(bias)}",
+                          param="logit_bias")
     out = {}
     for key, value in bias.items():
         try:
@@ -272,6 +305,9 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
             texts.append(prompt)
             ids.append(tok.encode(prompt))
         else:
+            vocab = getattr(tok, "vocab_size", None)
+            if vocab is not None and not all(0 <= t < vocab for t in prompt):  # before decode: it may not cope
+                raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
             ids.append(list(prompt))
             texts.append(tok.decode(prompt))
     return texts, ids

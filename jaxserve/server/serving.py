@@ -3,7 +3,9 @@
   1. Prepare: prompts → token ids (chat: rendered with the model's template), input guardrails (400),
      max_tokens filled up to the context, the engine's own validation (400 naming the field).
   2. Admit: draining or a full waiting queue (503), the caller's rate limit (429).
-  3. Run: one engine request per prompt (each with `n` choices); a `DeltaBridge` brings their deltas to
+  3. Run: one engine request per prompt (each with `n` choices), at most `--max-seqs-in-engine-per-request`
+     sequences in the engine at once: later prompts go in as earlier ones finish, so a request's fan-out
+     queues behind other requests instead of ahead of them. A `DeltaBridge` brings their deltas to
      this coroutine, each choice's `OutputMonitor` decides what may be sent, and the released text is
      streamed as SSE chunks or collected into one JSON response.
   4. Finally, whatever happened (finished, client gone, timeout, error, shutdown): every engine request
@@ -37,6 +39,10 @@ if TYPE_CHECKING:
     from jaxserve.server.app import ServerState
 
 logger = logging.getLogger(__name__)
+
+
+# Seconds between disconnect checks of a non-streaming request that gets no tokens.
+DISCONNECT_CHECK_INTERVAL = 0.5
 
 
 class ClientGone(Exception):
@@ -98,6 +104,7 @@ class Generation:
         self.failure: APIError | None = None  # the engine failed a choice: report it once its text is out
         self.cached_tokens = 0
         self._aborted: set[str] = set()
+        self._num_submitted = 0  # prompts handed to the engine so far (in prompt order)
 
     # ------------------------------------------------------------------ 1. prepare
 
@@ -119,14 +126,40 @@ class Generation:
                        for ids in self.prompt_ids]
 
     @property
+    def num_seqs(self) -> int:
+        return len(self.req.prompts or [None]) * self.req.params.n
+
+    @property
+    def num_waiting_seqs(self) -> int:
+        """Sequences without a first token that have not finished (unsubmitted prompts included)."""
+        n = self.req.params.n
+        unsubmitted = (len(self.prompt_ids) - self._num_submitted) * n
+        return unsubmitted + sum(1 for c in self.choices.values() if c.first_token_time is None and c.finish_reason
+                                 is None)
+
+    @property
     def reserved_tokens(self) -> int:
         return sum(len(ids) + p.max_tokens * p.n for ids, p in zip(self.prompt_ids, self.params))
 
     # ------------------------------------------------------------------ 3. run
 
-    def submit(self) -> None:
+    def submit(self) -> list:
+        """Hands the engine the next prompts while the request's sequences in it stay within
+        `max_seqs_in_engine_per_request` (the first prompt always goes); returns the new streams."""
         engine, n = self.state.engine, self.req.params.n
-        for p, (ids, params) in enumerate(zip(self.prompt_ids, self.params)):
+        if not self.choices:  # every choice exists from the start, so `finished` waits for unsubmitted prompts
+            for p in range(len(self.prompt_ids)):
+                prefix = self.prompt_texts[p] if self.req.echo else ""
+                for i in range(n):
+                    self.choices[(p, i)] = Choice(p * n + i, self.state.guardrails.monitor(), prefix=prefix)
+        window = self.state.config.max_seqs_in_engine_per_request
+        new = []
+        while self._num_submitted < len(self.prompt_ids) and self.abort_reason is None:
+            in_engine = sum(self._open_choices[e] for e in self.engine_ids if e not in self.engine_done)
+            if in_engine and in_engine + n > window:
+                break
+            p = self._num_submitted
+            ids, params = self.prompt_ids[p], self.params[p]
             engine_id = self.id if len(self.prompt_ids) == 1 else f"{self.id}-{p}"
             try:
                 stream = engine.add_request(ids, params, request_id=engine_id, priority=self.req.priority)
@@ -134,12 +167,12 @@ class Generation:
                 raise errors.bad_request(str(e), param=e.field) from None
             except ValueError as e:
                 raise errors.context_too_long(str(e)) from None
+            self._num_submitted += 1
             self.engine_ids.append(engine_id)
             self.streams.append(stream)
             self._open_choices[engine_id] = n
-            prefix = self.prompt_texts[p] if self.req.echo else ""
-            for i in range(n):
-                self.choices[(p, i)] = Choice(p * n + i, self.state.guardrails.monitor(), prefix=prefix)
+            new.append(stream)
+        return new
 
     @property
     def finished(self) -> bool:
@@ -255,8 +288,13 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
     state.require_engine()
     if req.model is not None and req.model != state.config.served_model_name:
         raise errors.model_not_found(req.model, state.config.served_model_name)
+    state.check_priority(http, req.priority)
     gen = Generation(state, req, protocol.new_id(req.kind), http)
-    gen.prepare()
+    limit = min(state.config.max_seqs_per_request, state.config.max_waiting)  # more could never be admitted
+    if gen.num_seqs > limit:
+        raise errors.bad_request(f"This request asks for {gen.num_seqs} sequences (prompts x n), more than the "
+                                 f"server's limit of {limit} per request; split it.", param="n")
+    await asyncio.to_thread(gen.prepare)  # NOTE: tokenizing a 1 MB prompt takes ~1 s: not on the event loop
     state.admit(gen)  # 503 / 429; from here on `finally` must give back what admission took
     try:
         gen.submit()
@@ -283,8 +321,14 @@ async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_w
     """The next deltas, or [] when a keep-alive is due. Raises on timeout and (non-streaming) on disconnect."""
     cfg = state.config
     while True:
+        # NOTE: a non-streaming request writes nothing until the end, so a write cannot tell it the client left:
+        # it looks at the transport on every wake-up, and wakes at least every DISCONNECT_CHECK_INTERVAL.
+        if not gen.req.stream and (gen.http.transport is None or gen.http.transport.is_closing()):
+            raise ClientGone()
         now = time.monotonic()
         wait = max(0.0, cfg.keepalive_interval - (now - last_write))
+        if not gen.req.stream:
+            wait = min(wait, DISCONNECT_CHECK_INTERVAL)
         if cfg.request_timeout:
             remaining = gen.t0 + cfg.request_timeout - now
             if remaining <= 0:
@@ -293,8 +337,6 @@ async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_w
         deltas = await bridge.next(max(wait, 0.001))
         if deltas:
             return deltas
-        if not gen.req.stream and (gen.http.transport is None or gen.http.transport.is_closing()):
-            raise ClientGone()
         if time.monotonic() - last_write >= cfg.keepalive_interval:
             return []
 
@@ -309,6 +351,7 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
                     choice.text += text
                 if gen.failure is not None:
                     raise gen.failure
+            bridge.add(gen.submit())
             last_wake = time.monotonic()
     except APIError as e:
         gen.abort(e.metric_type)
@@ -358,6 +401,7 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
                     last_write = time.monotonic()
                 if gen.failure is not None:
                     raise gen.failure
+            bridge.add(gen.submit())
     except APIError as e:
         # NOTE: the stream has started, so the status is already 200: the error travels as an event, and
         # the client keeps the chunks it already has.

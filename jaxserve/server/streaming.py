@@ -33,6 +33,14 @@ class DeltaBridge:
             stream.on_delta = self._ring
         self._event.set()  # deltas may have arrived before on_delta was set
 
+    def add(self, streams: Sequence[Any]) -> None:
+        """Listens to more streams (a request's later prompts, submitted as earlier ones finish)."""
+        for stream in streams:
+            self.streams.append(stream)
+            stream.on_delta = self._ring
+        if streams:
+            self._event.set()
+
     def _ring(self, delta: RequestDelta) -> None:  # engine thread
         try:
             self._loop.call_soon_threadsafe(self._event.set)
@@ -51,15 +59,20 @@ class DeltaBridge:
 
     async def next(self, timeout: float) -> list[RequestDelta]:
         """The deltas available now, waiting up to `timeout` seconds for some; [] when none came."""
-        while True:
-            self._event.clear()
-            deltas = self._drain()
-            if deltas:
-                return deltas
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except asyncio.TimeoutError:
-                return []
+        self._event.clear()
+        deltas = self._drain()
+        if deltas:
+            return deltas
+        # NOTE: not asyncio.wait_for: on Python 3.11 a cancellation (the client left) that arrives as the event
+        # fires is lost there. A timer that rings the same event leaves cancellation alone. The engine puts a
+        # delta on its stream before it rings, so clearing before the drain below loses no delta.
+        timer = self._loop.call_later(timeout, self._event.set)
+        try:
+            await self._event.wait()
+        finally:
+            timer.cancel()
+        self._event.clear()
+        return self._drain()  # [] when the timer rang
 
 
 class SSEWriter:

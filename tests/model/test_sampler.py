@@ -86,7 +86,7 @@ def assert_matches(tokens, expected_p, vocab):
 
 # --- the host builder -----------------------------------------------------------------------------------
 
-def test_builder_pads_with_neutral_greedy_rows_and_buckets_the_bias():
+def test_builder_pads_with_neutral_greedy_rows_and_one_fixed_bias_width():
     rows = [row(seed=2**32 + 5, position=7, temperature=0.8, top_k=50, top_p=0.9, min_p=0.1,
                 logit_bias={i: 1.0 for i in range(9)}, banned=[3]),
             row(temperature=0.0, top_k=5, top_p=0.5, repetition_penalty=1.2, prompt=[1, 2], output=[3]),
@@ -96,14 +96,14 @@ def test_builder_pads_with_neutral_greedy_rows_and_buckets_the_bias():
     np.testing.assert_array_equal(md.top_k, [50, 0, 0, 0])  # greedy rows keep neutral filters
     np.testing.assert_allclose(md.top_p, [0.9, 1, 1, 1])
     assert md.seeds.dtype == np.uint32 and md.seeds[0] == 5 and md.positions[0] == 7
-    assert md.bias_ids.shape == (4, 16)  # 9 biases + 1 ban → next power of two
+    assert md.bias_ids.shape == (4, sampler.BIAS_WIDTH)  # one width whatever the rows hold
     bias = dict(zip(md.bias_ids[0].tolist(), md.bias_values[0].tolist()))
     assert bias[3] == -np.inf and bias[8] == 1.0
     np.testing.assert_array_equal(md.bias_values[1:], 0)
     np.testing.assert_array_equal(md.history[0], -1)  # no penalty: no history sent
     np.testing.assert_array_equal(md.history[1], [1, 2, 3, -1, -1, -1])
     assert md.prompt_lens[1] == 2
-    assert build_sampling_metadata([None], 2, 100, 4).bias_ids.shape == (2, sampler.MIN_BIAS_WIDTH)
+    assert build_sampling_metadata([None], 2, 100, 4).bias_ids.shape == (2, sampler.BIAS_WIDTH)
 
 
 def test_builder_rejects_bad_ids_and_long_history():

@@ -193,20 +193,25 @@ async def test_401_404_405_413():
 
 @async_test
 async def test_429_requests_and_tokens_per_minute_with_retry_after():
-    async with serving(rate_limits=Limits(requests_per_minute=2, tokens_per_minute=100),
+    def key(name: str) -> dict:
+        return {"Authorization": f"Bearer {name}"}
+
+    async with serving(rate_limits=Limits(requests_per_minute=2, tokens_per_minute=100), api_keys=("u1", "u2", "vip"),
                        rate_limit_overrides=(("vip", Limits(0, 0)),)) as c:
-        resp = await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 150, "user": "u1"})
+        resp = await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 150}, headers=key("u1"))
         err = error_of(await resp.json())
         assert resp.status == 429 and "more than the limit of 100 tokens" in err["message"]
         assert err["type"] == "rate_limit_error" and int(resp.headers["Retry-After"]) >= 1
         for _ in range(2):
-            assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, "user": "u1"})).status == 200
-        resp = await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, "user": "u1"})
+            assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3},
+                                 headers=key("u1"))).status == 200
+        resp = await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3}, headers=key("u1"))
         assert resp.status == 429 and 1 <= int(resp.headers["Retry-After"]) <= 30
-        assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3, "user": "u2"})).status == 200
+        assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3},
+                             headers=key("u2"))).status == 200
         for _ in range(3):
-            vip = {"prompt": "ab", "max_tokens": 3, "user": "vip"}
-            assert (await c.post("/v1/completions", json=vip)).status == 200
+            assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3},
+                                 headers=key("vip"))).status == 200
         assert await metric(c, 'jaxserve:rate_limit_rejections_total{kind="requests"}') == 1
         assert await metric(c, 'jaxserve:rate_limit_rejections_total{kind="tokens"}') == 1
         assert await metric(c, 'jaxserve:request_errors_total{type="rate_limited"}') == 2

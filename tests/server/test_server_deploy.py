@@ -59,8 +59,8 @@ def test_kubernetes_deployment_and_service():
     container = pod["spec"]["containers"][0]
     port = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert port == {"http": 8000} and by_kind["Service"]["spec"]["ports"][0]["targetPort"] == "http"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
     args = build_parser().parse_args(container["args"])  # every flag exists
     assert pod["spec"]["terminationGracePeriodSeconds"] > args.shutdown_grace_period + 5  # + the preStop pause
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"

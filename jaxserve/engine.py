@@ -37,10 +37,12 @@ from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
-from jaxserve.engine_client import EngineStatsSnapshot, SpecDecodeSnapshot
+from jaxserve.engine_client import ITERATION_TOKEN_BUCKETS, EngineStatsSnapshot, SpecDecodeSnapshot, bucket_index
 from jaxserve.model.sampler import RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
+from jaxserve.text.chat_template import load_chat_template
+from jaxserve.text.generation_config import sampling_defaults
 from jaxserve.text.output_processor import ChoiceText
 from jaxserve.text.tokenizer import load_tokenizer
 from jaxserve.worker import compilation_cache
@@ -72,6 +74,11 @@ class LLMEngine:
         if runner is None or tokenizer is None:
             checkpoint_dir = resolve_engine_model(config)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+        if config.chat_template:
+            self.tokenizer.chat_template = load_chat_template(config.chat_template)
+        # Sampling defaults from --generation-config; front ends apply them to the fields a request leaves out.
+        self.default_sampling = sampling_defaults(config.generation_config,
+                                                  checkpoint_dir if tokenizer is None else None)
         self.runner = runner if runner is not None else ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching,
@@ -141,6 +148,9 @@ class LLMEngine:
             if not 0 <= int(token) < vocab:
                 raise SamplingParamsError("logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids",
                                           f"token id {token} is outside the vocabulary [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise SamplingParamsError("logprobs", f"logprobs {params.logprobs} is more than --max-logprobs "
+                                                  f"{self.config.max_logprobs}")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise RequestTooLongError(
@@ -154,7 +164,8 @@ class LLMEngine:
     def stats_snapshot(self) -> EngineStatsSnapshot:
         spec = SpecDecodeSnapshot.from_stats(self.spec.stats) if self.spec is not None else None
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
-                                   self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
+                                   self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec,
+                                   tuple(self.stats.iteration_token_counts))
 
     def start(self) -> None:
         """Runs the step loop in a daemon thread until `shutdown()`."""
@@ -327,8 +338,12 @@ class EngineStats:
     step_seconds: float = 0.0  # wall time of whole engine steps
     host_seconds: float = 0.0  # the part of it not spent waiting for the device: scheduling, packing, outputs
     recent_tokens_per_step: list[int] = dataclasses.field(default_factory=list)
+    # steps per ITERATION_TOKEN_BUCKETS bucket, the last one +Inf (/metrics: iteration_tokens_total)
+    iteration_token_counts: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
 
     def record_step(self, num_tokens: int, step_seconds: float, *, device_seconds: float) -> None:
+        self.iteration_token_counts[bucket_index(num_tokens, ITERATION_TOKEN_BUCKETS)] += 1
         self.steps += 1
         self.tokens += num_tokens
         self.step_seconds += step_seconds

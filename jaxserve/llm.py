@@ -43,7 +43,7 @@ class LLM:
                                          stream.prompt_token_ids, [CompletionOutput(i) for i in range(params.n)],
                                          arrival_time=stream.arrival_time))
         by_id = {r.request_id: r for r in results}
-        with tqdm(total=len(results), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(results), desc="generating", unit="req", disable=None if use_tqdm else True) as bar:
             while not all(r.finished for r in results):
                 self.engine.step()
                 for stream in streams:

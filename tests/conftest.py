@@ -21,6 +21,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -106,6 +107,7 @@ class FakeEngine:
                  step_delay: float = 0.0, first_token_delay: float = 0.0):
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.default_sampling: dict = {}
         self.max_num_seqs = max_num_seqs
         self.step_delay, self.first_token_delay = step_delay, first_token_delay
         self.kv_cache = FakeKV(num_pages, page_size)
@@ -279,9 +281,21 @@ async def read_sse(resp) -> tuple[list, list[str]]:
     return events, comments
 
 
+def _drop_model_name(line: str) -> str:
+    name, brace, rest = line.partition("{")
+    if not brace:
+        return line
+    labels, _, value = rest.partition("} ")
+    kept = [kv for kv in re.findall(r'\w+="[^"]*"', labels) if not kv.startswith("model_name=")]
+    return f"{name}{{{','.join(kept)}}} {value}" if kept else f"{name} {value}"
+
+
 async def metric(client, name: str) -> float | None:
+    """One sample's value; `name` may leave out the `model_name` label every series carries."""
     text = await (await client.get("/metrics")).text()
     for line in text.splitlines():
+        if "model_name=" not in name:
+            line = _drop_model_name(line)
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None

@@ -211,9 +211,12 @@ def _engine_fields(args: argparse.Namespace) -> dict:
     if args.model_tag is not None:
         fields["model"] = args.model_tag
     if args.speculative_config is not None:
-        if not isinstance(args.speculative_config, dict):
-            raise ValueError("--speculative-config must be a JSON object")
-        fields.update(speculative_fields(args.speculative_config))
+        try:
+            if not isinstance(args.speculative_config, dict):
+                raise ValueError("must be a JSON object")
+            fields.update(speculative_fields(args.speculative_config))
+        except ValueError as e:
+            raise ValueError(f"--speculative-config: {e}") from None
     return fields
 
 

@@ -21,6 +21,7 @@ serial.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -122,6 +123,8 @@ class LLMEngine:
         """Validates and enqueues a request; raises ValueError (RequestTooLongError, SamplingParamsError)."""
         params = params or SamplingParams()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if params.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-params.truncate_prompt_tokens:]  # vLLM keeps the last k tokens
         self.validate(prompt_ids, params)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
@@ -285,6 +288,8 @@ class LLMEngine:
         if len(req.output_token_ids) + len(proposals) < params.min_tokens:
             banned = tuple(self.eos_token_ids | set(params.stop_token_ids))
         output = req.output_token_ids if not proposals else req.output_token_ids + list(proposals)
+        if params.bad_words:
+            banned = tuple(set(banned) | self._bad_word_bans(params, output))
         return RowSampling(params=params, seed=req.seed, position=req.num_tokens + len(proposals),
                            prompt_token_ids=req.prompt_token_ids, output_token_ids=output,
                            banned_ids=banned)
@@ -312,12 +317,41 @@ class LLMEngine:
             logprobs=logprobs, finished=finish_reason is not None, finish_reason=finish_reason, error=error,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens, time=time.monotonic(),
-            first_scheduled_time=None if choice.sent_first else req.first_scheduled_time)
+            first_scheduled_time=None if choice.sent_first else req.first_scheduled_time,
+            stop_reason=self._stop_reason(choice) if finish_reason == "stop" else None)
         choice.sent_first = True
         if delta.finished:
             del self._choices[req.request_id]
         if delta.finished or token_ids or text:
             choice.stream.put(delta)
+
+    @staticmethod
+    def _stop_reason(choice: _Choice) -> int | str | None:
+        """The stop string, else the stop token id, that finished the choice (None: an end-of-generation token)."""
+        if choice.text.stop_reason is not None:
+            return choice.text.stop_reason
+        out = choice.request.output_token_ids
+        stop_ids = choice.request.sampling_params.stop_token_ids
+        return out[-1] if out and out[-1] in stop_ids else None
+
+    def _bad_word_bans(self, params: SamplingParams, output: Sequence[int]) -> set[int]:
+        """vLLM's bad_words: each word (with and without a leading space) as token ids; its last token is
+        banned whenever the output ends with the rest (always, for one-token words)."""
+        banned = set()
+        for ids in self._bad_word_ids(params.bad_words):
+            if len(ids) == 1 or list(output[len(output) - len(ids) + 1:]) == ids[:-1]:
+                banned.add(ids[-1])
+        return banned
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct word lists per engine; the engine lives long
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[list[int], ...]:
+        out = []
+        for word in words:
+            for variant in (word.strip(), " " + word.strip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return tuple(out)
 
     def _fail_all(self, message: str) -> None:
         self._pending = None

@@ -285,7 +285,8 @@ async def read_sse(resp) -> tuple[list, list[str]]:
     return events, comments
 
 
-def _drop_model_name(line: str) -> str:
+def drop_model_name(line: str) -> str:
+    """A /metrics sample line without its `model_name` label (the label every series carries)."""
     name, brace, rest = line.partition("{")
     if not brace:
         return line
@@ -299,7 +300,7 @@ async def metric(client, name: str) -> float | None:
     text = await (await client.get("/metrics")).text()
     for line in text.splitlines():
         if "model_name=" not in name:
-            line = _drop_model_name(line)
+            line = drop_model_name(line)
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None

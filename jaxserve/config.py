@@ -188,27 +188,62 @@ QUANTIZED_MATMULS = ("xla", "pallas")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
+DEFAULT_KV_CACHE_MEMORY = 2**30  # CPU's cap when neither --kv-cache-memory nor --gpu-memory-utilization is given
+ACCELERATOR_MEMORY_UTILIZATION = 0.9  # vLLM's default
+
+
+def kv_budget_bytes(*, total: int, in_use: int, utilization: float, activation_bytes: int) -> int:
+    """KV bytes per device under `--gpu-memory-utilization` (vLLM's meaning: the share of the device this engine
+    may hold in all): utilization * total, less what the weights already hold, less a reserve for activations."""
+    return max(0, int(utilization * total) - in_use - activation_bytes)
+
+
+def speculative_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's `--speculative-config` JSON (or `LLM(speculative_config=...)`) → our split EngineConfig fields."""
+    known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"speculative_config keys {unknown} are not supported; jaxserve reads {sorted(known)}")
+    method = spec.get("method") or ("draft" if spec.get("model") else "ngram")
+    method = {"draft_model": "draft"}.get(method, method)
+    if method not in ("ngram", "draft"):
+        raise ValueError(f"speculative_config method {method!r} is not supported; use 'ngram' or 'draft_model'")
+    out: dict[str, Any] = {"speculative_method": method}
+    if spec.get("model"):
+        out["speculative_model"] = spec["model"]
+    for src, dst in (("num_speculative_tokens", "num_speculative_tokens"),
+                     ("prompt_lookup_max", "ngram_prompt_lookup_max"),
+                     ("prompt_lookup_min", "ngram_prompt_lookup_min")):
+        if spec.get(src) is not None:
+            out[dst] = int(spec[src])
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from. Field names match the server's flags (`--max-num-seqs` ...)."""
 
-    model: str = "SmolLM2-135M-Instruct"
+    model: str = "SmolLM2-135M-Instruct"  # a registered name, a converted checkpoint, a HF folder or a GGUF file
     dtype: str = "auto"  # auto: float32 on CPU (XLA's CPU bf16 matmuls are slow), bfloat16 on accelerators
     attention_backend: str = "auto"  # auto (Pallas on GPU/TPU if the start-up probe passes, else XLA), xla, pallas
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 16  # the most sequences in one step (the decode batch buckets go up to it)
+    max_num_batched_tokens: int = 512  # the most tokens (prompt chunks + decodes) in one step
     max_model_len: int | None = None  # None: min(the model's context, 4096)
     block_size: int = 16  # tokens per KV page (vLLM's flag name)
-    num_pages: int = 0  # 0: derive from kv_cache_memory
-    kv_cache_memory: int = 2**30
-    enable_prefix_caching: bool = True
+    num_pages: int = 0  # KV pages (null page included); 0: sized from kv_cache_memory or gpu_memory_utilization
+    kv_cache_memory: int | None = None  # KV pool bytes (e.g. 4GiB); None: sized by gpu_memory_utilization
+    gpu_memory_utilization: float | None = None  # share of device memory in all; None: 0.9 (CPU: KV <= 1 GiB)
+    enable_prefix_caching: bool = True  # reuse the KV pages of shared prompt prefixes (hash-chained full pages)
     tensor_parallel_size: int = 1  # devices each model replica is split over (the mesh's `model` axis)
     data_parallel_size: int = 1  # replicas of the weights (the mesh's `data` axis), each taking part of every step
     distributed: bool = False  # multi-host: initialise jax.distributed; process 0 serves, the others follow
     coordinator_address: str | None = None  # host:port of process 0 (None: $JAX_COORDINATOR_ADDRESS or auto-detect)
     num_processes: int | None = None  # None: $JAX_NUM_PROCESSES or auto-detect (TPU VMs, SLURM, ...)
     process_id: int | None = None  # None: $JAX_PROCESS_ID or auto-detect
-    seed: int = 0
+    seed: int = 0  # the engine's base random seed (a request's `seed` overrides it for that request)
+    max_logprobs: int = 20  # the most `logprobs` / `top_logprobs` a request may ask for (at most 20)
+    chat_template: str | None = None  # a jinja file or an inline template; None: the model's own
+    generation_config: str = "auto"  # sampling defaults: auto (the model's generation_config.json), vllm, a folder
     kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
     quantization: str = "auto"  # weights: auto (as stored; a Q4_x / Q8_0 GGUF in its own blocks), none, int8, int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
@@ -249,7 +284,12 @@ class EngineConfig:
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
         if not self.compilation_cache_dir.strip():
             raise ValueError("compilation_cache_dir must be auto, none or a folder; got an empty string")
-        CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory)
+        CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory or 1)
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError(f"max_logprobs must be in [0, 20] (the sampler's top-n is compiled for 20), "
+                             f"got {self.max_logprobs}")
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}; "
                              f"got {self.speculative_method!r}")
@@ -275,7 +315,9 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
-        return CacheConfig(page_size=self.block_size, num_pages=self.num_pages, kv_cache_memory=self.kv_cache_memory,
+        """The cache config with `kv_cache_memory` as given, else 1 GiB (the runner sizes it by memory instead)."""
+        return CacheConfig(page_size=self.block_size, num_pages=self.num_pages,
+                           kv_cache_memory=self.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY,
                            enable_prefix_caching=self.enable_prefix_caching)
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:

@@ -21,6 +21,7 @@ serial.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -37,10 +38,18 @@ from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob
 from jaxserve.core.request import Request, RequestStatus
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.core.scheduler import Scheduler, SchedulerConfig
-from jaxserve.engine_client import EngineHealth, EngineStatsSnapshot, SpecDecodeSnapshot
+from jaxserve.engine_client import (
+    ITERATION_TOKEN_BUCKETS,
+    EngineHealth,
+    EngineStatsSnapshot,
+    SpecDecodeSnapshot,
+    bucket_index,
+)
 from jaxserve.model.sampler import BIAS_WIDTH, RowSampling
 from jaxserve.model_registry import resolve_engine_model, resolve_model
 from jaxserve.spec_decode.decoder import SpecDecoder
+from jaxserve.text.chat_template import load_chat_template
+from jaxserve.text.generation_config import sampling_defaults
 from jaxserve.text.output_processor import ChoiceText
 from jaxserve.text.tokenizer import load_tokenizer
 from jaxserve.worker import compilation_cache
@@ -72,6 +81,11 @@ class LLMEngine:
         if runner is None or tokenizer is None:
             checkpoint_dir = resolve_engine_model(config)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint_dir)
+        if config.chat_template:
+            self.tokenizer.chat_template = load_chat_template(config.chat_template)
+        # Sampling defaults from --generation-config; front ends apply them to the fields a request leaves out.
+        self.default_sampling = sampling_defaults(config.generation_config,
+                                                  checkpoint_dir if tokenizer is None else None)
         self.runner = runner if runner is not None else ModelRunner(config, checkpoint_dir)
         self.max_model_len = self.runner.max_model_len
         self.kv_cache = KVCacheManager(self.runner.num_pages, config.block_size, config.enable_prefix_caching,
@@ -116,6 +130,8 @@ class LLMEngine:
         """Validates and enqueues a request; raises ValueError (RequestTooLongError, SamplingParamsError)."""
         params = params or SamplingParams()
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if params.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-params.truncate_prompt_tokens:]  # vLLM keeps the last k tokens
         self.validate(prompt_ids, params)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
@@ -142,9 +158,16 @@ class LLMEngine:
             if not 0 <= int(token) < vocab:
                 raise SamplingParamsError("logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids",
                                           f"token id {token} is outside the vocabulary [0, {vocab})")
-        if len(set(params.logit_bias or ()) | set(params.stop_token_ids) | self.eos_token_ids) > BIAS_WIDTH:
-            raise SamplingParamsError("logit_bias", f"logit_bias, stop_token_ids and the {len(self.eos_token_ids)} "
-                                      f"end-of-generation ids together exceed {BIAS_WIDTH} tokens")
+        # NOTE: each bad word bans at most two ids a step (the word with and without a leading space).
+        biased = len(set(params.logit_bias or ()) | set(params.stop_token_ids) | self.eos_token_ids)
+        if biased + 2 * len(params.bad_words) > BIAS_WIDTH:
+            raise SamplingParamsError("bad_words" if params.bad_words else "logit_bias",
+                                      f"logit_bias, stop_token_ids, bad_words (two ids each) and the "
+                                      f"{len(self.eos_token_ids)} end-of-generation ids together exceed {BIAS_WIDTH} "
+                                      "tokens")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise SamplingParamsError("logprobs", f"logprobs {params.logprobs} is more than --max-logprobs "
+                                                  f"{self.config.max_logprobs}")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise RequestTooLongError(
@@ -166,7 +189,8 @@ class LLMEngine:
     def stats_snapshot(self) -> EngineStatsSnapshot:
         spec = SpecDecodeSnapshot.from_stats(self.spec.stats) if self.spec is not None else None
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
-                                   self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec)
+                                   self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec,
+                                   tuple(self.stats.iteration_token_counts))
 
     def health(self) -> EngineHealth:
         alive = self._thread is None or self._thread.is_alive() or self._stop.is_set()
@@ -291,6 +315,8 @@ class LLMEngine:
         if len(req.output_token_ids) + len(proposals) < params.min_tokens:
             banned = tuple(self.eos_token_ids | set(params.stop_token_ids))
         output = req.output_token_ids if not proposals else req.output_token_ids + list(proposals)
+        if params.bad_words:
+            banned = tuple(set(banned) | self._bad_word_bans(params, output))
         return RowSampling(params=params, seed=req.seed, position=req.num_tokens + len(proposals),
                            prompt_token_ids=req.prompt_token_ids, output_token_ids=output,
                            banned_ids=banned)
@@ -318,12 +344,41 @@ class LLMEngine:
             logprobs=logprobs, finished=finish_reason is not None, finish_reason=finish_reason, error=error,
             num_prompt_tokens=len(req.prompt_token_ids), num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens, time=time.monotonic(),
-            first_scheduled_time=None if choice.sent_first else req.first_scheduled_time)
+            first_scheduled_time=None if choice.sent_first else req.first_scheduled_time,
+            stop_reason=self._stop_reason(choice) if finish_reason == "stop" else None)
         choice.sent_first = True
         if delta.finished:
             del self._choices[req.request_id]
         if delta.finished or token_ids or text:
             choice.stream.put(delta)
+
+    @staticmethod
+    def _stop_reason(choice: _Choice) -> int | str | None:
+        """The stop string, else the stop token id, that finished the choice (None: an end-of-generation token)."""
+        if choice.text.stop_reason is not None:
+            return choice.text.stop_reason
+        out = choice.request.output_token_ids
+        stop_ids = choice.request.sampling_params.stop_token_ids
+        return out[-1] if out and out[-1] in stop_ids else None
+
+    def _bad_word_bans(self, params: SamplingParams, output: Sequence[int]) -> set[int]:
+        """vLLM's bad_words: each word (with and without a leading space) as token ids; its last token is
+        banned whenever the output ends with the rest (always, for one-token words)."""
+        banned = set()
+        for ids in self._bad_word_ids(params.bad_words):
+            if len(ids) == 1 or list(output[len(output) - len(ids) + 1:]) == ids[:-1]:
+                banned.add(ids[-1])
+        return banned
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - a few distinct word lists per engine; the engine lives long
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[list[int], ...]:
+        out = []
+        for word in words:
+            for variant in (word.strip(), " " + word.strip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return tuple(out)
 
     def _fail_all(self, message: str) -> None:
         self._pending = None
@@ -344,8 +399,12 @@ class EngineStats:
     step_seconds: float = 0.0  # wall time of whole engine steps
     host_seconds: float = 0.0  # the part of it not spent waiting for the device: scheduling, packing, outputs
     recent_tokens_per_step: list[int] = dataclasses.field(default_factory=list)
+    # steps per ITERATION_TOKEN_BUCKETS bucket, the last one +Inf (/metrics: iteration_tokens_total)
+    iteration_token_counts: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
 
     def record_step(self, num_tokens: int, step_seconds: float, *, device_seconds: float) -> None:
+        self.iteration_token_counts[bucket_index(num_tokens, ITERATION_TOKEN_BUCKETS)] += 1
         self.steps += 1
         self.tokens += num_tokens
         self.step_seconds += step_seconds

@@ -39,6 +39,18 @@ class SpecDecodeSnapshot:
                    stats.num_accepted_tokens, stats.num_emitted_tokens, tuple(stats.accepted_per_position))
 
 
+# Upper bounds of the tokens-per-step histogram (vLLM's iteration_tokens_total); the last bucket is +Inf.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def bucket_index(value: float, bounds: Sequence[float]) -> int:
+    """The first bucket whose upper bound holds `value` (len(bounds): the +Inf bucket)."""
+    for i, bound in enumerate(bounds):
+        if value <= bound:
+            return i
+    return len(bounds)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStatsSnapshot:
     """The engine's counters at one moment, read on the caller's thread.
@@ -54,6 +66,8 @@ class EngineStatsSnapshot:
     host_fraction: float  # share of step time not spent waiting for the device
     warmup_seconds: float  # compiling at start-up
     spec_decode: SpecDecodeSnapshot | None = None
+    # steps per ITERATION_TOKEN_BUCKETS bucket (not cumulative; one more entry for +Inf); () when not kept
+    iteration_token_counts: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +84,7 @@ class EngineClient(Protocol):
 
     tokenizer: Tokenizer
     max_model_len: int
+    default_sampling: dict  # {SamplingParams field: default} from --generation-config; requests' own fields win
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises `SamplingParamsError` / `RequestTooLongError` (ValueErrors) for a request that cannot run."""

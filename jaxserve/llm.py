@@ -6,11 +6,11 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, speculative_fields
 from jaxserve.core.outputs import CompletionOutput, RequestOutput
 from jaxserve.core.sampling_params import SamplingParams
 from jaxserve.engine import LLMEngine
-from jaxserve.text.chat_template import render_chat
+from jaxserve.text.chat_template import load_chat_template, render_chat
 
 
 class LLM:
@@ -22,17 +22,29 @@ class LLM:
 
     def __init__(self, model: str = EngineConfig.model, **engine_options):
         warmup = engine_options.pop("warmup", True)
+        speculative = engine_options.pop("speculative_config", None)  # vLLM's dict form of the speculative options
+        if speculative is not None:
+            engine_options.update(speculative_fields(speculative))
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options), warmup=warmup)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+    def get_tokenizer(self):
+        """The model's tokenizer (`encode`, `decode`, `chat_template`, ...)."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (`generation_config="vllm"`: ours)."""
+        return SamplingParams(**self.engine.default_sampling)
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt (text, or a list of token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generates for every prompt, outputs in prompt order. A prompt is text, a list of token ids, or vLLM's
+        `{"prompt": text}` / `{"prompt_token_ids": [...]}`."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_prompt_of(p) for p in prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+            sampling_params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         results, streams = [], []
@@ -43,7 +55,7 @@ class LLM:
                                          stream.prompt_token_ids, [CompletionOutput(i) for i in range(params.n)],
                                          arrival_time=stream.arrival_time))
         by_id = {r.request_id: r for r in results}
-        with tqdm(total=len(results), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(results), desc="generating", unit="req", disable=None if use_tqdm else True) as bar:
             while not all(r.finished for r in results):
                 self.engine.step()
                 for stream in streams:
@@ -54,14 +66,29 @@ class LLM:
                             bar.update(1)
         return results
 
-    def chat(self, conversations, sampling_params: SamplingParams | None = None, *,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Renders each conversation (a list of {"role", "content"} messages) with the model's chat template."""
+    def chat(self, conversations, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Renders each conversation (a list of {"role", "content"} messages) with `chat_template` (a file or
+        an inline template; default: the model's) and generates."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        prompts = [self.render_chat(messages) for messages in conversations]
+        template = load_chat_template(chat_template) if chat_template is not None else None
+        prompts = [self.render_chat(messages, chat_template=template, add_generation_prompt=add_generation_prompt)
+                   for messages in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def render_chat(self, messages) -> str:
-        return render_chat(self.tokenizer.chat_template, messages, add_generation_prompt=True,
-                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token)
+    def render_chat(self, messages, *, chat_template: str | None = None, add_generation_prompt: bool = True) -> str:
+        return render_chat(chat_template or self.tokenizer.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt, bos_token=self.tokenizer.bos_token,
+                           eos_token=self.tokenizer.eos_token)
+
+
+def _prompt_of(prompt):
+    """Text or token ids from any of the prompt forms `generate` takes."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return [int(t) for t in prompt["prompt_token_ids"]]
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
+    return prompt

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -40,7 +41,7 @@ from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.core.outputs import RequestDelta, RequestStream, TokenLogprob  # noqa: E402
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError  # noqa: E402
 from jaxserve.core.scheduler import SchedulerStats  # noqa: E402
-from jaxserve.engine_client import EngineHealth, EngineStatsSnapshot  # noqa: E402
+from jaxserve.engine_client import ITERATION_TOKEN_BUCKETS, EngineHealth, EngineStatsSnapshot, bucket_index  # noqa: E402, E501
 from jaxserve.server.app import STATE, ServingConfig, create_app  # noqa: E402
 
 # ---------------------------------------------------------------------------- the fake engine
@@ -106,11 +107,13 @@ class FakeEngine:
                  step_delay: float = 0.0, first_token_delay: float = 0.0):
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.default_sampling: dict = {}
         self.max_num_seqs = max_num_seqs
         self.step_delay, self.first_token_delay = step_delay, first_token_delay
         self.kv_cache = FakeKV(num_pages, page_size)
         self.scheduler = SimpleNamespace(running=[], waiting=[], num_preemptions=0)
-        self.stats = SimpleNamespace(steps=0, tokens=0, step_seconds=0.0)
+        self.stats = SimpleNamespace(steps=0, tokens=0, step_seconds=0.0,
+                                     iteration=[0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
         self.warmup_seconds = 0.0
         self.scripts: dict[str, str] = {}
         self.added: list[tuple[str, list[int], SamplingParams]] = []
@@ -140,7 +143,8 @@ class FakeEngine:
             prefix_cache_hits=kv.prefix_hits, prefix_cache_hit_rate=kv.prefix_hit_rate, kv_usage=kv.usage,
             kv_used_pages=kv.pool.num_used_pages, kv_total_pages=kv.num_usable_pages, kv_waste_tokens=0)
         return EngineStatsSnapshot(sched, self.stats.steps, self.stats.tokens, self.stats.step_seconds,
-                                   host_fraction=0.0, warmup_seconds=self.warmup_seconds)
+                                   host_fraction=0.0, warmup_seconds=self.warmup_seconds,
+                                   iteration_token_counts=tuple(self.stats.iteration))
 
     def add_request(self, prompt, params: SamplingParams, *, request_id: str, priority: int = 0) -> RequestStream:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -196,10 +200,12 @@ class FakeEngine:
             while self.hang.is_set() and not self._stop.is_set():
                 time.sleep(0.01)
             self.stats.steps += 1
+            before = self.stats.tokens
             for req in list(sched.running):
                 if time.monotonic() - req.scheduled < self.first_token_delay:
                     continue
                 self._step(req)
+            self.stats.iteration[bucket_index(self.stats.tokens - before, ITERATION_TOKEN_BUCKETS)] += 1
 
     def _step(self, req: _Req) -> None:
         if req.script is not None:
@@ -289,9 +295,22 @@ async def read_sse(resp) -> tuple[list, list[str]]:
     return events, comments
 
 
+def drop_model_name(line: str) -> str:
+    """A /metrics sample line without its `model_name` label (the label every series carries)."""
+    name, brace, rest = line.partition("{")
+    if not brace:
+        return line
+    labels, _, value = rest.partition("} ")
+    kept = [kv for kv in re.findall(r'\w+="[^"]*"', labels) if not kv.startswith("model_name=")]
+    return f"{name}{{{','.join(kept)}}} {value}" if kept else f"{name} {value}"
+
+
 async def metric(client, name: str) -> float | None:
+    """One sample's value; `name` may leave out the `model_name` label every series carries."""
     text = await (await client.get("/metrics")).text()
     for line in text.splitlines():
+        if "model_name=" not in name:
+            line = drop_model_name(line)
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None

@@ -32,6 +32,7 @@ class RequestDelta:
     num_cached_tokens: int = 0
     time: float = 0.0  # time.monotonic() when the delta was produced
     first_scheduled_time: float | None = None  # set on the first delta (queue time = this - arrival)
+    stop_reason: int | str | None = None  # the stop string or stop token id that finished it (None: EOS, length)
 
 
 @dataclasses.dataclass
@@ -42,6 +43,8 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    cumulative_logprob: float | None = None  # sum of the chosen tokens' log-probs (when logprobs were asked for)
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it (vLLM's field)
 
 
 @dataclasses.dataclass
@@ -62,11 +65,12 @@ class RequestOutput:
         out.token_ids.extend(delta.new_token_ids)
         if delta.logprobs is not None:
             out.logprobs = (out.logprobs or []) + delta.logprobs
+            out.cumulative_logprob = (out.cumulative_logprob or 0.0) + sum(e.logprob for e in delta.logprobs)
         if delta.new_token_ids and self.first_token_time is None:
             self.first_token_time = delta.time
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         if delta.finished:
-            out.finish_reason, out.error = delta.finish_reason, delta.error
+            out.finish_reason, out.error, out.stop_reason = delta.finish_reason, delta.error, delta.stop_reason
             self.finished = all(o.finish_reason is not None for o in self.outputs)
             if self.finished:
                 self.finished_time = delta.time

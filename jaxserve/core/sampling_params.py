@@ -31,6 +31,11 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # top-n alternatives to return with each sampled token (0: only the chosen)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text
+    bad_words: tuple[str, ...] = ()  # never generate these words (their last token is banned after the rest)
+    allowed_token_ids: tuple[int, ...] | None = None  # not supported yet: refused by __post_init__
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
 
     MAX_LOGPROBS = 20
     # NOTE: the sampler packs logit_bias and (before min_tokens) stop_token_ids plus EOS into one fixed-width
@@ -44,6 +49,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -67,6 +73,13 @@ class SamplingParams:
              f"may hold at most {self.MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or ())}"),
             (len(self.stop_token_ids) <= self.MAX_STOP_TOKEN_IDS, "stop_token_ids",
              f"may hold at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+             "bad words must be non-empty strings"),
+            (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens",
+             f"must be at least 1, got {self.truncate_prompt_tokens}"),
+            # NOTE: a whitelist is a [R, V] mask or a vocabulary-wide bias; both would add a compiled shape.
+            (self.allowed_token_ids is None, "allowed_token_ids",
+             "allowed_token_ids is not supported yet; use logit_bias (up to 300 ids) to favour tokens"),
         ]
         for ok, field, message in checks:
             if not ok:

@@ -29,8 +29,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from jaxserve.config import EngineConfig
-from jaxserve.server.app import STATE, ServerState, ServingConfig, create_app
+from jaxserve.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    QUANTIZED_MATMULS,
+    SPECULATIVE_METHODS,
+    EngineConfig,
+    speculative_fields,
+)
+from jaxserve.server import vllm_cli
+from jaxserve.server.app import STATE, CorsConfig, ServerState, ServingConfig, create_app
 from jaxserve.server.connections import ConnectionGuard, QuietExceptionHandler, raise_fd_limit
 from jaxserve.server.guardrails import GuardrailConfig
 from jaxserve.server.limits import Limits, parse_override
@@ -67,6 +77,18 @@ def _field_comments(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, re.MULTILINE))
 
 
+# Engine fields whose values are a fixed set: argparse names the flag and the choices on a bad value.
+_CHOICES = {"dtype": ("auto",) + DTYPES, "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS,
+            "kv_cache_dtype": KV_CACHE_DTYPES, "quantized_matmul": QUANTIZED_MATMULS,
+            "speculative_method": SPECULATIVE_METHODS}
+_ALIASES = {"dtype": vllm_cli.DTYPE_ALIASES, "kv_cache_dtype": vllm_cli.KV_DTYPE_ALIASES}
+
+
+def _with_aliases(name: str):
+    aliases = _ALIASES.get(name, {})
+    return lambda text: aliases.get(text, text)
+
+
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine (generated from EngineConfig)")
     hints = typing.get_type_hints(EngineConfig)
@@ -75,7 +97,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind, nullable = _flag_type(hints[field.name])
         default = field.default
-        help_ = comments.get(field.name, f"EngineConfig.{field.name}")
+        help_ = comments[field.name]  # every field carries a trailing comment (tests/server/test_vllm_cli.py)
         if kind is bool:
             names = [flag]
             group.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
@@ -85,20 +107,31 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                                    action="store_false", help=argparse.SUPPRESS)
             continue
         convert = parse_bytes if field.name.endswith("_memory") else kind
+        if field.name in _CHOICES:
+            convert = _with_aliases(field.name)
         if nullable:
             convert = (lambda c: lambda s: None if s.lower() in ("none", "auto") and c is not str else c(s))(convert)
-        group.add_argument(flag, dest=field.name, type=convert, default=default, help=help_)
+        group.add_argument(flag, dest=field.name, type=convert, default=default, help=help_,
+                           choices=_CHOICES.get(field.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxserve.server",
-                                description="OpenAI-compatible LLM server on JAX (jaxserve).",
+                                description="OpenAI-compatible LLM server on JAX (jaxserve). Takes vLLM's "
+                                            "`vllm serve MODEL [flags]` command line.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as `vllm serve MODEL` takes it (same as --model)")
     add_engine_flags(p)
+    e = p.add_argument_group("engine options in vLLM's spelling")
+    e.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                   help='vLLM\'s form of the speculative flags, e.g. \'{"method": "ngram", "num_speculative_tokens": '
+                        '4, "prompt_lookup_max": 4}\' or \'{"model": "DRAFT", "num_speculative_tokens": 4}\'')
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
-    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the model id(s) clients send; the first is the one reported (default: the model's name)")
     s.add_argument("--api-key", action="append", default=[], help="repeatable; also $JAXSERVE_API_KEY")
     s.add_argument("--max-waiting", type=int, default=ServingConfig.max_waiting,
                    help="admitted sequences (prompts x n) without a first token; more get 503")
@@ -122,56 +155,118 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liveness-stall-timeout", type=float, default=ServingConfig.liveness_stall_timeout,
                    help="seconds; /live fails when work is pending and no engine step finished for this long; 0: never")
     s.add_argument("--request-timeout", type=float, default=ServingConfig.request_timeout, help="seconds; 0: none")
-    s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval)
-    s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes)
-    s.add_argument("--shutdown-grace-period", type=float, default=ServingConfig.shutdown_grace_period)
+    s.add_argument("--sse-keepalive-interval", type=float, default=ServingConfig.keepalive_interval,
+                   help="seconds of stream silence before a `: keep-alive` comment")
+    s.add_argument("--max-request-bytes", type=parse_bytes, default=ServingConfig.max_request_bytes,
+                   help="the largest request body (bytes; 1MiB, 512k ...); larger ones get 413")
+    s.add_argument("--shutdown-grace-period", type=float, default=ServingConfig.shutdown_grace_period,
+                   help="seconds in-flight requests get to finish after SIGTERM")
     s.add_argument("--accelerator-price-per-hour", type=float, default=0.0,
                    help="$ per accelerator hour; > 0 adds cost gauges to /metrics")
     s.add_argument("--accelerator-utilization", "--accelerator-utilisation", type=float, default=1.0,
                    help="the average busy fraction the cost gauges assume")
-    s.add_argument("--log-level", default="INFO")
-    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    s.add_argument("--log-level", default="info",
+                   help="jaxserve's log level; third-party loggers (absl, orbax, jax) stay at WARNING unless debug")
+    s.add_argument("--uvicorn-log-level", default=None, metavar="LEVEL",
+                   help="vLLM's name for the HTTP layer's log level (aiohttp here; default: --log-level)")
+    s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request: method, path, status, tokens, latency, request id (never text)")
+    s.add_argument("--metrics-prefix", default="jaxserve", choices=("jaxserve", "vllm"),
+                   help="the metric namespace: vllm exposes vLLM's names (vllm:...) so its dashboards work unchanged")
+    c = p.add_argument_group("CORS (vLLM's flags)")
+    c.add_argument("--allowed-origins", type=json.loads, default=[], metavar="JSON",
+                   help='origins browsers may call from, as JSON: \'["*"]\' or \'["https://app.example"]\'; '
+                        "[]: no CORS headers")
+    c.add_argument("--allowed-methods", type=json.loads, default=["*"], metavar="JSON", help="JSON list")
+    c.add_argument("--allowed-headers", type=json.loads, default=["*"], metavar="JSON", help="JSON list")
+    c.add_argument("--allow-credentials", action=argparse.BooleanOptionalAction, default=False,
+                   help="send Access-Control-Allow-Credentials")
     r = p.add_argument_group("rate limits (per API key, else per `user`, else per client address)")
     r.add_argument("--rate-limit-rpm", type=float, default=0.0, help="requests per minute; 0: unlimited")
     r.add_argument("--rate-limit-tpm", type=float, default=0.0,
                    help="tokens (prompt + max_tokens reserved, settled at the end) per minute; 0: unlimited")
     r.add_argument("--rate-limit-override", action="append", default=[], metavar="KEY=RPM,TPM",
                    help="repeatable: limits for one key")
-    g = p.add_argument_group("guardrails (on by default; each stage switchable)")
+    g = p.add_argument_group("guardrails (off by default: --guardrails turns every stage on; each stage alone "
+                             "with its own flag)")
     d = GuardrailConfig()
-    g.add_argument("--guardrails", action=argparse.BooleanOptionalAction, default=d.enabled, help="all stages")
-    g.add_argument("--guardrail-input-length", action=argparse.BooleanOptionalAction, default=d.input_length)
-    g.add_argument("--guardrail-max-input-chars", type=int, default=d.max_input_chars)
-    g.add_argument("--guardrail-injection", action=argparse.BooleanOptionalAction, default=d.injection)
-    g.add_argument("--guardrail-injection-threshold", type=float, default=d.injection_threshold)
-    g.add_argument("--guardrail-content-policy", action=argparse.BooleanOptionalAction, default=d.content_policy)
+    g.add_argument("--guardrails", action=argparse.BooleanOptionalAction, default=False,
+                   help="every stage below (each stage's own flag overrides it)")
+    g.add_argument("--guardrail-input-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse prompts over --guardrail-max-input-chars (default: as --guardrails)")
+    g.add_argument("--guardrail-max-input-chars", type=int, default=d.max_input_chars,
+                   help="the input-length stage's limit")
+    g.add_argument("--guardrail-injection", action=argparse.BooleanOptionalAction, default=None,
+                   help="screen the last user message for prompt injection (default: as --guardrails)")
+    g.add_argument("--guardrail-injection-threshold", type=float, default=d.injection_threshold,
+                   help="the injection score (0..1] that blocks a request")
+    g.add_argument("--guardrail-content-policy", action=argparse.BooleanOptionalAction, default=None,
+                   help="block listed phrases in prompts and outputs (default: on when --guardrails or a "
+                        "--guardrail-blocklist term is given)")
     g.add_argument("--guardrail-blocklist", action="append", default=[], metavar="TERM",
                    help="repeatable; added to the built-in list")
     g.add_argument("--guardrail-blocklist-file", default=None, help="one term per line; # comments")
-    g.add_argument("--guardrail-pii", action=argparse.BooleanOptionalAction, default=d.pii)
+    g.add_argument("--guardrail-pii", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop or redact e-mails, phone, SSN and card numbers in outputs (default: as --guardrails)")
     g.add_argument("--guardrail-check-every", type=int, default=d.check_every_tokens,
                    help="scan streamed output every N tokens (0: only at the end)")
     g.add_argument("--guardrail-holdback-chars", type=int, default=d.holdback_chars,
                    help="the most characters held back while they could still grow into a hit")
-    g.add_argument("--guardrail-action", choices=("stop", "redact"), default=d.action)
+    g.add_argument("--guardrail-action", choices=("stop", "redact"), default=d.action,
+                   help="on an output hit: stop the choice (content_filter) or redact the hit and go on")
+    vllm_cli.add_vllm_flags(p)
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses our flags and vLLM's spellings of them (`--flag_name`, `-tp`, a leading `serve`)."""
+    argv = vllm_cli.normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    if argv[:1] == ["serve"]:  # `python -m jaxserve.server serve MODEL ...`, as `vllm serve MODEL ...`
+        argv = argv[1:]
+    return build_parser().parse_args(argv)
+
+
+def _engine_fields(args: argparse.Namespace) -> dict:
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    if args.model_tag is not None:
+        fields["model"] = args.model_tag
+    if args.speculative_config is not None:
+        try:
+            if not isinstance(args.speculative_config, dict):
+                raise ValueError("must be a JSON object")
+            fields.update(speculative_fields(args.speculative_config))
+        except ValueError as e:
+            raise ValueError(f"--speculative-config: {e}") from None
+    return fields
+
+
+def _guardrails(args: argparse.Namespace, blocklist: list[str]) -> GuardrailConfig:
+    """Each stage: its own flag if given, else --guardrails. A blocklist term turns the content policy on."""
+    def stage(value: bool | None, implied: bool = False) -> bool:
+        return (args.guardrails or implied) if value is None else value
+
+    stages = dict(input_length=stage(args.guardrail_input_length), injection=stage(args.guardrail_injection),
+                  content_policy=stage(args.guardrail_content_policy,
+                                       bool(args.guardrail_blocklist or args.guardrail_blocklist_file)),
+                  pii=stage(args.guardrail_pii))
+    return GuardrailConfig(
+        enabled=any(stages.values()), **stages, max_input_chars=args.guardrail_max_input_chars,
+        injection_threshold=args.guardrail_injection_threshold, blocklist=tuple(blocklist),
+        check_every_tokens=args.guardrail_check_every, holdback_chars=args.guardrail_holdback_chars,
+        action=args.guardrail_action)
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingConfig]:
-    engine_cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    engine_cfg = EngineConfig(**_engine_fields(args))
     blocklist = list(GuardrailConfig.blocklist) + list(args.guardrail_blocklist)
     if args.guardrail_blocklist_file:
         lines = Path(args.guardrail_blocklist_file).read_text().splitlines()
         blocklist += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    guardrails = GuardrailConfig(
-        enabled=args.guardrails, input_length=args.guardrail_input_length,
-        max_input_chars=args.guardrail_max_input_chars, injection=args.guardrail_injection,
-        injection_threshold=args.guardrail_injection_threshold, content_policy=args.guardrail_content_policy,
-        blocklist=tuple(blocklist), pii=args.guardrail_pii, check_every_tokens=args.guardrail_check_every,
-        holdback_chars=args.guardrail_holdback_chars, action=args.guardrail_action)
+    guardrails = _guardrails(args, blocklist)
     keys = list(args.api_key) + ([os.environ["JAXSERVE_API_KEY"]] if os.environ.get("JAXSERVE_API_KEY") else [])
+    names = args.served_model_name or [Path(engine_cfg.model).name.removesuffix(".gguf")]
     serving = ServingConfig(
-        served_model_name=args.served_model_name or Path(engine_cfg.model).name.removesuffix(".gguf"),
+        served_model_name=names[0], model_aliases=tuple(names[1:]),
         model=engine_cfg.model, api_keys=tuple(keys), max_waiting=args.max_waiting,
         max_seqs_per_request=args.max_seqs_per_request,
         max_seqs_in_engine_per_request=args.max_seqs_in_engine_per_request, allow_priority=args.allow_priority,
@@ -184,7 +279,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EngineConfig, ServingCo
         rate_limit_overrides=tuple(parse_override(o) for o in args.rate_limit_override), guardrails=guardrails,
         max_model_len_hint=engine_cfg.max_model_len or 8192,
         accelerator_price_per_hour=args.accelerator_price_per_hour,
-        accelerator_utilization=args.accelerator_utilization)
+        accelerator_utilization=args.accelerator_utilization, metrics_prefix=args.metrics_prefix,
+        access_log=args.access_log,
+        cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers),
+                        args.allow_credentials))
     return engine_cfg, serving
 
 
@@ -212,11 +310,12 @@ def _build_engine(engine_cfg: EngineConfig, loop: asyncio.AbstractEventLoop, sta
         loop.call_soon_threadsafe(state.set_engine_failed, f"{type(e).__name__}: {e}")
 
 
-async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, port: int, access_log: bool) -> int:
+async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, port: int) -> int:
     loop = asyncio.get_running_loop()
     app = create_app(serving)
     state = app[STATE]
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=logger if access_log else None,
+    # NOTE: aiohttp's own access log is off; app.access_middleware writes ours (with tokens and request id).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            keepalive_timeout=serving.keepalive_timeout)
     await runner.setup()
     loop.set_exception_handler(QuietExceptionHandler())
@@ -271,10 +370,34 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     return 0
 
 
+# Loggers of libraries that print at INFO on every start (absl: 13 lines of orbax / jax set-up).
+QUIET_LOGGERS = ("absl", "orbax", "jax", "jax._src", "etils", "urllib3", "filelock")
+
+
+def configure_logging(level: str, http_level: str | None = None) -> None:
+    """jaxserve logs at `level`; third-party loggers stay at WARNING unless `level` is debug; aiohttp's
+    loggers at `http_level` (vLLM's --uvicorn-log-level), else at `level`."""
+    level = level.upper()
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    if level != "DEBUG":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            from absl import logging as absl_logging  # absl comes with JAX; imported only to quiet it
+
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        except ImportError:
+            pass
+    logging.getLogger("aiohttp").setLevel((http_level or level).upper())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    configure_logging(args.log_level, args.uvicorn_log_level)
     try:
         engine_cfg, serving = configs_from_args(args)
     except (ValueError, OSError) as e:
@@ -289,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxserve.follower import run_follower
 
             return run_follower(engine_cfg)
-    rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port, args.access_log))
+    rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port))
     if any(t.name == _BUILDER and t.is_alive() for t in threading.enumerate()):
         # NOTE: stopped during warm-up. Interpreter shutdown under a thread that is inside an XLA compile
         # aborts the process, so leave at once: nothing is in flight and nothing needs flushing but the logs.

@@ -35,10 +35,12 @@ import jaxserve
 from jaxserve.engine_client import EngineClient
 from jaxserve.server import errors, protocol
 from jaxserve.server.connections import connection_middleware
+from jaxserve.server.docs_page import DOCS_HTML
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
 from jaxserve.server.limits import Limits, RateLimiter
-from jaxserve.server.metrics import EngineCollector, ServerMetrics, cost_gauges
+from jaxserve.server.metrics import PREFIXES, EngineCollector, ServerMetrics, cost_gauges
+from jaxserve.server.middleware import CorsConfig, cors_middleware, on_response_prepare, request_id_middleware
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
 from jaxserve.text.chat_template import render_chat
@@ -69,10 +71,14 @@ class ServingConfig:
     shutdown_grace_period: float = 30.0
     rate_limits: Limits = Limits()
     rate_limit_overrides: tuple[tuple[str, Limits], ...] = ()
-    guardrails: GuardrailConfig = GuardrailConfig()
+    guardrails: GuardrailConfig = GuardrailConfig(enabled=False)  # off unless asked (--guardrails, a stage's flag)
     max_model_len_hint: int = 8192  # for the token-length histogram buckets, before the engine exists
     accelerator_price_per_hour: float = 0.0  # > 0: cost gauges in /metrics (jaxserve/server/cost.py)
     accelerator_utilization: float = 1.0  # the average busy fraction the cost gauges assume
+    model_aliases: tuple[str, ...] = ()  # more names clients may send (--served-model-name A B ...)
+    metrics_prefix: str = "jaxserve"  # the /metrics namespace: jaxserve or vllm (vLLM's dashboards read vllm:)
+    access_log: bool = True  # one line per request on the jaxserve.access logger
+    cors: CorsConfig = CorsConfig()
 
     def __post_init__(self):
         if self.max_waiting < 1 or self.max_request_bytes < 1:
@@ -85,6 +91,12 @@ class ServingConfig:
             raise ValueError("header, body and keep-alive timeouts must be >= 0 (0: none), max_connections positive")
         if self.accelerator_price_per_hour < 0 or not 0 < self.accelerator_utilization <= 1:
             raise ValueError("accelerator_price_per_hour must be >= 0 and accelerator_utilization in (0, 1]")
+        if self.metrics_prefix not in PREFIXES:
+            raise ValueError(f"metrics_prefix must be one of {PREFIXES}, got {self.metrics_prefix!r}")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, *self.model_aliases)
 
 
 class ServerState:
@@ -94,7 +106,8 @@ class ServerState:
         self.engine_error: str | None = None
         self.draining = False
         self.started_at = time.time()
-        self.metrics = ServerMetrics(config.max_model_len_hint)
+        self.metrics = ServerMetrics(config.max_model_len_hint, model_name=config.served_model_name,
+                                     prefix=config.metrics_prefix)
         self.limiter = RateLimiter(config.rate_limits, dict(config.rate_limit_overrides),
                                    on_reject=lambda kind: self.metrics.rate_limited.labels(kind).inc())
         self.guardrails = GuardrailChain.from_config(config.guardrails)
@@ -251,21 +264,54 @@ async def read_json(request: web.Request) -> Any:
 
 # ---------------------------------------------------------------------------- handlers
 
+def with_generation_defaults(state: ServerState, body: Any, req: protocol.GenerationRequest,
+                             ) -> protocol.GenerationRequest:
+    """--generation-config: the model's sampling defaults for the fields the body left out."""
+    defaults = getattr(state.engine, "default_sampling", None) or {}
+    if not defaults or not isinstance(body, dict):
+        return req
+    names = {"max_tokens": ("max_tokens", "max_completion_tokens")}
+    missing = {f: v for f, v in defaults.items() if not any(n in body for n in names.get(f, (f,)))}
+    if not missing:
+        return req
+    try:
+        req.params = dataclasses.replace(req.params, **missing)
+    except ValueError as e:  # a default the request's own fields contradict (min_tokens > max_tokens ...)
+        raise errors.bad_request(f"the model's generation config default conflicts with the request: {e}") from None
+    return req
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await serve_generation(request.app[STATE], request, protocol.parse_completion(await read_json(request)))
+    state, body = request.app[STATE], await read_json(request)
+    return await serve_generation(state, request, with_generation_defaults(state, body,
+                                                                           protocol.parse_completion(body)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await serve_generation(request.app[STATE], request, protocol.parse_chat(await read_json(request)))
+    state, body = request.app[STATE], await read_json(request)
+    return await serve_generation(state, request, with_generation_defaults(state, body, protocol.parse_chat(body)))
+
+
+def model_cards(state: ServerState) -> list[dict[str, Any]]:
+    engine = state.engine
+    return [{"id": name, "object": "model", "created": int(state.started_at), "owned_by": "jaxserve",
+             "root": state.config.model, "parent": None,
+             "max_model_len": engine.max_model_len if engine is not None else None}
+            for name in state.config.model_names]
 
 
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": model_cards(request.app[STATE])})
+
+
+async def model(request: web.Request) -> web.Response:
+    """`client.models.retrieve(id)`."""
     state = request.app[STATE]
-    engine = state.engine
-    card = {"id": state.config.served_model_name, "object": "model", "created": int(state.started_at),
-            "owned_by": "jaxserve", "root": state.config.model, "parent": None,
-            "max_model_len": engine.max_model_len if engine is not None else None}
-    return web.json_response({"object": "list", "data": [card]})
+    wanted = request.match_info["model"]
+    for card in model_cards(state):
+        if card["id"] == wanted:
+            return web.json_response(card)
+    raise errors.model_not_found(wanted, state.config.served_model_name)
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -275,7 +321,7 @@ async def tokenize(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise errors.bad_request("the request body must be a JSON object")
     model = body.get("model")
-    if model is not None and model != state.config.served_model_name:
+    if model is not None and model not in state.config.model_names:
         raise errors.model_not_found(str(model), state.config.served_model_name)
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
@@ -362,10 +408,15 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_spec(jaxserve.__version__))
 
 
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=DOCS_HTML, content_type="text/html")
+
+
 ROUTES = [
     ("POST", "/v1/completions", completions),
     ("POST", "/v1/chat/completions", chat_completions),
     ("GET", "/v1/models", models),
+    ("GET", "/v1/models/{model}", model),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
     ("GET", "/health", health),
@@ -374,13 +425,16 @@ ROUTES = [
     ("GET", "/metrics", metrics),
     ("GET", "/version", version),
     ("GET", "/openapi.json", openapi),
+    ("GET", "/docs", docs),
 ]
 
 
 def create_app(config: ServingConfig, engine: EngineClient | None = None) -> web.Application:
     """The application. `engine` (already started) may be given now or later through `app[STATE].set_engine`."""
-    app = web.Application(middlewares=[connection_middleware, error_middleware],
+    app = web.Application(middlewares=[connection_middleware, request_id_middleware(config.access_log),
+                                       cors_middleware(config.cors), error_middleware],
                           client_max_size=config.max_request_bytes)
+    app.on_response_prepare.append(on_response_prepare(config.cors))
     state = ServerState(config)
     app[STATE] = state
     if engine is not None:

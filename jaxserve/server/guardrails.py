@@ -47,7 +47,8 @@ DEFAULT_BLOCKLIST = (
 
 @dataclasses.dataclass(frozen=True)
 class GuardrailConfig:
-    """Which stages run and how. Every stage is on by default with conservative settings."""
+    """Which stages run and how, once `enabled`. The server runs none by default (`ServingConfig` passes
+    `enabled=False`); `--guardrails` turns every stage on, each stage's own flag turns it on alone."""
 
     enabled: bool = True  # master switch
     input_length: bool = True

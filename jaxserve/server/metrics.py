@@ -1,5 +1,9 @@
 """Prometheus metrics in the `jaxserve:` namespace, named after vLLM's `vllm:` ones.
 
+Exposition (`ServerMetrics.exposition`) puts every series under `--metrics-prefix` (`jaxserve:` or `vllm:`,
+so vLLM's Grafana dashboards, alert rules and KEDA / HPA autoscalers match unchanged) and labels every
+series with `model_name`, as vLLM does.
+
 Two kinds of source:
   * Per-request observations (latencies, lengths, finish reasons, errors) are recorded by the serving
     layer on the event loop as requests progress, into histograms and counters.
@@ -16,7 +20,9 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from jaxserve.engine_client import ITERATION_TOKEN_BUCKETS
 
 if TYPE_CHECKING:
     from jaxserve.engine_client import EngineClient, EngineStatsSnapshot
@@ -48,9 +54,32 @@ def token_buckets(max_len: int) -> tuple[float, ...]:
         exp += 1
 
 
+PREFIXES = ("jaxserve", "vllm")
+N_BUCKETS = (1, 2, 4, 8, 16)
+
+
+class _Exposed:
+    """The registry as scraped: names under `prefix:` and a `model_name` label on every sample."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, model_name: str):
+        self.registry, self.prefix, self.model_name = registry, prefix + ":", model_name
+
+    def collect(self):
+        for family in self.registry.collect():
+            out = Metric(self.prefix + family.name.removeprefix(NS), family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                out.add_sample(self.prefix + sample.name.removeprefix(NS),
+                               {"model_name": self.model_name, **sample.labels}, sample.value, sample.timestamp,
+                               sample.exemplar)
+            yield out
+
+
 class ServerMetrics:
-    def __init__(self, max_model_len: int = 8192):
+    def __init__(self, max_model_len: int = 8192, *, model_name: str = "", prefix: str = "jaxserve"):
+        if prefix not in PREFIXES:
+            raise ValueError(f"metrics prefix must be one of {PREFIXES}, got {prefix!r}")
         self.registry = CollectorRegistry()
+        self._exposed = _Exposed(self.registry, prefix, model_name)
         r = self.registry
         tokens = token_buckets(max_model_len)
         self.ttft = Histogram(NS + "time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS,
@@ -67,7 +96,22 @@ class ServerMetrics:
                                     registry=r)
         self.gen_len = Histogram(NS + "request_generation_tokens", "Generated tokens per request.", buckets=tokens,
                                  registry=r)
-        self.prompt_tokens = Counter(NS + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.prefill_time = Histogram(NS + "request_prefill_time_seconds", "First scheduled to first token.",
+                                      buckets=REQUEST_BUCKETS, registry=r)
+        self.decode_time = Histogram(NS + "request_decode_time_seconds", "First token to last token.",
+                                     buckets=REQUEST_BUCKETS, registry=r)
+        self.inference_time = Histogram(NS + "request_inference_time_seconds", "First scheduled to last token.",
+                                        buckets=REQUEST_BUCKETS, registry=r)
+        self.params_n = Histogram(NS + "request_params_n", "The `n` of each admitted request.", buckets=N_BUCKETS,
+                                  registry=r)
+        self.params_max_tokens = Histogram(NS + "request_params_max_tokens", "The max_tokens of each admitted prompt "
+                                           "(filled up to the context when the request left it out).",
+                                           buckets=tokens, registry=r)
+        self.max_num_generation_tokens = Histogram(
+            NS + "request_max_num_generation_tokens", "The most tokens a request may generate (max_tokens x n).",
+            buckets=tokens, registry=r)
+        self.prompt_tokens = Counter(NS + "prompt_tokens", "Prompt tokens of admitted requests, counted when they "
+                                     "are submitted to the engine.", registry=r)
         self.generation_tokens = Counter(NS + "generation_tokens", "Generated tokens.", registry=r)
         self.request_success = Counter(NS + "request_success", "Finished requests by finish reason.",
                                        ["finished_reason"], registry=r)
@@ -105,8 +149,24 @@ class ServerMetrics:
         if ttft is not None and generation_tokens > 1:
             self.tpot.observe(max(0.0, e2e - ttft) / (generation_tokens - 1))
 
+    def admitted(self, n: int, max_tokens: list[int]) -> None:
+        """One admitted request: its `n` and each prompt's max_tokens."""
+        self.params_n.observe(n)
+        for m in max_tokens:
+            self.params_max_tokens.observe(m)
+            self.max_num_generation_tokens.observe(m * n)
+
+    def choice_timings(self, scheduled: float | None, first_token: float | None, last_token: float | None) -> None:
+        """Prefill, decode and inference time of one finished choice (monotonic seconds; None: never reached)."""
+        if scheduled is not None and first_token is not None:
+            self.prefill_time.observe(max(0.0, first_token - scheduled))
+        if first_token is not None and last_token is not None:
+            self.decode_time.observe(max(0.0, last_token - first_token))
+        if scheduled is not None and last_token is not None:
+            self.inference_time.observe(max(0.0, last_token - scheduled))
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
 
 # Engine gauges and counters: metric suffix -> (help, the snapshot field it reads).
@@ -115,6 +175,8 @@ ENGINE_GAUGES = {
     "num_requests_waiting": ("Requests waiting for the engine (queued or preempted).",
                              lambda s: s.scheduler.num_waiting),
     "kv_cache_usage_perc": ("Fraction of KV pages held by requests (0..1).", lambda s: s.scheduler.kv_usage),
+    "gpu_cache_usage_perc": ("kv_cache_usage_perc under vLLM v0's name (its Grafana dashboard reads this one).",
+                             lambda s: s.scheduler.kv_usage),
     "kv_cache_used_pages": ("KV pages held by requests.", lambda s: s.scheduler.kv_used_pages),
     "kv_cache_total_pages": ("Usable KV pages (the null page excluded).", lambda s: s.scheduler.kv_total_pages),
     "prefix_cache_hit_rate": ("Prefix-cache hits / queries, in tokens, since start.",
@@ -189,10 +251,22 @@ class EngineCollector:
             for position, value in enumerate(snap.spec_decode.accepted_per_position):
                 family.add_metric([str(position)], float(value))
             yield family
+        if snap is not None and snap.iteration_token_counts:
+            yield _histogram(NS + "iteration_tokens_total", "Tokens computed per engine step (prompt and generated).",
+                             ITERATION_TOKEN_BUCKETS, snap.iteration_token_counts, snap.num_step_tokens)
         for name, value in self.server_values().items():
             family = GaugeMetricFamily(NS + name, name.replace("_", " ") + ".")
             family.add_metric([], float(value))
             yield family
+
+
+def _histogram(name: str, doc: str, bounds, counts, total: float) -> HistogramMetricFamily:
+    """A histogram family from per-bucket counts (the last count is the +Inf bucket)."""
+    cumulative, running = [], 0
+    for bound, count in zip([*map(str, map(float, bounds)), "+Inf"], counts):
+        running += count
+        cumulative.append((bound, running))
+    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=float(total))
 
 
 def _counter_total(counter: Counter) -> float:

@@ -78,9 +78,10 @@ SCHEMAS: dict[str, Any] = {
         "choices": {"type": "array", "items": {"type": "object", "properties": {
             "index": _INT, "finish_reason": _FINISH, "logprobs": {"type": ["object", "null"]},
             "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": _STR}}}}}}},
+    "Model": {"type": "object", "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT,
+                                               "owned_by": _STR, "root": _STR, "max_model_len": _INT}},
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
-        "type": "object", "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR,
-                                         "root": _STR, "max_model_len": _INT}}}}},
+        "$ref": "#/components/schemas/Model"}}}},
     "TokenizeRequest": {"type": "object", "properties": {
         "model": _STR, "prompt": _STR, "messages": {"type": "array"}, "add_special_tokens": _BOOL,
         "add_generation_prompt": _BOOL}},
@@ -126,6 +127,10 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "/v1/completions": _generation("Text completion", "CompletionRequest", "Completion"),
             "/v1/chat/completions": _generation("Chat completion", "ChatCompletionRequest", "ChatCompletion"),
             "/v1/models": _get("The served model", _ref("ModelList")),
+            "/v1/models/{model}": {"get": {
+                "summary": "One model's card (the served name or an alias)",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": _STR}],
+                "responses": {"200": {"description": "OK", **_json(_ref("Model"))}, **_ERRORS}}},
             "/tokenize": {"post": {"summary": "Token ids of a prompt or of rendered chat messages",
                                    "requestBody": {"required": True, **_json(_ref("TokenizeRequest"))},
                                    "responses": {"200": {"description": "OK", **_json(_ref("TokenizeResponse"))},
@@ -144,8 +149,10 @@ def openapi_spec(version: str) -> dict[str, Any]:
             "/live": _get("Liveness: 503 when the engine failed, its thread is gone, or work is pending and no step "
                           "finished for --liveness-stall-timeout seconds", {"type": "object", "properties": {
                               "status": _STR}}, extra={"503": {"description": "Restart me"}}),
-            "/metrics": _get("Prometheus metrics (`jaxserve:` namespace)", _STR, "text/plain"),
+            "/metrics": _get("Prometheus metrics (`jaxserve:`, or `vllm:` with --metrics-prefix vllm)", _STR,
+                             "text/plain"),
             "/version": _get("Server version", {"type": "object", "properties": {"version": _STR}}),
             "/openapi.json": _get("This document", {"type": "object"}),
+            "/docs": _get("This document as a page (self-contained: no CDN)", _STR, "text/html"),
         },
     }

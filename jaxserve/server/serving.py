@@ -32,6 +32,7 @@ from jaxserve.server import errors, protocol
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import Finding, OutputMonitor
 from jaxserve.server.limits import Reservation
+from jaxserve.server.middleware import CLIENT_REQUEST_ID, USAGE
 from jaxserve.server.protocol import GenerationRequest
 from jaxserve.server.streaming import DeltaBridge, SSEWriter
 
@@ -258,6 +259,8 @@ class Generation:
         m.e2e.observe(e2e)
         if choice.queue_time is not None:
             m.queue_time.observe(max(0.0, choice.queue_time))
+        scheduled = self.t0 + choice.queue_time if choice.queue_time is not None else None
+        m.choice_timings(scheduled, choice.first_token_time, choice.last_token_time)
         if choice.first_token_time is not None and choice.num_tokens > 1:
             m.tpot.observe(max(0.0, choice.last_token_time - choice.first_token_time) / (choice.num_tokens - 1))
 
@@ -286,10 +289,10 @@ class Generation:
 async def serve_generation(state: ServerState, http: web.Request, req: GenerationRequest) -> web.StreamResponse:
     """Runs one /v1/completions or /v1/chat/completions request; raises APIError before the stream starts."""
     state.require_engine()
-    if req.model is not None and req.model != state.config.served_model_name:
+    if req.model is not None and req.model not in state.config.model_names:
         raise errors.model_not_found(req.model, state.config.served_model_name)
     state.check_priority(http, req.priority)
-    gen = Generation(state, req, protocol.new_id(req.kind), http)
+    gen = Generation(state, req, _generation_id(state, http, req.kind), http)
     limit = min(state.config.max_seqs_per_request, state.config.max_waiting)  # more could never be admitted
     if gen.num_seqs > limit:
         raise errors.bad_request(f"This request asks for {gen.num_seqs} sequences (prompts x n), more than the "
@@ -299,6 +302,7 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
     try:
         gen.submit()
         state.metrics.prompt_tokens.inc(sum(len(ids) for ids in gen.prompt_ids))
+        state.metrics.admitted(req.params.n, [p.max_tokens for p in gen.params])
         for ids in gen.prompt_ids:
             state.metrics.prompt_len.observe(len(ids))
         if req.stream:
@@ -315,6 +319,23 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
     finally:
         gen.abort("finished")  # no-op for engine requests that finished
         state.release(gen)
+        http[USAGE] = gen.usage()  # for the access log
+
+
+def _generation_id(state: ServerState, http: web.Request, kind: str) -> str:
+    """`cmpl-<X-Request-Id>` when the client sent one (vLLM's rule), else a fresh id. NOTE: the id is also the
+    engine's request id, so a client id already in flight gets a suffix rather than colliding."""
+    client_id = http.get(CLIENT_REQUEST_ID)
+    if not client_id:
+        return protocol.new_id(kind)
+    gen_id = f"{protocol.new_id(kind).split('-')[0]}-{client_id}"
+    if any(g.id == gen_id for g in state.inflight):
+        gen_id = f"{gen_id}-{protocol.new_id(kind).split('-')[-1][:8]}"
+    return gen_id
+
+
+def _id_header(gen: Generation) -> dict[str, str]:
+    return {"X-Request-Id": gen.http.get(CLIENT_REQUEST_ID) or gen.id}
 
 
 async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_write: float) -> list[RequestDelta]:
@@ -362,12 +383,12 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
         build = protocol.chat_choice if gen.req.kind == "chat" else protocol.completion_choice
         choices.append(build(choice.index, choice.prefix + choice.text, logprobs, choice.finish_reason))
     body = protocol.response(gen.req.kind, gen.id, gen.created, state.config.served_model_name, choices, gen.usage())
-    return web.json_response(body, headers={"X-Request-Id": gen.id})
+    return web.json_response(body, headers=_id_header(gen))
 
 
 async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
     kind, model, include_usage = gen.req.kind, state.config.served_model_name, gen.req.include_usage
-    sse = SSEWriter(gen.http, {"X-Request-Id": gen.id})
+    sse = SSEWriter(gen.http, _id_header(gen))
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
         return protocol.chunk(kind, gen.id, gen.created, model, choices, usage, include_usage=include_usage)

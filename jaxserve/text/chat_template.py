@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jinja2
@@ -82,3 +83,13 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
             sort_keys: bool = False) -> str:
     # Unlike jinja's own tojson: no HTML escaping, non-ASCII kept (transformers does the same).
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: a file's contents, or the value itself as an inline jinja template (vLLM's rule)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{" not in value and (value.endswith((".jinja", ".j2", ".jinja2")) or "/" in value):
+        raise ValueError(f"chat template file {value!r} does not exist")
+    return value

@@ -27,8 +27,9 @@ class ChoiceText:
     def __init__(self, tokenizer, params: SamplingParams, prompt_token_ids: list[int]):
         self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids=prompt_token_ids,
-                                                  skip_special_tokens=True)
+                                                  skip_special_tokens=params.skip_special_tokens)
         self.text = ""
+        self.stop_reason: str | None = None  # the stop string that ended the text
         self.emitted = 0  # characters of `text` already sent
 
     def add_tokens(self, token_ids: list[int], finishing: bool) -> tuple[str, bool]:
@@ -38,9 +39,10 @@ class ChoiceText:
         stops = self.params.stop
         if stops:
             search_from = max(0, self.emitted - max(len(s) for s in stops) + 1)
-            hits = [i for i in (self.text.find(s, search_from) for s in stops) if i >= 0]
+            hits = [(i, s) for i, s in ((self.text.find(s, search_from), s) for s in stops) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, self.stop_reason = min(hits)
+                self.text = self.text[:at + (len(self.stop_reason) if self.params.include_stop_str_in_output else 0)]
                 return self._emit(len(self.text)), True
         end = len(self.text) if finishing or not stops else len(self.text) - _held_back(self.text, stops)
         return self._emit(end), False

@@ -23,7 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.config import (
+    ACCELERATOR_MEMORY_UTILIZATION,
+    DEFAULT_KV_CACHE_MEMORY,
+    EngineConfig,
+    ModelConfig,
+    kv_budget_bytes,
+)
 from jaxserve.model import attention_backends, llama, quantization, sharding
 from jaxserve.model.checkpoint import load_checkpoint, read_config, stored_info
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
@@ -33,6 +39,18 @@ from jaxserve.worker import compilation_cache, distributed
 from pallas_kernels import kv_cache
 
 logger = logging.getLogger(__name__)
+
+
+def _available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), else 4 GiB where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
 
 NUM_LOGPROBS = 20  # top-n alternatives computed for every row; rows that asked for fewer are cut on the host
 
@@ -104,7 +122,7 @@ class ModelRunner:
         self.page_size = config.block_size
         self.max_pages_per_seq = -(-self.max_model_len // self.page_size)
         self.kv_dtype = kv_cache.kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        self.num_pages = config.cache.resolve_num_pages(llama.kv_bytes_per_page(cfg, self.page_size, self.kv_dtype))
+        self.num_pages = self._num_kv_pages(config, cfg)
         kv_sharding = sharding.kv_cache_sharding(self.plan, self.kv_dtype)
         kv_shape = llama.kv_cache_shape(cfg, self.num_pages, self.page_size)
         self.kv_pages = jax.jit(lambda: kv_cache.allocate_kv_pages(kv_shape, self.kv_dtype),
@@ -131,6 +149,43 @@ class ModelRunner:
             self._channel = distributed.StepChannel(self._placeholder_inputs(1, 1))
             if distributed.is_leader():
                 atexit.register(self.close)
+
+    def _num_kv_pages(self, config: EngineConfig, cfg: ModelConfig) -> int:
+        """--num-pages, else --kv-cache-memory, else the share of free memory --gpu-memory-utilization leaves.
+
+        NOTE: weights are already on the device, so `bytes_in_use` counts them. On CPU (no memory stats) the
+        budget is the same share of the host's available RAM, capped at 1 GiB unless the flag was given.
+        """
+        bytes_per_page = llama.kv_bytes_per_page(cfg, self.page_size, self.kv_dtype)
+        if config.num_pages or config.kv_cache_memory:
+            return config.cache.resolve_num_pages(bytes_per_page)
+        devices = self.plan.mesh.devices.flatten()
+        stats = [d.memory_stats() or {} for d in devices]
+        # Logits (f32) and a few activations of the largest step bucket, per device.
+        activations = 4 * config.max_num_batched_tokens * (cfg.vocab_size + 4 * cfg.hidden_size
+                                                           + 2 * cfg.intermediate_size)
+        if all("bytes_limit" in s for s in stats):
+            util = config.gpu_memory_utilization or ACCELERATOR_MEMORY_UTILIZATION
+            per_device = min(kv_budget_bytes(total=s["bytes_limit"], in_use=s.get("bytes_in_use", 0),
+                                             utilization=util, activation_bytes=activations) for s in stats)
+            # A page's heads are split over the `model` axis (each KV head possibly repeated kv_replicas times).
+            per_device_page = bytes_per_page * self.plan.kv_replicas / self.plan.tensor_parallel_size
+            pages = int(per_device // per_device_page)
+            logger.info("KV pool sized by --gpu-memory-utilization %.2f: %d pages (%.1f MiB per device)",
+                        util, pages, pages * per_device_page / 2**20)
+        else:
+            available = _available_host_memory()
+            util = config.gpu_memory_utilization or ACCELERATOR_MEMORY_UTILIZATION
+            budget = kv_budget_bytes(total=available, in_use=0, utilization=util, activation_bytes=activations)
+            if config.gpu_memory_utilization is None:
+                budget = min(budget, DEFAULT_KV_CACHE_MEMORY)
+            pages = budget // bytes_per_page
+            logger.info("KV pool on the host: %d pages (%.1f MiB of %.1f MiB available)", pages,
+                        pages * bytes_per_page / 2**20, available / 2**20)
+        if pages < 2:
+            raise ValueError(f"no memory left for the KV cache ({pages} page(s) of {bytes_per_page} bytes fit); "
+                             f"raise --gpu-memory-utilization or give --kv-cache-memory")
+        return pages
 
     def _log_memory(self) -> None:
         held = sharding.per_device_bytes(self.weights, self.kv_pages)
@@ -197,7 +252,9 @@ class ModelRunner:
         followers (which compile as they receive steps) are warm too.
         """
         t0 = time.perf_counter()
-        for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape"):
+        # NOTE: disable=None: no bar unless stderr is a terminal, so it never runs into log lines in a file.
+        for num_tokens, num_rows in tqdm(self.buckets.shapes(), desc="warm-up: compiling step shapes", unit="shape",
+                                         disable=None):
             self._compile(num_tokens, num_rows)
             if self._channel is not None:
                 jax.block_until_ready(self._run(*self._placeholder_inputs(num_tokens, num_rows)))

@@ -351,10 +351,12 @@ def small_server(tmp_path_factory):
 async def _metrics(url: str) -> dict[str, float]:
     import aiohttp
 
+    from conftest import drop_model_name
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s, s.get(url + "/metrics") as resp:
         text = await resp.text()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    lines = [drop_model_name(line) for line in text.splitlines() if line and not line.startswith("#")]
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
 
 
 @pytest.mark.slow

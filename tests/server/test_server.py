@@ -338,7 +338,7 @@ async def test_input_guardrails_block_with_content_policy_violation():
 async def test_output_pii_ends_the_stream_with_content_filter_and_never_sends_it():
     engine = FakeEngine()
     engine.scripts["who"] = "You can reach Bob on 555-234-5678 at any time of the day or night."
-    async with serving(engine) as c:
+    async with serving(engine, guardrails=GuardrailConfig()) as c:
         resp = await c.post("/v1/completions", json={"prompt": "who", "max_tokens": 100, "stream": True})
         events, _ = await read_sse(resp)
         text = "".join(e["choices"][0]["text"] for e in events[:-1])
@@ -365,7 +365,7 @@ async def test_output_pii_ends_the_stream_with_content_filter_and_never_sends_it
 async def test_held_back_text_does_not_leak_through_logprobs():
     engine = FakeEngine()
     engine.scripts["card"] = "card 4111 1111 1111 1111 ok"
-    async with serving(engine) as c:
+    async with serving(engine, guardrails=GuardrailConfig()) as c:
         body = await (await c.post("/v1/completions", json={"prompt": "card", "max_tokens": 50, "logprobs": 0})).json()
         choice = body["choices"][0]
         assert choice["finish_reason"] == "content_filter" and choice["text"] == "card "

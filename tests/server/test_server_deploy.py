@@ -46,13 +46,32 @@ def test_dockerfiles(name, extra):
     args = build_parser().parse_args(entry[3:])
     assert args.host == "0.0.0.0" and str(args.port) == dict(instructions)["EXPOSE"]
     copied = {args.split()[0] for k, args in instructions if k == "COPY"}
-    assert {"jaxserve", "pallas_kernels", "checkpoints_conv"} <= copied
+    assert {"jaxserve", "pallas_kernels", "checkpoints_conv", "server/constraints.txt"} <= copied
+    pip_installs = [part for part in runs.split("&&") if "pip install" in part and "--upgrade pip" not in part]
+    assert pip_installs and all("-c constraints.txt" in part for part in pip_installs), pip_installs
+    users = [args for k, args in instructions if k == "USER"]
+    assert users and users[-1] not in ("root", "0")  # the server runs as non-root
+    assert "useradd" in runs and "--uid 10001" in runs
+
+
+def test_constraints_pin_every_dependency_of_pyproject():
+    import tomllib
+
+    pins = {line.split("==")[0].lower().replace("_", "-") for line in
+            (ASSETS / "constraints.txt").read_text().splitlines() if "==" in line}
+    project = tomllib.loads((ASSETS.parent / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"] + \
+        project["optional-dependencies"]["default-model"]
+    names = {re.split(r"[<>=\[ ]", dep)[0].lower() for dep in wanted}
+    assert not names - pins, sorted(names - pins)
+    assert "flax" not in {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]}  # nothing imports it
+    assert "lock:" in (ASSETS.parent / "Makefile").read_text()
 
 
 def test_kubernetes_deployment_and_service():
     docs = list(yaml.safe_load_all((ASSETS / "k8s" / "jaxserve.yaml").read_text()))
     by_kind = {d["kind"]: d for d in docs}
-    assert set(by_kind) == {"Deployment", "Service"}
+    assert set(by_kind) == {"Deployment", "Service", "PersistentVolumeClaim"}
     pod = by_kind["Deployment"]["spec"]["template"]
     assert by_kind["Deployment"]["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
     assert by_kind["Service"]["spec"]["selector"] == pod["metadata"]["labels"]
@@ -64,6 +83,12 @@ def test_kubernetes_deployment_and_service():
     args = build_parser().parse_args(container["args"])  # every flag exists
     assert pod["spec"]["terminationGracePeriodSeconds"] > args.shutdown_grace_period + 5  # + the preStop pause
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    # $JAXSERVE_CACHE (converted weights, compiled executables under xla/) lives on the persistent volume.
+    claim = by_kind["PersistentVolumeClaim"]["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/var/cache/jaxserve"]]["persistentVolumeClaim"]["claimName"] == claim
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
 def test_prometheus_scrape_config():
@@ -72,6 +97,41 @@ def test_prometheus_scrape_config():
     assert {"jaxserve", "jaxserve-pods"} <= set(jobs)
     assert all(job["metrics_path"] == "/metrics" for job in jobs.values())
     assert jobs["jaxserve"]["static_configs"][0]["targets"]
+
+
+def test_compose_file_runs_server_prometheus_with_alerts_and_a_provisioned_grafana():
+    compose = yaml.safe_load((ASSETS / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"jaxserve", "prometheus", "grafana"}
+    assert all(port.startswith("127.0.0.1:") for s in services.values() for port in s.get("ports", []))
+    assert "cache:/var/cache/jaxserve" in services["jaxserve"]["volumes"]
+    build_parser().parse_args(services["jaxserve"]["command"])
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            assert (ASSETS / volume.split(":")[0]).exists(), volume
+    assert any(v.endswith("alerts.yml:/etc/prometheus/alerts.yml:ro") for v in services["prometheus"]["volumes"])
+    config = yaml.safe_load((ASSETS / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["jaxserve:8000"]
+    providers = yaml.safe_load((ASSETS / "grafana" / "provisioning" / "dashboards" / "jaxserve.yml").read_text())
+    mounted = [v for v in services["grafana"]["volumes"] if "jaxserve-dashboard.json" in v][0]
+    assert mounted.split(":")[1].startswith(providers["providers"][0]["options"]["path"])
+
+
+def test_alert_rules_parse_and_read_only_exported_metrics():
+    # NOTE: promtool is not installable from pip; this checks the structure and every metric name instead.
+    rules = yaml.safe_load((ASSETS / "alerts.yml").read_text())["groups"][0]["rules"]
+    names = {r["alert"] for r in rules}
+    assert names == {"JaxserveEngineWedged", "JaxserveQueueGrowing", "JaxserveKVCacheNearlyFull",
+                     "JaxserveHighErrorRate", "JaxserveTTFTp99High"}
+    exported = exported_sample_names()
+    for rule in rules:
+        expr = rule["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("[") == expr.count("]"), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+        assert re.fullmatch(r"\d+m", rule["for"])
+        used = set(re.findall(r"jaxserve:[A-Za-z0-9_:]+", expr))
+        assert used and not used - exported, (rule["alert"], sorted(used - exported))
 
 
 def exported_sample_names() -> set[str]:

@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 
+from conftest import drop_model_name
 from server_process import ServerProcess, running_server
 from server_process import get_status as _get_status
 
@@ -32,7 +33,8 @@ SERVER_ARGS = [
     "--host", "127.0.0.1", "--port", "0", "--max-num-seqs", "4", "--max-num-batched-tokens", "128",
     "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "64MiB",
     "--api-key", MAIN_KEY, "--api-key", LIMITED_KEY, "--rate-limit-override", f"{LIMITED_KEY}=2,1000",
-    "--max-request-bytes", "65536", "--guardrail-blocklist", BLOCKED_WORD, "--sse-keepalive-interval", "2",
+    "--max-request-bytes", "65536", "--guardrails", "--guardrail-blocklist", BLOCKED_WORD,
+    "--sse-keepalive-interval", "2",
     "--shutdown-grace-period", "60",
 ]
 
@@ -66,7 +68,8 @@ async def metrics(srv: Server) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
+            assert 'model_name="' in line, line
+            name, value = drop_model_name(line).rsplit(" ", 1)
             out[name] = float(value)
     return out
 

@@ -97,4 +97,11 @@ def write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array,
         q, scale = quantize_kv(kv)  # [T, 2K, H], [T, 2K]
         return QuantizedKV(kv_pages.values.at[layer, page, offset].set(q),
                            kv_pages.scales.at[layer, page, offset].set(scale))
+    if jnp.dtype(kv_pages.dtype).itemsize == 2:
+        # NOTE: XLA:CPU upcasts a bfloat16 / float16 scatter to float32 and back, copying the whole cache for
+        # every layer (16 s a decode step for SmolLM2); the same bits scattered as uint16 update in place.
+        # Bitcasts cost nothing on any backend.
+        bits = jax.lax.bitcast_convert_type(kv_pages, jnp.uint16)
+        new = jax.lax.bitcast_convert_type(kv.astype(kv_pages.dtype), jnp.uint16)
+        return jax.lax.bitcast_convert_type(bits.at[layer, page, offset].set(new), kv_pages.dtype)
     return kv_pages.at[layer, page, offset].set(kv.astype(kv_pages.dtype))

@@ -156,7 +156,9 @@ async def run_load(requests: Sequence[BenchRequest], cfg: LoadConfig, *, progres
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limit = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     timeout = aiohttp.ClientTimeout(total=cfg.timeout)
-    connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0)
+    # NOTE: a fresh connection per request: some servers (llama-server) close kept-alive connections under
+    # load, and a reused one then fails to write the next request body or stalls its start.
+    connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0, force_close=True)
     gaps = arrival_gaps(len(requests), cfg.request_rate, cfg.burstiness, cfg.seed)
     with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False) as bar:
         async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:

@@ -81,6 +81,27 @@ class RequestOutput:
                 self.finished_time = delta.time
 
 
+@dataclasses.dataclass
+class ScoreOutput:
+    """`LLM.score`: the log-probs of a prompt's tokens, each given the tokens before it (teacher-forced)."""
+
+    prompt_token_ids: list[int]
+    token_logprobs: list[float]  # of prompt_token_ids[start:], start >= 1 (nothing predicts the first token)
+    start: int = 1  # index of the first scored token (the continuation's first token when one was given)
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / len(self.token_logprobs) if self.token_logprobs else 0.0
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.token_logprobs)
+
+
 class RequestStream:
     """The deltas of one request (all its `n` choices), in order; iterate it from any thread."""
 

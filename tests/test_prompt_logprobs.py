@@ -159,3 +159,22 @@ def test_score_with_continuations_splits_like_lm_eval(llm):
 def test_prompt_logprobs_bounds_are_checked(llm):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
+
+
+def test_perplexity_script_matches_the_dense_scorer(llm):
+    """scripts/perplexity.py (engine path, windows of 100 tokens) vs Scorer.perplexity (same windows)."""
+    import importlib.util
+
+    from jaxserve.model.scoring import Scorer
+
+    spec = importlib.util.spec_from_file_location("perplexity", Path(__file__).parent.parent / "scripts/perplexity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (Path(__file__).parent / "data" / "perplexity_text.txt").read_text()[:1500]
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)[:290]  # windows of 100, 100 and 90
+    got = script.perplexity(llm, ids, 100)
+    runner = llm.engine.runner
+    want = Scorer(runner.model_config, num_tokens=100, num_rows=4).perplexity(runner.weights, ids)
+    assert got["windows"] == 3 and got["predicted_tokens"] == len(ids) - got["windows"]
+    assert abs(got["perplexity"] - want) / want < 1e-4
+    assert 1 < got["perplexity"] < 1000

@@ -69,6 +69,9 @@ class _Choice:
     request: Request
     text: ChoiceText
     sent_first: bool = False
+    # SamplingParams.prompt_logprobs: entry p for prompt token p (None for p = 0 and until computed); None once
+    # sent (with the first delta) or when not asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLMEngine:
@@ -144,7 +147,10 @@ class LLMEngine:
             seed = (base_seed + 1_000_003 * i) % 2**31
             req = Request(sub_id, prompt_ids, params, arrival_time=stream.arrival_time, priority=priority,
                           eos_token_ids=self.eos_token_ids, seed=seed, group_id=request_id)
-            self._inbox.put(("add", _Choice(stream, i, req, ChoiceText(self.tokenizer, params, prompt_ids))))
+            choice = _Choice(stream, i, req, ChoiceText(self.tokenizer, params, prompt_ids))
+            if params.prompt_logprobs is not None:
+                choice.prompt_logprobs = [None] * len(prompt_ids)
+            self._inbox.put(("add", choice))
         self._wakeup.set()
         return stream
 
@@ -165,9 +171,15 @@ class LLMEngine:
                                       f"logit_bias, stop_token_ids, bad_words (two ids each) and the "
                                       f"{len(self.eos_token_ids)} end-of-generation ids together exceed {BIAS_WIDTH} "
                                       "tokens")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise SamplingParamsError("logprobs", f"logprobs {params.logprobs} is more than --max-logprobs "
-                                                  f"{self.config.max_logprobs}")
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > self.config.max_logprobs:
+                raise SamplingParamsError(field, f"{field} {value} is more than --max-logprobs "
+                                                 f"{self.config.max_logprobs}")
+        if params.prompt_logprobs is not None and self.spec is not None:
+            # NOTE: verify steps compute logits of the sampled rows only; prompt logprobs would need them per token.
+            raise SamplingParamsError("prompt_logprobs", "prompt_logprobs is not supported with speculative "
+                                                         "decoding yet")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise RequestTooLongError(
@@ -247,7 +259,7 @@ class LLMEngine:
             return bool(sched.finished) or emitted
         if self.spec is None:
             rows = [self._row_sampling(c.request) if c.sample else None for c in sched.chunks]
-            in_flight = self.runner.dispatch(sched.chunks, rows)
+            in_flight = self.runner.dispatch(sched.chunks, rows, self._prompt_targets(sched.chunks))
             self._emit_pending()  # the previous step's text, while the device runs this one
             t_wait = time.perf_counter()
             out = self.runner.collect(in_flight)
@@ -275,6 +287,8 @@ class LLMEngine:
             return False
         updates, out = self._pending
         self._pending = None
+        if out.prompt_logprobs:
+            self._store_prompt_logprobs(out.prompt_logprobs)
         row_of = None
         for update in updates:
             choice = self._choices.get(update.request_id)
@@ -292,6 +306,37 @@ class LLMEngine:
                                                                                    out.top_logprobs[i][:n])])]
             self._emit(choice, update, logprobs)
         return True
+
+    def _prompt_targets(self, chunks) -> list[list[int] | None] | None:
+        """Per chunk, the prompt token each of its tokens' logits should score (-1: none), for requests with
+        prompt_logprobs; None when no chunk of the step asks."""
+        targets = None
+        for i, c in enumerate(chunks):
+            choice = self._choices.get(c.request_id)
+            if choice is None or choice.prompt_logprobs is None:
+                continue
+            prompt, end = c.request.prompt_token_ids, c.start_pos + len(c.token_ids)
+            if c.start_pos + 1 >= len(prompt):  # decoding, or the last prompt token: nothing of the prompt left
+                continue
+            targets = targets or [None] * len(chunks)
+            # token at position q predicts position q + 1; positions at or past the prompt's end score nothing
+            targets[i] = prompt[c.start_pos + 1:end + 1] + [-1] * max(0, end + 1 - len(prompt))
+        return targets
+
+    def _store_prompt_logprobs(self, computed: dict) -> None:
+        """Files a step's prompt logprobs by prompt position (a recomputed prompt after preemption rewrites
+        the same values)."""
+        for rid, (start, lps, top_ids, top_lps) in computed.items():
+            choice = self._choices.get(rid)
+            if choice is None or choice.prompt_logprobs is None:
+                continue
+            req, entries = choice.request, choice.prompt_logprobs
+            k = req.sampling_params.prompt_logprobs
+            for j in range(len(lps)):
+                p = start + j + 1
+                if 0 < p < len(entries):
+                    entries[p] = TokenLogprob(req.prompt_token_ids[p], float(lps[j]),
+                                              [(int(t), float(v)) for t, v in zip(top_ids[j][:k], top_lps[j][:k])])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -347,6 +392,8 @@ class LLMEngine:
             first_scheduled_time=None if choice.sent_first else req.first_scheduled_time,
             stop_reason=self._stop_reason(choice) if finish_reason == "stop" else None)
         choice.sent_first = True
+        if choice.prompt_logprobs is not None and (token_ids or finish_reason is not None):
+            delta.prompt_logprobs, choice.prompt_logprobs = choice.prompt_logprobs, None
         if delta.finished:
             del self._choices[req.request_id]
         if delta.finished or token_ids or text:

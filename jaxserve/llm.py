@@ -7,7 +7,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig, speculative_fields
-from jaxserve.core.outputs import CompletionOutput, RequestOutput
+from jaxserve.core.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from jaxserve.core.sampling_params import SamplingParams
 from jaxserve.engine import LLMEngine
 from jaxserve.text.chat_template import load_chat_template, render_chat
@@ -65,6 +65,40 @@ class LLM:
                         if result.finished:
                             bar.update(1)
         return results
+
+    def score(self, prompts, continuations: Sequence[str] | None = None, *,
+              use_tqdm: bool = True) -> list[ScoreOutput]:
+        """Teacher-forced log-probs of every prompt's tokens after the first, through the engine's own path
+        (prompt logprobs; the prefix cache is bypassed, one token is sampled and dropped).
+
+        With `continuations`, each prompt is a context and only its continuation's tokens are scored, split as
+        lm-evaluation-harness does: trailing spaces of the context move to the continuation, the pair is encoded
+        whole (no special tokens) and the continuation is what follows the context's own encoding.
+        Prompts and continuations must leave one token of room in the context (max_model_len - 1 tokens).
+        """
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [_prompt_of(p) for p in prompts]
+        starts = [1] * len(prompts)
+        if continuations is not None:
+            if len(continuations) != len(prompts):
+                raise ValueError(f"got {len(continuations)} continuations for {len(prompts)} prompts")
+            pairs = [self._encode_pair(c, x) for c, x in zip(prompts, continuations)]
+            prompts, starts = [ids for ids, _ in pairs], [max(1, start) for _, start in pairs]
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+        outs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        return [ScoreOutput(out.prompt_token_ids, [e.logprob for e in out.prompt_logprobs[start:]], start)
+                for out, start in zip(outs, starts)]
+
+    def _encode_pair(self, context, continuation: str) -> tuple[list[int], int]:
+        """lm-evaluation-harness's split of (context, continuation) into token ids and the continuation's start."""
+        if not isinstance(context, str):
+            return list(context) + self.tokenizer.encode(continuation, add_special_tokens=False), len(context)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer.encode(context + continuation, add_special_tokens=False)
+        return whole, len(self.tokenizer.encode(context, add_special_tokens=False))
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:

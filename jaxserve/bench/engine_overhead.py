@@ -74,7 +74,7 @@ class StandInRunner(ModelRunner):
     def close(self) -> None:
         pass
 
-    def _run(self, step, md):
+    def _run(self, step, md, plp=None):
         last = np.asarray(step.token_ids)[np.asarray(step.logits_indices)].astype(np.int64)  # [R]
         pos = np.asarray(md.positions).astype(np.int64)
         tokens = (FIRST_TOKEN + (last * 7919 + pos * 104729) % NUM_TOKENS).astype(np.int32)

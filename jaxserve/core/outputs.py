@@ -33,6 +33,8 @@ class RequestDelta:
     time: float = 0.0  # time.monotonic() when the delta was produced
     first_scheduled_time: float | None = None  # set on the first delta (queue time = this - arrival)
     stop_reason: int | str | None = None  # the stop string or stop token id that finished it (None: EOS, length)
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first; on the first delta only
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclasses.dataclass
@@ -58,9 +60,12 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # SamplingParams.prompt_logprobs (None first)
 
     def add(self, delta: RequestDelta) -> None:
         out = self.outputs[delta.index]
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
         out.text += delta.new_text
         out.token_ids.extend(delta.new_token_ids)
         if delta.logprobs is not None:
@@ -74,6 +79,27 @@ class RequestOutput:
             self.finished = all(o.finish_reason is not None for o in self.outputs)
             if self.finished:
                 self.finished_time = delta.time
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+    """`LLM.score`: the log-probs of a prompt's tokens, each given the tokens before it (teacher-forced)."""
+
+    prompt_token_ids: list[int]
+    token_logprobs: list[float]  # of prompt_token_ids[start:], start >= 1 (nothing predicts the first token)
+    start: int = 1  # index of the first scored token (the continuation's first token when one was given)
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / len(self.token_logprobs) if self.token_logprobs else 0.0
+
+    @property
+    def num_scored(self) -> int:
+        return len(self.token_logprobs)
 
 
 class RequestStream:

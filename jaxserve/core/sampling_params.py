@@ -31,6 +31,8 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
     min_tokens: int = 0
     logprobs: int | None = None  # top-n alternatives to return with each sampled token (0: only the chosen)
+    # top-n alternatives to return with each prompt token after the first (0: only the prompt token's own logprob)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     bad_words: tuple[str, ...] = ()  # never generate these words (their last token is banned after the rest)
@@ -68,6 +70,8 @@ class SamplingParams:
              f"must be in [0, max_tokens], got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
              f"must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS, "prompt_logprobs",
+             f"must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
             (len(self.logit_bias or ()) <= self.MAX_LOGIT_BIAS, "logit_bias",
              f"may hold at most {self.MAX_LOGIT_BIAS} entries, got {len(self.logit_bias or ())}"),

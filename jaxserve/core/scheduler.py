@@ -211,7 +211,7 @@ class Scheduler:
                 if self._waits_for_sibling(request):
                     j += 1
                     continue
-                hit_pages, hit_tokens = self.kv.get_computed_pages(request)
+                hit_pages, hit_tokens = self._prefix_hit(request)
                 num_new = self._num_new_tokens(request, budget, num_computed=hit_tokens)
                 if num_new == 0 or self.kv.allocate_slots(request, num_new, hit_pages) is None:
                     break
@@ -346,11 +346,19 @@ class Scheduler:
         return (request.priority, request.status != RequestStatus.PREEMPTED, request.arrival_time,
                 self._order[request.request_id])
 
+    def _prefix_hit(self, request: Request) -> tuple[list[int], int]:
+        # NOTE: a request that asks for prompt logprobs computes its whole prompt: the logits of the tokens a
+        # cache hit would skip are what it asked for. Its full pages are still cached for others.
+        if request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        return self.kv.get_computed_pages(request)
+
     def _waits_for_sibling(self, request: Request) -> bool:
         """A sibling waits while another member of its group computes the shared prompt, so that it then
         hits that prompt's cached pages instead of computing them again."""
         gid = request.group_id
-        if gid is None or not self.kv.enable_prefix_caching or gid in self._groups_prompt_done:
+        if (gid is None or not self.kv.enable_prefix_caching or gid in self._groups_prompt_done
+                or request.sampling_params.prompt_logprobs is not None):
             return False
         return any(r.group_id == gid for r in self.running)
 

@@ -137,7 +137,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: ModelConfig,
             attention: AttentionFn, plan: ShardingPlan | None = None,
-            matmul: MatmulFn = qdot) -> tuple[jax.Array, jax.Array]:
+            matmul: MatmulFn = qdot, return_hidden: bool = False) -> tuple[jax.Array, ...]:
     """One model step over a flat batch of tokens from many sequences.
 
     Args:
@@ -149,8 +149,10 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
         `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
       matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA) or `quantization.qdot_pallas` (the Pallas
         dequantize-in-the-matmul kernel for quantized weights, `--quantized-matmul pallas`).
+      return_hidden: also return the last layer's output x [T, D] for every token (before the final norm),
+        for `lm_head` at other tokens (prompt logprobs).
     Returns:
-      (logits [M, V] float32 at `step.logits_indices`, updated kv_pages).
+      (logits [M, V] float32 at `step.logits_indices`, updated kv_pages[, x [T, D]]).
     """
     dtype = weights.final_norm.dtype  # NOTE: norms stay in the model dtype; other weights may be quantized
     inv_freq = rope_inv_freq(cfg)
@@ -187,11 +189,16 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x, kv_pages), _ = jax.lax.scan(layer, (x, kv_pages), (weights.layers, layer_ids))
+    logits = shard(lm_head(weights, x[step.logits_indices], cfg, matmul), ("batch", "vocab"))
+    return (logits, kv_pages, x) if return_hidden else (logits, kv_pages)
+
+
+def lm_head(weights: LlamaWeights, x: jax.Array, cfg: ModelConfig, matmul: MatmulFn = qdot) -> jax.Array:
+    """Final norm and vocabulary projection: x [M, D] (last layer's output) → logits [M, V] float32."""
     with jax.named_scope("lm_head"):
-        h = rms_norm(x[step.logits_indices], weights.final_norm, cfg.rms_norm_eps)  # [M, D]
+        h = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)  # [M, D]
         head = tied_head(weights.embed) if weights.lm_head is None else weights.lm_head
-        logits = matmul("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
-    return shard(logits, ("batch", "vocab")), kv_pages
+        return matmul("MD,DV->MV", h, head, preferred_element_type=jnp.float32)
 
 
 def kv_cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:

@@ -77,6 +77,79 @@ class SampleOutput:
     logprobs: jax.Array  # [R] f32, log-prob of the chosen token
     top_ids: jax.Array  # [R, n] i32, the n most likely tokens, best first
     top_logprobs: jax.Array  # [R, n] f32
+    prompt: PromptLogprobs | None = None  # the serving step's per-token-slot prompt logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptLogprobInputs:
+    """Per token slot of a step, the token whose log-prob its logits should give (prompt logprobs)."""
+
+    targets: jax.Array  # [T] i32, the next prompt token after each slot's token; -1 where nobody asked
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptLogprobs:
+    """What `prompt_logprobs` returns per token slot (zeros where the target is -1)."""
+
+    logprobs: jax.Array  # [T] f32, log-prob of the target
+    top_ids: jax.Array  # [T, n] i32
+    top_logprobs: jax.Array  # [T, n] f32
+
+
+def build_prompt_logprob_inputs(targets: Sequence[Sequence[int] | None], lens: Sequence[int],
+                                num_tokens: int) -> PromptLogprobInputs:
+    """Packs per-chunk targets (one per chunk token, -1 for none; None: the chunk asks for none) into the flat
+    [T] layout of `build_step_inputs` (chunk i's tokens follow chunk i - 1's)."""
+    flat = np.full(num_tokens, -1, np.int32)
+    offset = 0
+    for chunk_targets, n in zip(targets, lens):
+        if chunk_targets is not None:
+            if len(chunk_targets) != n:
+                raise ValueError(f"{len(chunk_targets)} prompt-logprob targets for a chunk of {n} tokens")
+            flat[offset:offset + n] = chunk_targets
+        offset += n
+    return PromptLogprobInputs(flat)
+
+
+# Token slots whose [slots, V] logits `prompt_logprobs` computes at a time (bounds its memory to ~25 MB at V=49k).
+PROMPT_LOGPROB_SLOTS = 128
+
+
+def prompt_logprobs(x: jax.Array, inputs: PromptLogprobInputs, head, *, num_logprobs: int) -> PromptLogprobs:
+    """The log-prob of each slot's target and the slot's top-n, under log_softmax(raw logits).
+
+    Args:
+      x: [T, D] the last layer's output of every token slot.
+      inputs: targets [T]; -1 where no request asked.
+      head: x [M, D] -> logits [M, V] float32 (final norm and vocabulary projection).
+      num_logprobs: n, static.
+    NOTE: one compiled program per step bucket with the decode and prefill paths: the [T, V] logits are only
+    computed (behind a `lax.cond`) in steps where a slot has a target, in blocks of PROMPT_LOGPROB_SLOTS slots.
+    """
+    num_tokens = x.shape[0]
+    targets = inputs.targets
+
+    def block(x_blk, t_blk):  # [S, D], [S]
+        logits = head(x_blk).astype(jnp.float32)  # [S, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        top_vals, top_ids = _top_k(logits, num_logprobs)
+        chosen = jnp.take_along_axis(logits, jnp.maximum(t_blk, 0)[:, None], axis=-1)[:, 0] - lse
+        return PromptLogprobs(jnp.where(t_blk >= 0, chosen, 0.0), top_ids, top_vals - lse[:, None])
+
+    def compute(x):
+        slots = PROMPT_LOGPROB_SLOTS
+        if num_tokens <= slots or num_tokens % slots:
+            return block(x, targets)
+        out = lax.map(lambda a: block(*a), (x.reshape(-1, slots, x.shape[1]), targets.reshape(-1, slots)))
+        return jax.tree.map(lambda a: a.reshape(num_tokens, *a.shape[2:]), out)
+
+    def skip(x):
+        return PromptLogprobs(jnp.zeros(num_tokens, jnp.float32), jnp.zeros((num_tokens, num_logprobs), jnp.int32),
+                              jnp.zeros((num_tokens, num_logprobs), jnp.float32))
+
+    return lax.cond(jnp.any(targets >= 0), compute, skip, x)
 
 
 @dataclasses.dataclass(frozen=True)

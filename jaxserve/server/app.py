@@ -344,6 +344,17 @@ async def tokenize(request: web.Request) -> web.Response:
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
+async def tokenizer_info(request: web.Request) -> web.Response:
+    """vLLM's /tokenizer_info: what a client needs to tokenize like the server (lm-evaluation-harness's
+    `tokenizer_backend=remote` reads it, then sends /tokenize)."""
+    state = request.app[STATE]
+    engine = state.engine or state.require_engine()
+    tok = engine.tokenizer
+    return web.json_response({"tokenizer_class": type(tok).__name__, "bos_token": tok.bos_token,
+                              "eos_token": tok.eos_token, "pad_token": None, "chat_template": tok.chat_template,
+                              "model_max_length": engine.max_model_len})
+
+
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
@@ -419,6 +430,7 @@ ROUTES = [
     ("GET", "/v1/models/{model}", model),
     ("POST", "/tokenize", tokenize),
     ("POST", "/detokenize", detokenize),
+    ("GET", "/tokenizer_info", tokenizer_info),
     ("GET", "/health", health),
     ("GET", "/ready", ready),
     ("GET", "/live", live),

@@ -44,6 +44,7 @@ class _Job:
     streams: list = dataclasses.field(default_factory=list)
     texts: dict = dataclasses.field(default_factory=dict)  # (prompt, choice) -> text
     logprobs: dict = dataclasses.field(default_factory=dict)
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # (prompt, choice) -> the engine's entries
     finish: dict = dataclasses.field(default_factory=dict)
     num_tokens: dict = dataclasses.field(default_factory=dict)
     prompt_ids: list = dataclasses.field(default_factory=list)
@@ -137,12 +138,17 @@ def _body(engine: OfflineEngineClient, job: _Job, model: str) -> dict:
         for i in range(n):
             entries = job.logprobs.get((p, i), [])
             logprobs = None
-            if req.logprobs is not None:
+            if req.params.prompt_logprobs is not None:  # echo with logprobs (completions)
+                logprobs = protocol.echo_logprobs(job.prompt_ids[p], job.prompt_logprobs.get((p, i)),
+                                                  [] if req.score_only else entries, token_text, len(prefix))
+            elif req.logprobs is not None:
                 logprobs = (protocol.chat_logprobs(entries, token_text) if req.kind == "chat"
                             else protocol.completion_logprobs(entries, token_text, len(prefix)))
             build = protocol.chat_choice if req.kind == "chat" else protocol.completion_choice
-            choices.append(build(p * n + i, prefix + job.texts.get((p, i), ""), logprobs, job.finish[(p, i)]))
-    usage = protocol.usage(sum(len(ids) for ids in job.prompt_ids), sum(job.num_tokens.values()), job.cached)
+            text = prefix + ("" if req.score_only else job.texts.get((p, i), ""))
+            choices.append(build(p * n + i, text, logprobs, job.finish[(p, i)]))
+    completion = 0 if req.score_only else sum(job.num_tokens.values())
+    usage = protocol.usage(sum(len(ids) for ids in job.prompt_ids), completion, job.cached)
     return protocol.response(req.kind, job.request_id, protocol.now(), model, choices, usage)
 
 
@@ -217,6 +223,8 @@ def run_batch(engine: OfflineEngineClient, input_path: str | Path, output_path: 
                             key = (p, delta.index)
                             job.texts[key] = job.texts.get(key, "") + delta.new_text
                             job.logprobs.setdefault(key, []).extend(delta.logprobs or [])
+                            if delta.prompt_logprobs is not None:
+                                job.prompt_logprobs[key] = delta.prompt_logprobs
                             job.num_tokens[key] = max(job.num_tokens.get(key, 0), delta.num_output_tokens)
                             generated += len(delta.new_token_ids)
                             if delta.finished:

@@ -139,6 +139,8 @@ def openapi_spec(version: str) -> dict[str, Any]:
                                      "requestBody": {"required": True, **_json(_ref("DetokenizeRequest"))},
                                      "responses": {"200": {"description": "OK", **_json(_ref("DetokenizeResponse"))},
                                                    **_ERRORS}}},
+            "/tokenizer_info": _get("The tokenizer's special tokens, chat template and context length (vLLM's)",
+                                    {"type": "object"}),
             "/health": _get("200 once the engine is warm, 503 while loading or draining",
                             {"type": "object", "properties": {"status": {"enum": ["ok", "loading", "draining",
                                                                                    "failed"]}}},

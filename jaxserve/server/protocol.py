@@ -47,6 +47,9 @@ class GenerationRequest:
     include_usage: bool = False
     user: str | None = None
     echo: bool = False  # completions only
+    # completions with echo and max_tokens 0: score the prompt without generating (the engine samples one token,
+    # which is not returned)
+    score_only: bool = False
     logprobs: int | None = None  # completions: top-n per token; chat: top_logprobs when logprobs is true
     messages: list[dict[str, str]] | None = None  # chat only, normalised to {"role", "content": str}
     priority: int = 0
@@ -171,12 +174,13 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
         raise bad_request(str(e), param=e.field) from None
 
 
-def _max_tokens(body: dict, *names: str) -> int | None:
+def _max_tokens(body: dict, *names: str, minimum: int = 1) -> int | None:
     for name in names:
         value = _field(body, name, (int,))
         if value is not None:
-            if value < 1:
-                raise bad_request(f"'{name}' must be at least 1, got {value}", param=name)
+            if value < minimum:
+                hint = "" if minimum == 0 else " (0 only with 'echo': true, to score the prompt)"
+                raise bad_request(f"'{name}' must be at least {minimum}{hint}, got {value}", param=name)
             return value
     return None
 
@@ -230,14 +234,20 @@ def parse_completion(body: Any) -> GenerationRequest:
         raise bad_request(f"'logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}], got {logprobs}",
                           param="logprobs")
     echo = _field(body, "echo", (bool,), False)
-    if echo and logprobs is not None:
-        # NOTE: echo with logprobs wants prompt log-probabilities, which the engine does not compute.
-        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", param="echo")
     # OpenAI's default for completions is 16 tokens; an explicit null means "up to the context".
-    max_tokens = _max_tokens(body, "max_tokens") if "max_tokens" in body else 16
-    params = _sampling_params(body, max_tokens, logprobs)
-    return GenerationRequest("completion", model, prompts, params, stream=stream,
-                             include_usage=include_usage, user=user, echo=echo, logprobs=logprobs, priority=priority)
+    max_tokens = _max_tokens(body, "max_tokens", minimum=0 if echo else 1) if "max_tokens" in body else 16
+    score_only = max_tokens == 0
+    if echo and logprobs is not None and stream:
+        raise bad_request("'echo' with 'logprobs' (prompt logprobs) is not supported with 'stream' yet",
+                          param="stream")
+    if score_only and stream:
+        raise bad_request("'max_tokens': 0 (scoring the prompt) is not supported with 'stream'", param="max_tokens")
+    params = _sampling_params(body, 1 if score_only else max_tokens, logprobs)
+    if echo and logprobs is not None:
+        # echo with logprobs returns the prompt's log-probs ahead of the completion's (lm-evaluation-harness)
+        params = dataclasses.replace(params, prompt_logprobs=logprobs)
+    return GenerationRequest("completion", model, prompts, params, stream=stream, include_usage=include_usage,
+                             user=user, echo=echo, score_only=score_only, logprobs=logprobs, priority=priority)
 
 
 def _message_content(i: int, content: Any) -> str:
@@ -367,6 +377,30 @@ def completion_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[i
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(prompt_ids: Sequence[int], prompt_entries: Sequence[TokenLogprob | None] | None,
+                  entries: Sequence[TokenLogprob], token_text: Callable[[int], str],
+                  completion_offset: int) -> dict[str, Any]:
+    """The legacy completions shape for echo with logprobs: the prompt's tokens first (the first one, which
+    nothing predicts, has null `token_logprobs` and `top_logprobs`), then the completion's from
+    `completion_offset` (the echoed prompt's length in characters)."""
+    prompt_entries = prompt_entries or [None] * len(prompt_ids)
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = 0
+    for token_id, entry in zip(prompt_ids, prompt_entries):
+        text = token_text(token_id)
+        tokens.append(text)
+        token_logprobs.append(None if entry is None else entry.logprob)
+        top: dict[str, float] = {}
+        for alt_id, logprob in entry.top if entry is not None else ():
+            top.setdefault(token_text(alt_id), logprob)
+        tops.append(None if entry is None else top)
+        offsets.append(offset)
+        offset += len(text)
+    rest = completion_logprobs(entries, token_text, completion_offset)
+    return {"tokens": tokens + rest["tokens"], "token_logprobs": token_logprobs + rest["token_logprobs"],
+            "top_logprobs": tops + rest["top_logprobs"], "text_offset": offsets + rest["text_offset"]}
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:

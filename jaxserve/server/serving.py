@@ -54,6 +54,8 @@ class ClientGone(Exception):
 class Choice:
     index: int  # OpenAI's choice index: prompt_index * n + the engine's choice index
     monitor: OutputMonitor
+    prompt: int = 0  # the prompt's index in the request
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo with logprobs: from the engine's first delta
     prefix: str = ""  # the echoed prompt (completions with echo)
     text: str = ""  # sent so far, after the prefix
     raw_len: int = 0  # characters received from the engine
@@ -152,7 +154,7 @@ class Generation:
             for p in range(len(self.prompt_ids)):
                 prefix = self.prompt_texts[p] if self.req.echo else ""
                 for i in range(n):
-                    self.choices[(p, i)] = Choice(p * n + i, self.state.guardrails.monitor(), prefix=prefix)
+                    self.choices[(p, i)] = Choice(p * n + i, self.state.guardrails.monitor(), p, prefix=prefix)
         window = self.state.config.max_seqs_in_engine_per_request
         new = []
         while self._num_submitted < len(self.prompt_ids) and self.abort_reason is None:
@@ -201,6 +203,8 @@ class Generation:
         choice = self.choices[(p, delta.index)]
         if choice.finish_reason is not None:  # stopped by a guardrail; the engine request may run on (n > 1)
             return []
+        if delta.prompt_logprobs is not None:
+            choice.prompt_logprobs = delta.prompt_logprobs
         metrics = self.state.metrics
         if delta.first_scheduled_time is not None and choice.queue_time is None:
             choice.queue_time = delta.first_scheduled_time - self.t0
@@ -267,7 +271,8 @@ class Generation:
     # ------------------------------------------------------------------ 4. the end
 
     def usage(self) -> dict[str, Any]:
-        completion = sum(c.num_tokens for c in self.choices.values())
+        # NOTE: scoring (echo, max_tokens 0) samples one token it does not return, nor count
+        completion = 0 if self.req.score_only else sum(c.num_tokens for c in self.choices.values())
         return protocol.usage(sum(len(ids) for ids in self.prompt_ids), completion, self.cached_tokens)
 
     def used_tokens(self) -> int:
@@ -283,6 +288,9 @@ class Generation:
 
         if self.req.kind == "chat":
             return protocol.chat_logprobs(entries, token_text)
+        if self.req.params.prompt_logprobs is not None:  # echo: the prompt's logprobs come first
+            return protocol.echo_logprobs(self.prompt_ids[choice.prompt], choice.prompt_logprobs,
+                                          [] if self.req.score_only else entries, token_text, text_offset)
         return protocol.completion_logprobs(entries, token_text, text_offset)
 
 
@@ -381,7 +389,10 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
     for choice in sorted(gen.choices.values(), key=lambda c: c.index):
         logprobs = gen.logprobs_json(choice, choice.logprobs, len(choice.prefix))
         build = protocol.chat_choice if gen.req.kind == "chat" else protocol.completion_choice
-        choices.append(build(choice.index, choice.prefix + choice.text, logprobs, choice.finish_reason))
+        text, finish = choice.prefix + choice.text, choice.finish_reason
+        if gen.req.score_only:  # the one token sampled is not part of the answer: "length" as max_tokens 0 asked
+            text, finish = choice.prefix, "length" if finish == "stop" else finish
+        choices.append(build(choice.index, text, logprobs, finish))
     body = protocol.response(gen.req.kind, gen.id, gen.created, state.config.served_model_name, choices, gen.usage())
     return web.json_response(body, headers=_id_header(gen))
 

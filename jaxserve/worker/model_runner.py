@@ -33,7 +33,17 @@ from jaxserve.config import (
 from jaxserve.model import attention_backends, llama, quantization, sharding
 from jaxserve.model.checkpoint import load_checkpoint, read_config, stored_info
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
-from jaxserve.model.sampler import RowSampling, SampleOutput, SamplingMetadata, _top_k, build_sampling_metadata, sample
+from jaxserve.model.sampler import (
+    PromptLogprobInputs,
+    RowSampling,
+    SampleOutput,
+    SamplingMetadata,
+    _top_k,
+    build_prompt_logprob_inputs,
+    build_sampling_metadata,
+    prompt_logprobs,
+    sample,
+)
 from jaxserve.model.step_inputs import SeqChunk, StepBuckets, StepInputs, build_step_inputs
 from jaxserve.worker import compilation_cache, distributed
 from pallas_kernels import kv_cache
@@ -69,6 +79,9 @@ class ModelRunnerOutput:
     # Speculative steps only: per sampled chunk, the emitted tokens (accepted proposals + one); token_ids,
     # logprobs and top_* then describe the first of them.
     emitted: list[list[int]] | None = None
+    # Chunks that asked for prompt logprobs: request id -> (start_pos, logprobs [n], top_ids [n, NUM_LOGPROBS],
+    # top_logprobs [n, NUM_LOGPROBS]) for each of the chunk's n tokens (entry i: the target after token i).
+    prompt_logprobs: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -80,6 +93,7 @@ class PendingStep:
     out: SampleOutput  # device arrays, [R] / [R, NUM_LOGPROBS]
     start: float  # time.perf_counter() at dispatch
     host_seconds: float  # preparing the inputs
+    prompt_slots: list[tuple[str, int, int, int]] | None = None  # (request id, start_pos, first flat token, tokens)
 
 
 def resolve_dtype(name: str):
@@ -203,13 +217,13 @@ class ModelRunner:
                                   max_pages_per_seq=self.max_pages_per_seq, vocab_size=self.vocab_size,
                                   max_model_len=self.max_model_len)
 
-    def _run(self, step: StepInputs, md: SamplingMetadata):
+    def _run(self, step: StepInputs, md: SamplingMetadata, plp: PromptLogprobInputs):
         """Runs the jitted step on every process (the leader broadcasts the inputs first)."""
         if self._channel is not None:
             if distributed.is_leader():
-                self._channel.send((step, md))
-            step, md = distributed.to_global((step, md), self.plan.replicated)
-        out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md)
+                self._channel.send((step, md, plp))
+            step, md, plp = distributed.to_global((step, md, plp), self.plan.replicated)
+        out, self.kv_pages = self._step(self.weights, self.kv_pages, step, md, plp)
         return out
 
     def _compile(self, num_tokens: int, num_rows: int) -> None:
@@ -262,31 +276,48 @@ class ModelRunner:
         logger.info("warm-up compiled %d step shapes in %.1fs", len(self.buckets.shapes()), seconds)
         return seconds
 
-    def execute(self, chunks, rows: list[RowSampling | None]) -> ModelRunnerOutput:
+    def execute(self, chunks, rows: list[RowSampling | None],
+                prompt_targets: list[list[int] | None] | None = None) -> ModelRunnerOutput:
         """Runs one step. `chunks` are `SeqChunk`-like; `rows[i]` is the sampling of chunk i or None."""
-        return self.collect(self.dispatch(chunks, rows))
+        return self.collect(self.dispatch(chunks, rows, prompt_targets))
 
-    def dispatch(self, chunks, rows: list[RowSampling | None]) -> PendingStep:
+    def dispatch(self, chunks, rows: list[RowSampling | None],
+                 prompt_targets: list[list[int] | None] | None = None) -> PendingStep:
         """Builds the inputs and launches the step; returns at once (JAX dispatch is asynchronous), so the
-        host can do other work while the device runs. `collect()` it before the next `dispatch()`."""
+        host can do other work while the device runs. `collect()` it before the next `dispatch()`.
+
+        `prompt_targets[i]`, where not None, holds for each token of chunk i the token whose log-prob its logits
+        should give (-1: none): the chunk's prompt logprobs come back in `ModelRunnerOutput.prompt_logprobs`.
+        """
         t0 = time.perf_counter()
-        num_tokens, num_rows = self.buckets.choose(sum(len(c.token_ids) for c in chunks), len(chunks))
+        lens = [len(c.token_ids) for c in chunks]
+        num_tokens, num_rows = self.buckets.choose(sum(lens), len(chunks))
         step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=num_rows, page_size=self.page_size,
                                  max_pages_per_seq=self.max_pages_per_seq)
         md = build_sampling_metadata(rows, num_rows, self.vocab_size, self.max_model_len)
+        prompt_targets = prompt_targets or [None] * len(chunks)
+        plp = build_prompt_logprob_inputs(prompt_targets, lens, num_tokens)
+        slots = [(c.request_id, c.start_pos, int(s), n)
+                 for c, t, s, n in zip(chunks, prompt_targets, np.cumsum([0] + lens), lens) if t is not None]
         t1 = time.perf_counter()
-        out = self._run(step, md)
+        out = self._run(step, md, plp)
         picked = [i for i, r in enumerate(rows) if r is not None]
-        return PendingStep([chunks[i].request_id for i in picked], picked, out, t0, t1 - t0)
+        return PendingStep([chunks[i].request_id for i in picked], picked, out, t0, t1 - t0, slots or None)
 
     def collect(self, pending: PendingStep) -> ModelRunnerOutput:
-        """Waits for a dispatched step and copies its sampled tokens to the host."""
+        """Waits for a dispatched step and copies its sampled tokens (and any prompt logprobs) to the host."""
         token_ids, logprobs, top_ids, top_logprobs = self._fetch(pending.out)
         picked = pending.picked
+        prompt = None
+        if pending.prompt_slots:
+            p = jax.device_get(pending.out.prompt)
+            prompt = {rid: (pos, p.logprobs[s:s + n], p.top_ids[s:s + n], p.top_logprobs[s:s + n])
+                      for rid, pos, s, n in pending.prompt_slots}
         return ModelRunnerOutput(
             request_ids=pending.request_ids, token_ids=token_ids[picked], logprobs=logprobs[picked],
             top_ids=top_ids[picked], top_logprobs=top_logprobs[picked],
-            step_seconds=time.perf_counter() - pending.start, host_seconds=pending.host_seconds)
+            step_seconds=time.perf_counter() - pending.start, host_seconds=pending.host_seconds,
+            prompt_logprobs=prompt)
 
     def _fetch(self, out) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The one blocking device-to-host copy of a step's sampled outputs."""
@@ -375,12 +406,13 @@ class BucketExecutables:
 
 
 def placeholder_inputs(num_tokens: int, num_rows: int, *, page_size: int, max_pages_per_seq: int, vocab_size: int,
-                       max_model_len: int) -> tuple[StepInputs, SamplingMetadata]:
+                       max_model_len: int) -> tuple[StepInputs, SamplingMetadata, PromptLogprobInputs]:
     """All-padding inputs of one bucket (warm-up, AOT export): K/V writes land in the null page 0 and outputs
     are discarded."""
     step = build_step_inputs([], num_tokens=num_tokens, num_rows=num_rows, page_size=page_size,
                              max_pages_per_seq=max_pages_per_seq)
-    return step, build_sampling_metadata([None] * num_rows, num_rows, vocab_size, max_model_len)
+    return (step, build_sampling_metadata([None] * num_rows, num_rows, vocab_size, max_model_len),
+            build_prompt_logprob_inputs([], [], num_tokens))
 
 
 def jit_step(cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul, weight_shardings, kv_sharding):
@@ -391,7 +423,7 @@ def jit_step(cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul, w
     """
     rep = plan.replicated
     return jax.jit(functools.partial(_step, cfg=cfg, attention=attention, plan=plan, matmul=matmul),
-                   in_shardings=(weight_shardings, kv_sharding, rep, rep),
+                   in_shardings=(weight_shardings, kv_sharding, rep, rep, rep),
                    out_shardings=(rep, kv_sharding), donate_argnums=(1,))
 
 
@@ -420,8 +452,16 @@ def _verify_step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInp
     return SampleOutput(first, chosen, top_ids, top_vals - lse[:, None]), rej, kv_pages
 
 
-def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata, *,
-          cfg: ModelConfig, attention, plan: sharding.ShardingPlan, matmul=quantization.qdot):
-    logits, kv_pages = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul)
+def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md: SamplingMetadata,
+          plp: PromptLogprobInputs, *, cfg: ModelConfig, attention, plan: sharding.ShardingPlan,
+          matmul=quantization.qdot):
+    logits, kv_pages, x = llama.forward(weights, kv_pages, step, cfg, attention, plan, matmul, return_hidden=True)
     logits = plan.constrain(logits, (None, None))  # [R, V] gathered over the vocabulary: sampling needs it whole
-    return sample(logits, md, num_logprobs=NUM_LOGPROBS), kv_pages
+    out = sample(logits, md, num_logprobs=NUM_LOGPROBS)
+
+    def head(x_blk):  # [S, D] -> [S, V], gathered like the sampled rows' logits
+        return plan.constrain(llama.lm_head(weights, x_blk, cfg, matmul), (None, None))
+
+    # NOTE: prompt logprobs are part of every bucket's one program (skipped by a cond when no slot asks), so a
+    # request that asks for them compiles nothing after warm-up.
+    return dataclasses.replace(out, prompt=prompt_logprobs(x, plp, head, num_logprobs=NUM_LOGPROBS)), kv_pages

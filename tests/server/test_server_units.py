@@ -73,7 +73,8 @@ def test_max_tokens_defaults():
     ({"prompt": "a", "temperature": True}, "temperature"), ({"prompt": "a", "n": 0}, "n"),
     ({"prompt": "a", "n": 1.5}, "n"), ({"prompt": "a", "top_k": -2}, "top_k"),
     ({"prompt": "a", "min_p": 2}, "min_p"), ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": "a", "logprobs": 21}, "logprobs"), ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "echo": True, "logprobs": 1, "stream": True}, "stream"),
     ({"prompt": "a", "min_tokens": 20, "max_tokens": 5}, "min_tokens"), ({"prompt": "a", "seed": "x"}, "seed"),
     ({"prompt": "a", "stop": ""}, "stop"), ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "stream": "yes"}, "stream"),
@@ -82,6 +83,27 @@ def test_max_tokens_defaults():
 def test_completion_validation_names_the_field(body, param):
     err = bad(protocol.parse_completion, body)
     assert err.param == param and param in str(err) or err.param == param
+
+
+def test_echo_with_logprobs_asks_for_prompt_logprobs_and_max_tokens_0_scores():
+    req = protocol.parse_completion({"prompt": "ab", "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert req.score_only and req.params.prompt_logprobs == 2 and req.params.logprobs == 2
+    assert req.params.max_tokens == 1  # the engine samples one token, the response leaves it out
+    plain = protocol.parse_completion({"prompt": "ab", "echo": True, "max_tokens": 3})
+    assert plain.params.prompt_logprobs is None and not plain.score_only
+    assert protocol.parse_completion({"prompt": "ab", "logprobs": 1}).params.prompt_logprobs is None
+    assert bad(protocol.parse_completion, {"prompt": "a", "max_tokens": 0}).param == "max_tokens"
+    assert bad(protocol.parse_completion, {"prompt": "a", "echo": True, "max_tokens": -1}).param == "max_tokens"
+    assert bad(protocol.parse_completion, {"prompt": "a", "echo": True, "max_tokens": 0,
+                                           "stream": True}).param == "max_tokens"
+
+
+def test_echo_logprobs_put_the_prompt_first_with_a_null_first_entry():
+    text = {1: "a", 2: "b", 3: "c", 4: "d"}.__getitem__
+    prompt = [None, TokenLogprob(2, -0.5, [(3, -0.25), (2, -0.5)])]
+    out = protocol.echo_logprobs([1, 2], prompt, [TokenLogprob(4, -1.0, [(4, -1.0)])], text, 2)
+    assert out == {"tokens": ["a", "b", "d"], "token_logprobs": [None, -0.5, -1.0],
+                   "top_logprobs": [None, {"c": -0.25, "b": -0.5}, {"d": -1.0}], "text_offset": [0, 1, 2]}
 
 
 @pytest.mark.parametrize("body,param", [

@@ -185,6 +185,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas")  # the names; the registry is jax
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")
 QUANTIZED_MATMULS = ("xla", "pallas")
+ACTIVATION_QUANTIZATIONS = ("none", "int8")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
 
@@ -248,6 +249,7 @@ class EngineConfig:
     quantization: str = "auto"  # weights: auto (as stored; a Q4_x / Q8_0 GGUF in its own blocks), none, int8, int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
     quantized_matmul: str = "xla"  # matmul of quantized weights: xla (qdot), or pallas (interpret mode on CPU)
+    activation_quantization: str = "none"  # int8: W8A8, int8 per-channel weights x int8 per-token activations
     # Speculative decoding (server-wide; see docs/speculative.md).
     speculative_method: str = "none"  # none, ngram, or draft (implied by --speculative-model)
     speculative_model: str | None = None  # draft checkpoint (same tokenizer as the model)
@@ -273,6 +275,12 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}; got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}")
+        if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
+            raise ValueError(f"activation_quantization must be one of {ACTIVATION_QUANTIZATIONS}; "
+                             f"got {self.activation_quantization!r}")
+        if self.activation_quantization != "none" and self.quantized_matmul != "xla":
+            raise ValueError("activation_quantization int8 runs XLA's int8 dots; it does not combine with "
+                             "quantized_matmul pallas")
         if self.quantized_matmul not in QUANTIZED_MATMULS:
             raise ValueError(f"quantized_matmul must be one of {QUANTIZED_MATMULS}; got {self.quantized_matmul!r}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:

@@ -30,6 +30,7 @@ from pathlib import Path
 from aiohttp import web
 
 from jaxserve.config import (
+    ACTIVATION_QUANTIZATIONS,
     ATTENTION_BACKENDS,
     DTYPES,
     KV_CACHE_DTYPES,
@@ -80,7 +81,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 # Engine fields whose values are a fixed set: argparse names the flag and the choices on a bad value.
 _CHOICES = {"dtype": ("auto",) + DTYPES, "attention_backend": ATTENTION_BACKENDS, "quantization": QUANTIZATIONS,
             "kv_cache_dtype": KV_CACHE_DTYPES, "quantized_matmul": QUANTIZED_MATMULS,
-            "speculative_method": SPECULATIVE_METHODS}
+            "speculative_method": SPECULATIVE_METHODS, "activation_quantization": ACTIVATION_QUANTIZATIONS}
 _ALIASES = {"dtype": vllm_cli.DTYPE_ALIASES, "kv_cache_dtype": vllm_cli.KV_DTYPE_ALIASES}
 
 

@@ -126,6 +126,8 @@ class ModelRunner:
         dense = llama.weight_info(cfg, self.dtype)
         weights = quantization.engine_quantization(weights, dense, config.quantization, config.quantize_embeddings,
                                                    self.dtype)
+        if config.activation_quantization == "int8":  # W8A8: int8 per-channel weights for the int8 dots
+            weights = quantization.w8a8_weights(weights, dense, self.dtype, config.quantize_embeddings)
         self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
         self.weights = sharding.place_weights(weights, self.weight_info, self.plan)
@@ -151,6 +153,8 @@ class ModelRunner:
         # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
         # dense weights take qdot either way.
         self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
+        if config.activation_quantization == "int8":
+            self.matmul = quantization.qdot_w8a8
         self._step = BucketExecutables(jit_step(cfg, self.attention, self.plan, self.matmul, weight_shardings,
                                                 kv_sharding))
         self._verify = BucketExecutables(jit_verify_step(cfg, self.attention, self.plan, self.matmul, kv_sharding))

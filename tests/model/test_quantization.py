@@ -479,3 +479,26 @@ def test_a_quantized_gguf_serves_in_its_own_blocks_by_default(smollm2):
         assert list(o.outputs[0].token_ids) == p["greedy_ids"][:8], p["name"]
     assert LLM(model_registry.DEFAULT_MODEL, quantization="none", warmup=False, max_num_seqs=1,
                kv_cache_memory=4 * 2**20, max_model_len=64).engine.runner.weights.layers.wq.dtype == jnp.float32
+
+
+def test_w8a8_matmul_is_close_to_float_and_exact_for_one_token():
+    """qdot_w8a8: int8 x int8 -> int32 for steps of W8A8_MIN_ROWS tokens or more (error bounded by both
+    roundings), the exact float path below that."""
+    rng = np.random.default_rng()
+    w = qz.quantize(rng.standard_normal((64, 4, 16)).astype(np.float32), "int8", 1)  # per channel, "TD,DNH->TNH"
+    for rows in (1, qz.W8A8_MIN_ROWS, 32):
+        x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.float32)
+        want = np.asarray(qz.qdot("TD,DNH->TNH", x, w))
+        got = np.asarray(jax.jit(lambda x, w: qz.qdot_w8a8("TD,DNH->TNH", x, w))(x, w))
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if rows < qz.W8A8_MIN_ROWS:
+            np.testing.assert_array_equal(got, want)
+        else:
+            # each product's activation is off by at most half a step of its token's scale
+            step = np.abs(np.asarray(x)).max(axis=1) / qz.INT8_MAX  # [rows]
+            bound = 0.5 * step[:, None, None] * np.abs(np.asarray(qz.dequantize_weight(w))).sum(0)[None]
+            assert (np.abs(got - want) <= bound + 1e-4).all()
+            assert not np.array_equal(got, want)  # it really took the int8 path
+    grouped = qz.quantize(rng.standard_normal((64, 16)).astype(np.float32), "int8", 1, group_size=32)
+    x = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    np.testing.assert_array_equal(qz.qdot_w8a8("TD,DF->TF", x, grouped), qz.qdot("TD,DF->TF", x, grouped))

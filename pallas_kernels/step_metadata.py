@@ -26,6 +26,11 @@ class StepInputs:
     qblock_rows: jax.Array  # [NB] int32, row of each query block (XLA attention)
     qblock_starts: jax.Array  # [NB] int32, first flat token of each query block
     qblock_lens: jax.Array  # [NB] int32, valid tokens in each query block (0 for padding blocks)
+    # The XLA attention's work list: iteration i, slot s reads KV chunk work_chunks[i, s] for query block
+    # work_blocks[i, s] (NB: an idle slot); a block appears at most once per iteration. Kernels ignore it.
+    work_blocks: jax.Array  # [I, S] int32
+    work_chunks: jax.Array  # [I, S] int32
+    num_work_iters: jax.Array  # [] int32, iterations actually used (<= I)
     query_block: int = dataclasses.field(default=1, metadata=dict(static=True))  # Qb
     kv_block_pages: int = dataclasses.field(default=8, metadata=dict(static=True))
 

@@ -30,7 +30,11 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     """Ragged paged attention in plain XLA: online softmax over KV chunks of `kv_block_pages` pages.
 
     Queries are grouped into blocks of Qb tokens of one sequence each, so K/V are gathered once per block,
-    not once per token. The loop runs only as many KV chunks as the longest sequence in the step needs.
+    not once per token. Each iteration computes S (query block, KV chunk) pairs of the step's work list
+    (`step.work_blocks` / `work_chunks`, built on the host): a block visits only the chunks it can see
+    (causally, within its own row), so a prefill chunk's early blocks and short rows beside long ones cost
+    what they read, not the longest row's length. A block is at most once in an iteration, so merging the
+    pairs into the per-block softmax state is a plain gather and scatter.
     """
     T, N, H = q.shape
     _, _, page_size, two_k, _ = kv_pages.shape
@@ -47,32 +51,42 @@ def paged_attention_xla(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     q_pos = step.positions[tok]  # [NB, Qb]
     tables = step.page_tables[step.qblock_rows]  # [NB, P_max]
     kv_lens = step.kv_lens[step.qblock_rows]  # [NB]
-    num_chunks = (jnp.max(step.kv_lens) + C - 1) // C
+    S = step.work_blocks.shape[1]
 
-    def chunk(j, carry):
-        m, l, acc = carry  # [NB, K, G, Qb], [NB, K, G, Qb], [NB, K, G, Qb, H]
-        pages = jax.lax.dynamic_slice_in_dim(tables, j * Bk, Bk, axis=1)  # [NB, Bk]
-        kv = kv_pages[layer, pages].reshape(NB, C, K, 2, H)
-        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [NB, C, K, H]
-        kv_pos = j * C + jnp.arange(C, dtype=jnp.int32)
+    def iteration(i, carry):
+        m, l, acc = carry  # [NB + 1, K, G, Qb], [NB + 1, K, G, Qb], [NB + 1, K, G, Qb, H]; row NB: idle slots
+        dest = jax.lax.dynamic_index_in_dim(step.work_blocks, i, keepdims=False)  # [S] (NB: idle)
+        chunk = jax.lax.dynamic_index_in_dim(step.work_chunks, i, keepdims=False)  # [S]
+        idle = dest >= NB
+        blk = jnp.where(idle, 0, dest)  # idle slots read block 0's first chunk, masked out below
+        cols = chunk[:, None] * Bk + jnp.arange(Bk, dtype=jnp.int32)[None, :]  # [S, Bk]
+        pages = jnp.take_along_axis(tables[blk], cols, axis=1)  # [S, Bk]
+        kv = kv_pages[layer, pages].reshape(S, C, K, 2, H)
+        k, v = kv[:, :, :, 0], kv[:, :, :, 1]  # [S, C, K, H]
+        kv_pos = chunk[:, None] * C + jnp.arange(C, dtype=jnp.int32)[None, :]  # [S, C]
         # NOTE: zero V past the sequence's end: a page it does not own may hold anything (even NaN), and
         # a zero softmax weight times NaN is still NaN. Pages are a boundary between users.
-        v = jnp.where((kv_pos[None, :] < kv_lens[:, None])[:, :, None, None], v, 0)
-        s = jnp.einsum("BQKGH,BCKH->BKGQC", qb, k, preferred_element_type=jnp.float32) * scale
-        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]  # [NB, Qb, C]
-        mask = mask[:, None, None]  # [NB, 1, 1, Qb, C]
-        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("BKGQC,BCKH->BKGQH", p, v.astype(jnp.float32))
-        return m_new, l, acc
+        v = jnp.where((kv_pos < kv_lens[blk][:, None])[:, :, None, None], v, 0)
+        s = jnp.einsum("SQKGH,SCKH->SKGQC", qb[blk], k, preferred_element_type=jnp.float32) * scale
+        mask = (kv_pos[:, None, :] <= q_pos[blk][:, :, None]) & (q_valid[blk] & ~idle[:, None])[:, :, None]
+        mask = mask[:, None, None]  # [S, 1, 1, Qb, C]
+        m_pair = jnp.maximum(jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1), -1e30)  # [S, K, G, Qb]
+        p = jnp.where(mask, jnp.exp(s - m_pair[..., None]), 0.0)
+        l_pair = jnp.sum(p, axis=-1)
+        acc_pair = jnp.einsum("SKGQC,SCKH->SKGQH", p, v.astype(jnp.float32))
+        m_old = m[dest]
+        m_new = jnp.maximum(m_old, m_pair)
+        keep, add = jnp.exp(m_old - m_new), jnp.exp(m_pair - m_new)
+        l = l.at[dest].set(l[dest] * keep + l_pair * add)
+        acc = acc.at[dest].set(acc[dest] * keep[..., None] + acc_pair * add[..., None])
+        return m.at[dest].set(m_new), l, acc
 
     # NOTE: m starts at a large finite negative so fully masked rows give exp(0) * 0, never inf - inf.
-    m0 = jnp.full((NB, K, G, Qb), -1e30, jnp.float32)
-    l0 = jnp.zeros((NB, K, G, Qb), jnp.float32)
-    acc0 = jnp.zeros((NB, K, G, Qb, H), jnp.float32)
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, chunk, (m0, l0, acc0))
+    m0 = jnp.full((NB + 1, K, G, Qb), -1e30, jnp.float32)
+    l0 = jnp.zeros((NB + 1, K, G, Qb), jnp.float32)
+    acc0 = jnp.zeros((NB + 1, K, G, Qb, H), jnp.float32)
+    _, l, acc = jax.lax.fori_loop(0, step.num_work_iters, iteration, (m0, l0, acc0))
+    l, acc = l[:NB], acc[:NB]
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     out = out.transpose(0, 3, 1, 2, 4).reshape(NB * Qb, N, H)  # [NB*Qb, N, H]
     # Padding query slots scatter to index T, which mode="drop" discards.

@@ -116,8 +116,46 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     logits_indices = logits_indices.reshape(-1)
     if all_logits:
         logits_indices = np.arange(num_tokens, dtype=np.int32)
+    # KV chunks each query block can see: up to its last query's position (causal), never past its row.
+    kv_stop = np.where(qblock_lens > 0, positions[qblock_starts] + qblock_lens, 0)
+    chunk_tokens = kv_block_pages * page_size
+    work_blocks, work_chunks, num_iters = attention_work_list(-(-kv_stop // chunk_tokens), p_max // kv_block_pages)
     return StepInputs(token_ids, positions, slot_mapping, page_tables, kv_lens, query_starts, logits_indices,
-                      qblock_rows, qblock_starts, qblock_lens, query_block=qb, kv_block_pages=kv_block_pages)
+                      qblock_rows, qblock_starts, qblock_lens, work_blocks, work_chunks, num_iters,
+                      query_block=qb, kv_block_pages=kv_block_pages)
+
+
+def attention_slots(num_blocks: int) -> int:
+    """(query block, KV chunk) pairs the XLA attention computes per iteration: half the blocks, so a step whose
+    blocks see ragged amounts of KV (prefill chunks beside decodes, ragged contexts) does about the work it
+    needs rather than every block times the longest row's chunks."""
+    return max(1, -(-num_blocks // 2))
+
+
+def attention_work_list(block_chunks: np.ndarray, max_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Schedules each query block's KV chunks into iterations of `attention_slots` pairs, a block at most once
+    per iteration, the blocks with the most chunks left first (so iterations = max(longest, ceil(work /
+    slots)) for these ragged lists). Arrays are padded to the bucket's worst case; idle slots name block NB.
+
+    Args:
+      block_chunks: [NB] KV chunks each query block reads (0 for padding blocks).
+      max_chunks: chunks in the longest page table the bucket allows.
+    """
+    nb = len(block_chunks)
+    slots = attention_slots(nb)
+    max_iters = -(-nb * max_chunks // slots)
+    blocks = np.full((max_iters, slots), nb, np.int32)
+    chunks = np.zeros((max_iters, slots), np.int32)
+    left = block_chunks.astype(np.int64).copy()
+    it = 0
+    while left.max(initial=0) > 0:
+        take = np.argsort(-left, kind="stable")[:slots]
+        take = take[left[take] > 0]
+        blocks[it, :len(take)] = take
+        chunks[it, :len(take)] = block_chunks[take] - left[take]
+        left[take] -= 1
+        it += 1
+    return blocks, chunks, np.asarray(it, np.int32)
 
 
 def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:

@@ -464,7 +464,10 @@ def _step(weights: llama.LlamaWeights, kv_pages: jax.Array, step: StepInputs, md
     out = sample(logits, md, num_logprobs=NUM_LOGPROBS)
 
     def head(x_blk):  # [S, D] -> [S, V], gathered like the sampled rows' logits
-        return plan.constrain(llama.lm_head(weights, x_blk, cfg, matmul), (None, None))
+        # NOTE: computed over each device's vocabulary shard first, then gathered: left to itself XLA may
+        # all-gather the whole LM head instead (measured at TP=8 on the tiny model).
+        logits = plan.constrain(llama.lm_head(weights, x_blk, cfg, matmul), (None, "vocab"))
+        return plan.constrain(logits, (None, None))
 
     # NOTE: prompt logprobs are part of every bucket's one program (skipped by a cond when no slot asks), so a
     # request that asks for them compiles nothing after warm-up.

@@ -172,8 +172,12 @@ def test_runner_loads_into_shardings_and_compiles_two_all_reduces_per_layer(runn
     entry = per_computation.pop("ENTRY", [])
     # The whole step, sampler included: still two all-reduces per layer, the embedding's all-reduce, and the
     # logits gathered over the vocabulary for sampling (which then runs replicated: no further collectives).
-    assert [ops for ops in per_computation.values() if ops] == [["all-reduce", "all-reduce"]], per_computation
+    # The prompt-logprob branch (a cond, taken only when a request asks) gathers its own [slots, V] logits,
+    # never the LM head weight.
+    assert sorted(ops for ops in per_computation.values() if ops) == [["all-gather"], ["all-reduce", "all-reduce"]]
     assert sorted(entry) == ["all-gather", "all-reduce"], entry
+    gathered = re.findall(r"= f32\[(\d+),(\d+)\]\{[\d,]*\} all-gather\(", hlo)
+    assert gathered and all(int(v) == cfg.vocab_size and int(m) != cfg.hidden_size for m, v in gathered), gathered
 
 
 def collectives_by_computation(hlo: str) -> dict[str, list[str]]:

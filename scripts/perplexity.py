@@ -6,6 +6,10 @@ them for `echo` + `logprobs`).
 The text is tokenized once and cut into windows of `--context` tokens (default: the model's context length
 less one, the room the engine needs to sample one token); each window is scored from its own start, so its
 first token is not predicted. Perplexity = exp(mean negative log-likelihood over every predicted token).
+`--score-from N` counts only positions N and later of each window, as llama.cpp's `llama-perplexity` does
+with N = context / 2 (every counted token then has at least N tokens before it):
+
+    python scripts/perplexity.py tests/data/perplexity_text.txt --context 512 --score-from 256
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ from pathlib import Path
 from jaxserve import LLM
 
 
-def perplexity(llm: LLM, token_ids: list[int], context: int) -> dict:
-    """Scores `token_ids` in windows of `context` tokens through `llm.score`; returns the counts and perplexity."""
+def perplexity(llm: LLM, token_ids: list[int], context: int, score_from: int = 1) -> dict:
+    """Scores `token_ids` in windows of `context` tokens through `llm.score`, counting positions `score_from`
+    and later of each window; returns the counts and perplexity."""
     windows = [token_ids[s:s + context] for s in range(0, len(token_ids), context)]
-    windows = [w for w in windows if len(w) >= 2]
+    windows = [w for w in windows if len(w) > score_from]
     scored = llm.score(windows, use_tqdm=False)
-    nll = -sum(s.sum_logprob for s in scored)
-    count = sum(s.num_scored for s in scored)
-    return {"tokens": len(token_ids), "windows": len(windows), "context": context, "predicted_tokens": count,
-            "mean_nll": nll / count, "perplexity": math.exp(nll / count)}
+    counted = [lp for s in scored for lp in s.token_logprobs[score_from - s.start:]]
+    nll = -sum(counted)
+    mean = nll / len(counted)
+    return {"tokens": len(token_ids), "windows": len(windows), "context": context, "score_from": score_from,
+            "predicted_tokens": len(counted), "mean_nll": mean, "perplexity": math.exp(mean)}
 
 
 def main() -> None:
@@ -34,6 +40,8 @@ def main() -> None:
     parser.add_argument("file")
     parser.add_argument("--model", default=None, help="model name or path (default: the engine's default)")
     parser.add_argument("--context", type=int, default=None, help="tokens per window (default: max_model_len - 1)")
+    parser.add_argument("--score-from", type=int, default=1,
+                        help="count positions N and later of each window (llama-perplexity: context / 2)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     args = parser.parse_args()
@@ -46,7 +54,9 @@ def main() -> None:
     context = args.context or llm.engine.max_model_len - 1
     if not 2 <= context < llm.engine.max_model_len:
         raise SystemExit(f"--context must be in [2, {llm.engine.max_model_len - 1}]")
-    print(json.dumps({"file": args.file, **perplexity(llm, ids, context)}))
+    if not 1 <= args.score_from < context:
+        raise SystemExit(f"--score-from must be in [1, {context - 1}]")
+    print(json.dumps({"file": args.file, **perplexity(llm, ids, context, args.score_from)}))
 
 if __name__ == "__main__":
     main()

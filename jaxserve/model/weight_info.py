@@ -49,10 +49,6 @@ class ArrayInfo:
         return 1 if self.axes and self.axes[0] == "layers" else 0
 
 
-def is_info(x) -> bool:
-    return isinstance(x, ArrayInfo)
-
-
 def abstract(infos, shardings=None):
     """The tree of `jax.ShapeDtypeStruct`s (with the matching tree of shardings, if given)."""
     if shardings is None:

@@ -150,7 +150,7 @@ ENGINE = dict(max_num_seqs=2, max_num_batched_tokens=128, max_model_len=256, kv_
 
 def golden_check(llm, names):
     """Greedy outputs (EOS ignored) must be the transformers golden tokens, which non-speculative greedy
-    decoding reproduces (tests/test_pallas_kernels.py); 24 of the 32 keep the test short."""
+    decoding reproduces (tests/pallas_kernels/test_pallas_kernels.py); 24 of the 32 keep the test short."""
     prompts = [GOLDEN_PROMPTS[n]["prompt_ids"] for n in names]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)

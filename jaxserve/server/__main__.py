@@ -98,7 +98,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind, nullable = _flag_type(hints[field.name])
         default = field.default
-        help_ = comments[field.name]  # every field carries a trailing comment (tests/server/test_vllm_cli.py)
+        help_ = comments[field.name]  # every field carries a trailing comment (tests/server/test_vllm_compat.py)
         if kind is bool:
             names = [flag]
             group.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=default,

@@ -173,10 +173,9 @@ def qdot(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwarg
     n_out, in_shape = w.out_ndim, w.in_shape
     if tuple(x.shape[x.ndim - len(in_shape):]) != tuple(in_shape):
         raise ValueError(f"qdot {spec!r}: x {tuple(x.shape)} does not end in the weight's inputs {in_shape}")
-    if isinstance(w, Int8Weight) and w.values.shape[-n_out - 2] == 1:
-        values = w.values.reshape(*w.values.shape[:-n_out - 2], *in_shape, *w.values.shape[-n_out:])
+    if isinstance(w, Int8Weight) and _per_channel(w):
+        values, scales = _per_channel_arrays(w)
         y = jnp.einsum(spec, x, values.astype(x.dtype), **einsum_kwargs)
-        scales = w.scales.reshape(w.scales.shape[:-n_out - 1] + w.scales.shape[-n_out:])
         return y * scales.astype(y.dtype)
     if (w.values if isinstance(w, Int8Weight) else w.packed).ndim != n_out + 2:
         raise ValueError("qdot takes one layer's weight (inside the layer scan), not a stacked one")
@@ -220,6 +219,13 @@ def _per_channel(w: Int8Weight) -> bool:
     return w.values.shape[-w.out_ndim - 2] == 1
 
 
+def _per_channel_arrays(w: Int8Weight) -> tuple[jax.Array, jax.Array]:
+    """A one-group int8 weight as a plain einsum operand: values [*lead, *in, *out], scales [*lead, *out]."""
+    n_out = w.out_ndim
+    values = w.values.reshape(*w.values.shape[:-n_out - 2], *w.in_shape, *w.values.shape[-n_out:])
+    return values, w.scales.reshape(w.scales.shape[:-n_out - 1] + w.scales.shape[-n_out:])
+
+
 def qdot_w8a8(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_kwargs) -> jax.Array:
     """`qdot` with x quantized to int8 on the fly (symmetric absmax per token over the contracted axes) for an
     int8 per-channel weight: one int8 x int8 -> int32 dot, then one multiply by both scales. Other weights go
@@ -237,8 +243,8 @@ def qdot_w8a8(spec: str, x: jax.Array, w: jax.Array | QuantizedWeight, **einsum_
     if tuple(x.shape[x.ndim - len(in_shape):]) != tuple(in_shape):
         raise ValueError(f"qdot_w8a8 {spec!r}: x {tuple(x.shape)} does not end in the weight's inputs {in_shape}")
     batch = x.shape[:x.ndim - len(in_shape)]
-    values = w.values.reshape(*w.values.shape[:-n_out - 2], *in_shape, *w.values.shape[-n_out:])
-    scales = w.scales.reshape(w.scales.shape[:-n_out - 1] + w.scales.shape[-n_out:]).astype(jnp.float32)
+    values, scales = _per_channel_arrays(w)
+    scales = scales.astype(jnp.float32)
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=tuple(range(len(batch), x.ndim)))  # [*batch]
     sx = jnp.where(amax > 0, amax / INT8_MAX, 1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve.core.structured_outputs import StructuredOutputsParams
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -38,6 +40,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # never generate these words (their last token is banned after the rest)
     allowed_token_ids: tuple[int, ...] | None = None  # not supported yet: refused by __post_init__
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
 
     MAX_LOGPROBS = 20
     # NOTE: the sampler packs logit_bias and (before min_tokens) stop_token_ids plus EOS into one fixed-width
@@ -82,6 +85,7 @@ class SamplingParams:
             (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens",
              f"must be at least 1, got {self.truncate_prompt_tokens}"),
             # NOTE: a whitelist is a [R, V] mask or a vocabulary-wide bias; both would add a compiled shape.
+            (self.structured_outputs is None, "structured_outputs", "is not supported yet"),
             (self.allowed_token_ids is None, "allowed_token_ids",
              "allowed_token_ids is not supported yet; use logit_bias (up to 300 ids) to favour tokens"),
         ]

@@ -85,6 +85,9 @@ class SamplingParams:
             (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens",
              f"must be at least 1, got {self.truncate_prompt_tokens}"),
             # NOTE: a whitelist is a [R, V] mask or a vocabulary-wide bias; both would add a compiled shape.
+            (self.structured_outputs is None or len(self.structured_outputs.kinds()) == 1, "structured_outputs",
+             "must set exactly one of json, json_object, regex, choice, grammar; "
+             f"got {self.structured_outputs and self.structured_outputs.kinds()}"),
             (self.structured_outputs is None, "structured_outputs", "is not supported yet"),
             (self.allowed_token_ids is None, "allowed_token_ids",
              "allowed_token_ids is not supported yet; use logit_bias (up to 300 ids) to favour tokens"),

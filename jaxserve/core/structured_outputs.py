@@ -1,7 +1,7 @@
 """StructuredOutputsParams: the constraint a request puts on its output (vLLM's names; plain Python, no JAX).
 
-Exactly one of the fields is set. The engine compiles it with the grammar engine and masks each step's
-logits so the output always matches it.
+Exactly one of the fields is set (SamplingParams checks it). The engine compiles it with the grammar engine
+and masks each step's logits so the output always matches it.
 """
 
 from __future__ import annotations
@@ -21,19 +21,8 @@ class StructuredOutputsParams:
     def __post_init__(self):
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
+
+    def kinds(self) -> list[str]:
+        """The fields that are set; a valid constraint has exactly one."""
         chosen = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        if self.json_object:
-            chosen.append("json_object")
-        if len(chosen) != 1:
-            from jaxserve.core.sampling_params import SamplingParamsError
-
-            raise SamplingParamsError(
-                "structured_outputs",
-                "structured_outputs must set exactly one of json, json_object, regex, choice, grammar; "
-                f"got {chosen or 'none'}",
-            )
-
-    @property
-    def kind(self) -> str:
-        return "json_object" if self.json_object else next(
-            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+        return chosen + ["json_object"] if self.json_object else chosen

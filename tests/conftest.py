@@ -101,7 +101,8 @@ class FakeKV:
 
 class FakeEngine:
     """Steps in a thread like the real engine. `scripts` maps a prompt text to the exact output text to emit
-    (a NUL character in it fails the request with finish_reason "error" at that point)."""
+    (a NUL character in it fails the request with finish_reason "error" at that point; a request's stop string
+    ends it where the script would write it)."""
 
     def __init__(self, *, max_model_len: int = 256, num_pages: int = 65, page_size: int = 16, max_num_seqs: int = 4,
                  step_delay: float = 0.0, first_token_delay: float = 0.0):
@@ -209,6 +210,13 @@ class FakeEngine:
 
     def _step(self, req: _Req) -> None:
         if req.script is not None:
+            # A stop string where the script goes on: finish before it, as the engine does (text held back).
+            rest = req.script[len(req.output):]
+            hit = next((s for s in req.params.stop or () if rest.startswith(s)), None)
+            if hit is not None:
+                self._send(req, [], "", None, "stop", stop_reason=hit)
+                self._release(req)
+                return
             ch = req.script[len(req.output)]
             if ch == "\0":
                 self._finish(req, [], "error", error="the fake engine failed")
@@ -248,13 +256,13 @@ class FakeEngine:
         self.kv_cache.pool.num_used_pages += pages - req.pages
         req.pages = pages
 
-    def _send(self, req: _Req, tokens, text, logprobs, reason, error=None) -> None:
+    def _send(self, req: _Req, tokens, text, logprobs, reason, error=None, stop_reason=None) -> None:
         first = req.scheduled if not req.output or len(req.output) == len(tokens) else None
         req.stream.put(RequestDelta(
             request_id=req.stream.request_id, index=req.index, new_token_ids=list(tokens), new_text=text,
             logprobs=logprobs, finished=reason is not None, finish_reason=reason, error=error,
             num_prompt_tokens=len(req.prompt), num_output_tokens=len(req.output), time=time.monotonic(),
-            first_scheduled_time=first))
+            first_scheduled_time=first, stop_reason=stop_reason))
 
 
 # ---------------------------------------------------------------------------- harness

@@ -1,11 +1,14 @@
 """Guardrails: a pluggable chain of input checks and output scanners, each stage usable alone.
 
 Input stages look at a request before it reaches the engine and return a `Finding` to block it (the
-server answers 400 `content_policy_violation`):
+server answers 400 `content_policy_violation`). They see all of it: every message of every role (or every
+prompt), the whole text, matched after `normalize.for_matching` (NFKC, confusables such as a Cyrillic "о"
+mapped to ASCII, soft hyphens and zero-width characters dropped, case folded) and, where words matter,
+`normalize.fold_punctuation` ("pipe-bomb" is "pipe bomb"):
   * `LengthLimit`: too many characters of prompt text.
-  * `PromptInjectionScreen`: a scored pattern set over the last user message (or the prompt). Each
-    pattern has a weight; the score is 1 - prod(1 - w) over the patterns that match, and the request is
-    blocked at `threshold`. Cheap by construction: a few precompiled regexes over at most 8 KiB of text.
+  * `PromptInjectionScreen`: a scored pattern set. Each pattern has a weight; the score is
+    1 - prod(1 - w) over the patterns that match, and the request is blocked at `threshold`. Cheap by
+    construction: a pattern's regex runs only where its trigger words occur.
   * `ContentPolicy`: a blocklist of words or phrases, matched case-insensitively on word boundaries.
 
 Output stages scan generated text and return every `Finding` with its span:
@@ -22,6 +25,11 @@ streams about one word behind the model. On a hit the choice either stops (`fini
 the text before the hit is kept) or, with the "redact" action, the hit is replaced by `[REDACTED]` and
 generation goes on.
 
+When generation is cut off (max_tokens, a stop string, an abort) the held-back tail may be the front of a
+hit the model never finished (" john.doe" of an e-mail): the last scan includes the stop string that was
+matched (not sent), and a tail that a stage's `partial_from` calls the start of a hit is treated as a hit
+too (dropped, or redacted). A choice the model ended itself (EOS, a stop token) is complete as it is.
+
 No JAX and no engine here; `GuardrailChain.from_config` builds the default chain.
 """
 
@@ -31,6 +39,8 @@ import bisect
 import dataclasses
 import re
 from typing import Iterable, Protocol, Sequence
+
+from jaxserve.server.normalize import fold_punctuation, for_matching
 
 REDACTED = "[REDACTED]"
 
@@ -98,6 +108,11 @@ class OutputStage(Protocol):
         """Where the tail of `text` that could still grow into a hit starts (len(text): nothing to hold)."""
         ...
 
+    def partial_from(self, text: str) -> int:
+        """Where a tail that already looks like the start of a hit begins (len(text): none). Stricter than
+        `hold_from`: what a cut-off generation must not release."""
+        ...
+
 
 # ---------------------------------------------------------------------------- input stages
 
@@ -113,16 +128,20 @@ class LengthLimit:
         return None
 
 
+# "Never reveal your system prompt" is a system prompt, not an attack (every message is screened). The text is
+# matched with single spaces (see `PromptInjectionScreen.score`), so fixed-width lookbehinds suffice.
+NOT_NEGATED = r"(?<!never )(?<!not )(?<!n't )(?<!n\u2019t )(?<!n t )"
+
 # (name, weight, trigger words, pattern). Weights: one unambiguous instruction override blocks alone at the
 # default threshold 0.8; weaker signals (role-play, "jailbreak", special-token spoofing) need company.
 # NOTE: a pattern's regex runs only when one of its trigger words occurs in the lower-cased text (a plain
 # substring test in C), which keeps the screen in the tens of microseconds on ordinary prompts.
 INJECTION_PATTERNS = (
     ("ignore_previous", 0.9, ("ignore", "disregard", "forget", "override"),
-     r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+|the\s+|your\s+)*(?:previous|prior|above|earlier|"
+     rf"{NOT_NEGATED}\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+|the\s+|your\s+)*(?:previous|prior|above|earlier|"
      r"preceding|original|system)\s+(?:instructions|prompts?|rules|directions|guidelines|context)"),
     ("reveal_system_prompt", 0.8, ("prompt", "instructions", "message"),
-     r"\b(?:reveal|show|print|repeat|output|leak|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+(?:system|initial|hidden|"
+     rf"{NOT_NEGATED}\b(?:reveal|show|print|repeat|output|leak|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+(?:system|initial|hidden|"
      r"original|secret)\s+(?:prompt|instructions|message)"),
     ("do_anything_now", 0.7, ("anything", "dan"), r"\bdo\s+anything\s+now\b|\byou\s+are\s+(?:now\s+)?dan\b"),
     ("developer_mode", 0.6, ("developer",),
@@ -144,7 +163,6 @@ INJECTION_PATTERNS = (
 
 class PromptInjectionScreen:
     name = "prompt_injection"
-    MAX_CHARS = 8192  # injections that matter sit near the end of the message; bounds the cost
 
     def __init__(self, threshold: float = 0.8,
                  patterns: Sequence[tuple[str, float, tuple[str, ...], str]] = INJECTION_PATTERNS):
@@ -153,10 +171,14 @@ class PromptInjectionScreen:
         self.patterns = [(name, weight, triggers, re.compile(p)) for name, weight, triggers, p in patterns]
 
     def score(self, text: str) -> tuple[float, list[str]]:
-        text = text[-self.MAX_CHARS:].lower()
+        """Over all of `text`, normalised (punctuation kept: "<|im_start|>") and with punctuation folded
+        ("ignore-all-previous-instructions"); a pattern counts once if it matches either."""
+        text = _HORIZONTAL_SPACE.sub(" ", for_matching(text))
+        folded = fold_punctuation(text)
+        folded = folded if folded != text else None  # prose without punctuation: one pass is enough
         keep, names = 1.0, []
         for name, weight, triggers, pattern in self.patterns:
-            if any(t in text for t in triggers) and pattern.search(text):
+            if any(t in text for t in triggers) and (pattern.search(text) or (folded and pattern.search(folded))):
                 keep *= 1.0 - weight
                 names.append(name)
         return 1.0 - keep, names
@@ -168,8 +190,13 @@ class PromptInjectionScreen:
         return None
 
 
+_HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")  # runs of spaces and tabs (newlines kept for role_spoof)
+
+
 class ContentPolicy:
-    """A blocklist of words and phrases; whitespace inside a phrase matches any run of whitespace."""
+    """A blocklist of words and phrases; whitespace inside a phrase matches any run of whitespace. Outputs are
+    scanned as they are (spans index the text); inputs (`check`) normalised, so "pipe-bomb", a Cyrillic "о"
+    or a soft hyphen does not slip past."""
 
     name = "content_policy"
 
@@ -181,6 +208,9 @@ class ContentPolicy:
         alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in self.terms), key=len, reverse=True)
         self.pattern = re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE) if alternatives \
             else None
+        folded = sorted({fold_punctuation(for_matching(t)).strip() for t in self.terms} - {""}, key=len, reverse=True)
+        self._input_pattern = re.compile(rf"(?<!\w)(?:{'|'.join(map(re.escape, folded))})(?!\w)") if folded \
+            else None
 
     def scan(self, text: str) -> list[Finding]:
         if self.pattern is None:
@@ -189,8 +219,20 @@ class ContentPolicy:
                 for m in self.pattern.finditer(text)]
 
     def check(self, text: str) -> Finding | None:
-        found = self.scan(text)
-        return found[0] if found else None
+        if self._input_pattern is None:
+            return None
+        m = self._input_pattern.search(fold_punctuation(for_matching(text)))
+        return Finding(self.name, m.group(0)) if m else None
+
+    def partial_from(self, text: str) -> int:
+        """A trailing start of a blocked phrase that already has half its characters ("synthesize sa")."""
+        i = self.hold_from(text)
+        if i < len(text):
+            tail = " ".join(text[i:].lower().split())
+            term = self._normalized[bisect.bisect_left(self._normalized, tail)]
+            if 2 * len(tail) >= len(term):
+                return i
+        return len(text)
 
     def hold_from(self, text: str) -> int:
         """The start of the longest trailing words that begin a blocked phrase ("... build a pi")."""
@@ -250,6 +292,27 @@ class PIIDetector:
                 break
         return i
 
+    # The start of a hit cut off at the end of the text: an e-mail's local part and "@", a dotted or
+    # underscored local part with a letter ("john.doe"), a run of digits with the separators a phone, SSN or
+    # card number uses (3+ digits and a separator, or 5+ digits).
+    PARTIAL = (re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]*$"),
+               re.compile(r"(?<![\w.+-])(?=[\w%+-]*[A-Za-z])[A-Za-z0-9%+-]+(?:[._+][A-Za-z0-9%+-]+)+$"),
+               re.compile(r"(?<![\w+])(?:\+?1[ .-]?)?\(?\d(?:[ .()-]{0,2}\d)*[ .()-]*$"))
+
+    def partial_from(self, text: str) -> int:
+        starts = [len(text)]
+        for i, pattern in enumerate(self.PARTIAL):
+            m = pattern.search(text)
+            if m is None:
+                continue
+            if i == 2:
+                digits = sum(c.isdigit() for c in m.group(0))
+                separated = any(not c.isdigit() for c in m.group(0).strip())
+                if not (digits >= 5 or (digits >= 3 and separated)):
+                    continue
+            starts.append(m.start())
+        return min(starts)
+
     def scan(self, text: str) -> list[Finding]:
         found = []
         for kind in self.kinds:
@@ -268,7 +331,7 @@ class GuardrailChain:
     def __init__(self, input_stages: Sequence[InputStage] = (), output_stages: Sequence[OutputStage] = (),
                  injection: PromptInjectionScreen | None = None, *, check_every_tokens: int = 1,
                  holdback_chars: int = 64, action: str = "stop"):
-        """`input_stages` see all prompt text; `injection` (if any) sees only the last user message."""
+        """`input_stages` and `injection` (if any) see all prompt text: every message, every role."""
         self.input_stages = list(input_stages)
         self.injection = injection
         self.output_stages = list(output_stages)
@@ -287,15 +350,13 @@ class GuardrailChain:
         return cls(inputs, outputs, injection, check_every_tokens=cfg.check_every_tokens,
                    holdback_chars=cfg.holdback_chars, action=cfg.action)
 
-    def check_input(self, text: str, last_user_message: str | None = None) -> Finding | None:
-        """The first finding that blocks this request, or None. `text`: all prompt text."""
+    def check_input(self, text: str) -> Finding | None:
+        """The first finding that blocks this request, or None. `text`: all prompt text (every message)."""
         for stage in self.input_stages:
             finding = stage.check(text)
             if finding:
                 return finding
-        if self.injection is not None:
-            return self.injection.check(text if last_user_message is None else last_user_message)
-        return None
+        return self.injection.check(text) if self.injection is not None else None
 
     def monitor(self) -> OutputMonitor:
         return OutputMonitor(self)
@@ -314,9 +375,11 @@ class OutputMonitor:
         self.consumed = 0  # raw characters released (sent, or replaced by REDACTED)
         self.redacted_spans: list[tuple[int, int]] = []  # raw [start, end) of every redaction
 
-    def feed(self, text: str, num_tokens: int, final: bool) -> str:
+    def feed(self, text: str, num_tokens: int, final: bool, *, cut_off: bool = False, lookahead: str = "") -> str:
         """Adds new text; returns the text that may be sent now. After a stopping hit, `finding` is set and
-        everything after the hit is dropped."""
+        everything after the hit is dropped. With `final`: `cut_off` says the model did not end the text itself
+        (max_tokens, a stop string, an abort), and `lookahead` is text it generated that will not be sent (the
+        stop string), scanned as context for a hit that runs into it."""
         if self.finding is not None:
             return ""
         if not self.active:
@@ -329,10 +392,17 @@ class OutputMonitor:
             return ""
         self.tokens_since_scan = 0
         ctx = self.sent_tail
-        window = ctx + self.pending
-        found = sorted((f for stage in self.chain.output_stages for f in stage.scan(window) if f.end > len(ctx)),
-                       key=lambda f: f.start)
-        spans = [(max(0, f.start - len(ctx)), f.end - len(ctx), f) for f in found]
+        window = ctx + self.pending + (lookahead if final else "")
+        ours = len(ctx) + len(self.pending)  # hits wholly inside the lookahead are not ours to send or drop
+        found = [f for stage in self.chain.output_stages for f in stage.scan(window) if len(ctx) < f.end
+                 and f.start < ours]
+        if final and cut_off:  # the front of a hit the model never finished counts as one
+            for stage in self.chain.output_stages:
+                start = stage.partial_from(window)
+                if start < ours and not any(f.start <= start < f.end for f in found):
+                    found.append(Finding(stage.name, "cut off", start, len(window)))
+        found.sort(key=lambda f: f.start)
+        spans = [(max(0, f.start - len(ctx)), min(f.end, ours) - len(ctx), f) for f in found]
         if spans and self.chain.action == "stop":
             start, _, finding = spans[0]
             self.finding = finding

@@ -114,13 +114,9 @@ class Generation:
     def prepare(self) -> None:
         engine, req = self.state.engine, self.req
         self.prompt_texts, self.prompt_ids = protocol.tokenize_prompts(req, engine.tokenizer)
-        if req.kind == "chat":
-            screened = "\n".join(m["content"] for m in req.messages)
-            last_user = protocol.last_user_message(req.messages)
-        else:
-            screened = "\n".join(self.prompt_texts)
-            last_user = None
-        finding = self.state.guardrails.check_input(screened, last_user)
+        # Every message of every role, whole (a system or earlier message can carry an injection too)
+        texts = [m["content"] for m in req.messages] if req.kind == "chat" else self.prompt_texts
+        finding = self.state.guardrails.check_input("\n".join(texts))
         if finding is not None:
             self.state.metrics.guardrail_hits.labels(finding.stage, "input").inc()
             raise errors.content_policy(f"The request was blocked by the {finding.describe()} guardrail.",
@@ -233,10 +229,13 @@ class Generation:
             else:
                 self.failure = errors.internal("The engine aborted the request.")
             # What was generated before the failure is final: scan it and let the client keep it.
-            text = choice.monitor.feed(delta.new_text, len(delta.new_token_ids), final=True)
+            text = choice.monitor.feed(delta.new_text, len(delta.new_token_ids), final=True, cut_off=True)
             logprobs = choice.release_logprobs(final=True)
             return [(choice, text, logprobs, None)] if text or logprobs else []
-        text = choice.monitor.feed(delta.new_text, len(delta.new_token_ids), final=delta.finished)
+        # NOTE: only EOS or a stop token ends the text where the model meant to; a stop string is scanned with it
+        stop_str = delta.stop_reason if isinstance(delta.stop_reason, str) else ""
+        text = choice.monitor.feed(delta.new_text, len(delta.new_token_ids), final=delta.finished,
+                                   cut_off=delta.finish_reason != "stop" or bool(stop_str), lookahead=stop_str)
         finish = delta.finish_reason if delta.finished else None
         if choice.monitor.finding is not None:
             finish = "content_filter"

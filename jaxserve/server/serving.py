@@ -113,6 +113,7 @@ class Generation:
 
     def prepare(self) -> None:
         engine, req = self.state.engine, self.req
+        _refuse_surely_too_long(req, engine)
         self.prompt_texts, self.prompt_ids = protocol.tokenize_prompts(req, engine.tokenizer)
         # Every message of every role, whole (a system or earlier message can carry an injection too)
         texts = [m["content"] for m in req.messages] if req.kind == "chat" else self.prompt_texts
@@ -327,6 +328,28 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
         gen.abort("finished")  # no-op for engine requests that finished
         state.release(gen)
         http[USAGE] = gen.usage()  # for the access log
+
+
+# Normalisers can shrink text before it is tokenized (whitespace folded, up to 3 code points composed into
+# one): only non-space characters count, with this margin.
+COMPOSE_MARGIN = 3
+
+
+def _refuse_surely_too_long(req: GenerationRequest, engine: Any) -> None:
+    """400 before tokenizing a prompt that cannot fit the context whatever its tokens: a token covers at most
+    `max_token_chars` characters, so C characters are at least C / max_token_chars tokens. Tokenizing a 1 MB
+    prompt costs ~1 s of CPU that the check saves."""
+    longest = getattr(engine.tokenizer, "max_token_chars", None)
+    if not longest:
+        return
+    texts = [m["content"] for m in req.messages] if req.kind == "chat" else \
+        [p for p in req.prompts if isinstance(p, str)]
+    for text in texts:
+        chars = len(text) - sum(text.count(c) for c in " \n\t\r")
+        if chars > engine.max_model_len * longest * COMPOSE_MARGIN:
+            raise errors.context_too_long(
+                f"This model's maximum context length is {engine.max_model_len} tokens; a prompt of {len(text)} "
+                f"characters cannot fit in it (a token covers at most {longest}). Shorten the prompt.")
 
 
 def _generation_id(state: ServerState, http: web.Request, kind: str) -> str:

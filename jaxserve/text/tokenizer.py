@@ -14,6 +14,7 @@ control tokens written in the text (`<|im_start|>`) are matched whole, as llama.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -98,6 +99,13 @@ class Tokenizer:
 
     def token_to_id(self, piece: str) -> int | None:
         return self._backend.token_to_id(piece)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters: no token covers more text than that (a piece spells at
+        least what it covers: `Ġthe` is " the", `<0x0A>` one byte), so a text of C characters is at least
+        C / max_token_chars tokens, a bound the server checks before tokenizing. First call: ~50 ms."""
+        return max(len(self._backend.id_to_piece(i) or "") for i in range(self.vocab_size))
 
     # ------------------------------------------------------------------ constructors
 

@@ -5,6 +5,7 @@ fake engine (conftest.py). Each test sends what the attacker sent and asserts th
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -325,3 +326,39 @@ async def test_tokenize_is_rate_limited_and_tokenizing_leaves_the_event_loop_fre
         assert (await big).status == 200
         statuses = [(await c.post("/tokenize", json={"prompt": "ab"})).status for _ in range(2)]
         assert statuses == [200, 429]
+
+
+@async_test
+async def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized():
+    """Issue 20 item 9: a 1 MB prompt was tokenized (~1 s of CPU) before the length check."""
+    engine = FakeEngine(max_model_len=64)
+    engine.tokenizer.max_token_chars = 2  # the fake's tokens are one character: a safe bound
+    encoded = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, add_special_tokens=True: encoded.append(text) or encode(text)
+    async with serving(engine) as c:
+        for body in ({"prompt": "ab " * 200}, {"prompt": ["ok", "x" * 385]},
+                     {"messages": [{"role": "user", "content": "y" * 400}], "model": "fake"}):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            resp = await c.post(path, json=body)
+            err = error_of(await resp.json())
+            assert resp.status == 400 and err["code"] == "context_length_exceeded" and "characters" in err["message"]
+        assert encoded == []
+        # At the bound (64 tokens x 2 characters x 3) it is tokenized, and the engine's own check answers.
+        resp = await c.post("/v1/completions", json={"prompt": "x" * 384 + " " * 1000})
+        assert resp.status == 400 and "characters" not in error_of(await resp.json())["message"]
+        assert len(encoded) == 1
+
+
+def test_the_longest_token_bounds_what_a_token_covers():
+    from jaxserve.model_registry import resolve_model
+    from jaxserve.text.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model("SmolLM2-135M-Instruct"))
+    longest = tok.max_token_chars
+    assert 8 <= longest <= 256
+    rng = random.Random(0)
+    words = ["the", "internationalization", "    ", "\n\n\n", "ÄÖÜ", "日本語", "<|im_start|>", "0123456789", "!!!"]
+    for _ in range(20):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 50)))
+        assert len(tok.encode(text, add_special_tokens=False)) * longest >= len(text)

@@ -113,6 +113,7 @@ class LLMEngine:
         if warmup:
             logger.info("compilation cache: %(hits)d of %(requests)d compiles so far loaded from it",
                         compilation_cache.stats())
+        self._compiled_at_warmup = self.runner.num_compiled() if warmup else 0
         self.stats = EngineStats()
 
     def _build_spec(self, config: EngineConfig) -> SpecDecoder:
@@ -202,7 +203,8 @@ class LLMEngine:
         spec = SpecDecodeSnapshot.from_stats(self.spec.stats) if self.spec is not None else None
         return EngineStatsSnapshot(self.scheduler.stats(), self.stats.steps, self.stats.tokens,
                                    self.stats.step_seconds, self.stats.host_fraction, self.warmup_seconds, spec,
-                                   tuple(self.stats.iteration_token_counts))
+                                   tuple(self.stats.iteration_token_counts),
+                                   self.runner.num_compiled() - self._compiled_at_warmup)
 
     def health(self) -> EngineHealth:
         alive = self._thread is None or self._thread.is_alive() or self._stop.is_set()

@@ -68,6 +68,7 @@ class EngineStatsSnapshot:
     spec_decode: SpecDecodeSnapshot | None = None
     # steps per ITERATION_TOKEN_BUCKETS bucket (not cumulative; one more entry for +Inf); () when not kept
     iteration_token_counts: tuple[int, ...] = ()
+    compiles_after_warmup: int = 0  # step executables built after warm-up (each one stalled every request)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -318,20 +318,18 @@ async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
     engine = state.engine or state.require_engine()
-    if not isinstance(body, dict):
-        raise errors.bad_request("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model not in state.config.model_names:
-        raise errors.model_not_found(str(model), state.config.served_model_name)
-    add_special = body.get("add_special_tokens", True)
-    if not isinstance(add_special, bool):
-        raise errors.bad_request("'add_special_tokens' must be a boolean", param="add_special_tokens")
+    _check_model(state, body)
+    flags = {}
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        flags[name] = body.get(name, True)
+        if not isinstance(flags[name], bool):
+            raise errors.bad_request(f"'{name}' must be a boolean", param=name)
     tok = engine.tokenizer
     if "messages" in body:
         chat = protocol.parse_chat({"messages": body["messages"]})
         try:
-            text = render_chat(tok.chat_template, chat.messages, add_generation_prompt=body.get(
-                "add_generation_prompt", True) is True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+            text = render_chat(tok.chat_template, chat.messages, add_generation_prompt=flags["add_generation_prompt"],
+                               bos_token=tok.bos_token, eos_token=tok.eos_token)
         except ValueError as e:
             raise errors.bad_request(str(e), param="messages") from None
     elif isinstance(body.get("prompt"), str):
@@ -340,8 +338,19 @@ async def tokenize(request: web.Request) -> web.Response:
         raise errors.bad_request("send 'prompt' (a string) or 'messages'", param="prompt")
     # NOTE: rate-limited like generation (one request, no tokens), and tokenized off the event loop.
     state.limiter.settle(state.limiter.admit(state.rate_key(request, None), 0), 0)
-    ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special)
+    ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=flags["add_special_tokens"])
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+
+
+def _check_model(state: ServerState, body: Any) -> None:
+    """/tokenize and /detokenize: a JSON object whose `model`, if any, is a served name (400 / 404)."""
+    if not isinstance(body, dict):
+        raise errors.bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise errors.bad_request("'model' must be a string", param="model")
+    if model is not None and model not in state.config.model_names:
+        raise errors.model_not_found(model, state.config.served_model_name)
 
 
 async def tokenizer_info(request: web.Request) -> web.Response:
@@ -359,7 +368,8 @@ async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
     engine = state.engine or state.require_engine()
-    tokens = body.get("tokens") if isinstance(body, dict) else None
+    _check_model(state, body)
+    tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise errors.bad_request("'tokens' must be an array of token ids", param="tokens")
     vocab = getattr(engine.tokenizer, "vocab_size", None)

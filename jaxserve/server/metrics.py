@@ -186,6 +186,8 @@ ENGINE_GAUGES = {
     "engine_host_fraction": ("Share of engine step time not spent waiting for the device, since start.",
                              lambda s: s.host_fraction),
     "engine_warmup_seconds": ("Seconds the engine spent compiling at start-up.", lambda s: s.warmup_seconds),
+    "engine_compiles_after_warmup": ("Step executables compiled after warm-up (should stay 0: each one stalls every "
+                                     "request while it compiles).", lambda s: s.compiles_after_warmup),
     # Speculative decoding (only when the engine has it on).
     "spec_decode_acceptance_rate": ("Accepted / proposed speculative tokens since start.",
                                     lambda s: s.spec_decode and s.spec_decode.acceptance_rate),

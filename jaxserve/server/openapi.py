@@ -48,6 +48,18 @@ _SAMPLING = {
                                         "allows it (--allow-priority, --priority-key), else 400"},
 }
 
+def _nullable(schema: dict, *required: str) -> dict:
+    """A schema that also allows null (an optional field sent as null means "the default"); given a dict of
+    properties, every one of them but `required`."""
+    if "type" in schema or "oneOf" in schema or "const" in schema or "enum" in schema or "anyOf" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    return {name: s if name in required else _nullable(s) for name, s in schema.items()}
+
+
+# A prompt is never empty; token ids are >= 0 (and below the vocabulary size, which the model decides).
+_PROMPT_STR = {**_STR, "minLength": 1}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {**_INT, "minimum": 0}}
+
 _USAGE = {"type": "object", "properties": {
     "prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": _INT}}}}
@@ -56,19 +68,20 @@ _FINISH = {"type": ["string", "null"], "enum": ["stop", "length", "content_filte
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "properties": {
         "message": _STR, "type": _STR, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
-    "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": {
+    "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": _nullable({
         **_SAMPLING,
-        "prompt": {"oneOf": [_STR, {"type": "array", "items": _STR}, {"type": "array", "items": _INT},
-                             {"type": "array", "items": {"type": "array", "items": _INT}}]},
-        "logprobs": {**_INT, "minimum": 0, "maximum": 20}, "echo": _BOOL}},
-    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
+        "prompt": {"oneOf": [_PROMPT_STR, {"type": "array", "minItems": 1, "items": _PROMPT_STR}, _TOKEN_IDS,
+                             {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]},
+        "logprobs": {**_INT, "minimum": 0, "maximum": 20}, "echo": _BOOL}, "prompt")},
+    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": _nullable({
         **_SAMPLING,
         "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
             "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-            "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": {"type": "object", "properties": {
-                "type": {"const": "text"}, "text": _STR}}}]}}}},
+            "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": {
+                "type": "object", "required": ["type", "text"], "properties": {
+                    "type": {"const": "text"}, "text": _STR}}}]}}}},
         "max_completion_tokens": {**_INT, "minimum": 1},
-        "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20}}},
+        "logprobs": _BOOL, "top_logprobs": {**_INT, "minimum": 0, "maximum": 20}}, "messages")},
     "Completion": {"type": "object", "properties": {
         "id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR, "usage": _USAGE,
         "choices": {"type": "array", "items": {"type": "object", "properties": {
@@ -82,13 +95,15 @@ SCHEMAS: dict[str, Any] = {
                                                "owned_by": _STR, "root": _STR, "max_model_len": _INT}},
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
         "$ref": "#/components/schemas/Model"}}}},
-    "TokenizeRequest": {"type": "object", "properties": {
-        "model": _STR, "prompt": _STR, "messages": {"type": "array"}, "add_special_tokens": _BOOL,
+    "TokenizeRequest": {"type": "object", "anyOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+                        "properties": {
+        "model": _nullable(_STR), "prompt": _STR, "messages": {"type": "array"}, "add_special_tokens": _BOOL,
         "add_generation_prompt": _BOOL}},
     "TokenizeResponse": {"type": "object", "properties": {
         "tokens": {"type": "array", "items": _INT}, "count": _INT, "max_model_len": _INT}},
     "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
-        "model": _STR, "tokens": {"type": "array", "items": _INT}}},
+        "model": _nullable(_STR), "tokens": {"type": "array", "items": {**_INT, "minimum": 0,
+                                                             "description": "below the vocabulary size"}}}},
     "DetokenizeResponse": {"type": "object", "properties": {"prompt": _STR}},
 }
 

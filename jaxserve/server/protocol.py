@@ -327,15 +327,15 @@ def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_l
                       validate: Callable[[list[int], SamplingParams], None] | None) -> SamplingParams:
     """`params` with max_tokens None made explicit (up to the context), checked by the engine's `validate`:
     a bad field is a 400 naming it, prompt + max_tokens over the context a 400 `context_length_exceeded`."""
-    if params.max_tokens is None:  # "up to the context": make the worst case explicit
-        params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(prompt_ids)))
-    if validate is not None:
-        try:
+    try:
+        if params.max_tokens is None:  # "up to the context": make the worst case explicit
+            params = dataclasses.replace(params, max_tokens=max(1, max_model_len - len(prompt_ids)))
+        if validate is not None:
             validate(prompt_ids, params)
-        except SamplingParamsError as e:
-            raise bad_request(str(e), param=e.field) from None
-        except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
-            raise context_too_long(str(e)) from None
+    except SamplingParamsError as e:  # NOTE: replace() raises it too (min_tokens over what the context leaves)
+        raise bad_request(str(e), param=e.field) from None
+    except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
+        raise context_too_long(str(e)) from None
     return params
 
 

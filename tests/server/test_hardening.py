@@ -362,3 +362,12 @@ def test_the_longest_token_bounds_what_a_token_covers():
     for _ in range(20):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 50)))
         assert len(tok.encode(text, add_special_tokens=False)) * longest >= len(text)
+
+
+@async_test
+async def test_min_tokens_over_what_the_context_leaves_is_a_400_not_a_500():
+    """Found by the schemathesis run: max_tokens left out and min_tokens over the context raised in the
+    server's own SamplingParams copy."""
+    async with serving(FakeEngine(max_model_len=64)) as c:
+        resp = await c.post("/v1/completions", json={"prompt": "ab", "min_tokens": 1142})
+        assert resp.status == 400 and error_of(await resp.json())["param"] == "min_tokens"

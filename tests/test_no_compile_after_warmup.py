@@ -1,5 +1,6 @@
 """No valid request compiles a step after warm-up (issue 20, item 4): whatever its sampling parameters hold
-(the largest logit_bias OpenAI allows, min_tokens with every stop_token_id allowed, logprobs, penalties, n),
+(the largest logit_bias OpenAI allows, min_tokens with every stop_token_id allowed, logprobs, prompt logprobs,
+bad_words, stop strings, truncation, penalties, n),
 every step it takes runs one of the executables warm-up compiled. On the tiny random model: a few seconds."""
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ PARAMS = st.builds(
     top_p=st.sampled_from([1.0, 0.9, 0.1]), min_p=st.sampled_from([0.0, 0.2]),
     repetition_penalty=st.sampled_from([1.0, 1.3]), presence_penalty=st.sampled_from([0.0, -1.0, 2.0]),
     frequency_penalty=st.sampled_from([0.0, 1.0]),
-    logit_bias=st.one_of(st.none(), _ids(SamplingParams.MAX_LOGIT_BIAS).map(lambda ids: {t: 5.0 for t in ids})),
+    # NOTE: bad_words share the bias table's fixed width (the full table is the test above)
+    logit_bias=st.one_of(st.none(), _ids(SamplingParams.MAX_LOGIT_BIAS - 20).map(lambda ids: {t: 5.0 for t in ids})),
+    bad_words=st.lists(st.sampled_from(["hello", " world", "foo bar", "the"]), max_size=2).map(tuple),
+    stop=st.lists(st.sampled_from(["\n", "the", "zz", "."]), max_size=2).map(tuple),
+    include_stop_str_in_output=st.booleans(), skip_special_tokens=st.booleans(),
+    truncate_prompt_tokens=st.one_of(st.none(), st.integers(1, 40)),
+    prompt_logprobs=st.one_of(st.none(), st.integers(0, 3)),
     seed=st.one_of(st.none(), st.integers(0, 2**40)),
     stop_token_ids=_ids(SamplingParams.MAX_STOP_TOKEN_IDS).map(tuple),
     ignore_eos=st.booleans(), max_tokens=st.integers(2, 4), min_tokens=st.integers(0, 2),

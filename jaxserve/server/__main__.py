@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guardrail-max-input-chars", type=int, default=d.max_input_chars,
                    help="the input-length stage's limit")
     g.add_argument("--guardrail-injection", action=argparse.BooleanOptionalAction, default=None,
-                   help="screen the last user message for prompt injection (default: as --guardrails)")
+                   help="screen every message (all roles, whole, Unicode-normalised) for prompt injection "
+                        "(default: as --guardrails)")
     g.add_argument("--guardrail-injection-threshold", type=float, default=d.injection_threshold,
                    help="the injection score (0..1] that blocks a request")
     g.add_argument("--guardrail-content-policy", action=argparse.BooleanOptionalAction, default=None,
@@ -321,8 +322,10 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     await runner.setup()
     loop.set_exception_handler(QuietExceptionHandler())
     logger.info("open-files limit %d", raise_fd_limit())
-    ConnectionGuard(header_timeout=serving.header_timeout, keepalive_timeout=serving.keepalive_timeout,
-                    max_connections=serving.max_connections).install(runner)
+    guard = ConnectionGuard(header_timeout=serving.header_timeout, keepalive_timeout=serving.keepalive_timeout,
+                            max_connections=serving.max_connections)
+    guard.install(runner)
+    state.connection_gauges = guard.gauges
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]

@@ -27,7 +27,7 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -111,6 +111,7 @@ class ServerState:
         self.limiter = RateLimiter(config.rate_limits, dict(config.rate_limit_overrides),
                                    on_reject=lambda kind: self.metrics.rate_limited.labels(kind).inc())
         self.guardrails = GuardrailChain.from_config(config.guardrails)
+        self.connection_gauges: Callable[[], dict[str, float]] | None = None  # set by __main__'s ConnectionGuard
         self.inflight: set[Generation] = set()
         self._drained = asyncio.Event()
         self.metrics.add_collector(EngineCollector(lambda: self.engine, self._server_gauges))
@@ -198,6 +199,7 @@ class ServerState:
         return {"server_requests_in_flight": len(self.inflight), "server_requests_queued": self.num_queued,
                 "server_draining": float(self.draining), "engine_ready": float(self.engine is not None),
                 "rate_limit_keys": self.limiter.num_keys,
+                **(self.connection_gauges() if self.connection_gauges else {}),
                 **cost_gauges(self.metrics, self.engine, self.config.accelerator_price_per_hour,
                               self.config.accelerator_utilization, time.time() - self.started_at)}
 

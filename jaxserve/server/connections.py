@@ -40,6 +40,11 @@ class ConnectionGuard:
         self.refused = 0  # connections over the cap, closed at once
         self.timed_out = 0  # connections closed for slow headers
 
+    def gauges(self) -> dict[str, float]:
+        """For /metrics: open connections, and those refused over the cap or closed for slow headers so far."""
+        return {"server_connections_open": self.open, "server_connections_refused": self.refused,
+                "server_connections_timed_out": self.timed_out}
+
     def install(self, runner: web.AppRunner) -> None:
         """Makes `runner`'s server build `GuardedHandler`s (call after `runner.setup()`, before the site starts)."""
         server = runner.server

@@ -317,8 +317,12 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     app = create_app(serving)
     state = app[STATE]
     # NOTE: aiohttp's own access log is off; app.access_middleware writes ours (with tokens and request id).
+    # NOTE: after a response to a request whose body is unfinished (a 408, a 413 before reading), aiohttp reads
+    # and drops the rest for `lingering_time` (10 s by default) before closing: a slow body's connection gets
+    # no more time than the body timeout gave it.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           keepalive_timeout=serving.keepalive_timeout)
+                           keepalive_timeout=serving.keepalive_timeout,
+                           lingering_time=min(10.0, serving.body_timeout or 10.0))
     await runner.setup()
     loop.set_exception_handler(QuietExceptionHandler())
     logger.info("open-files limit %d", raise_fd_limit())

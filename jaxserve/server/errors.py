@@ -40,8 +40,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_response(self) -> web.Response:
-        return web.Response(status=self.status, text=json.dumps(self.to_dict()), content_type="application/json",
-                            headers=self.headers)
+        response = web.Response(status=self.status, text=json.dumps(self.to_dict()), content_type="application/json",
+                                headers=self.headers)
+        if self.headers.get("Connection") == "close":
+            response.force_close()  # NOTE: the header alone does not end aiohttp's keep-alive
+        return response
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

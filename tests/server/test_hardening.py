@@ -222,7 +222,8 @@ async def _guarded_server(**config):
     engine = FakeEngine()
     engine.start()
     cfg = ServingConfig(served_model_name="fake", **config)
-    runner = web.AppRunner(create_app(cfg, engine), handler_cancellation=True, keepalive_timeout=cfg.keepalive_timeout)
+    runner = web.AppRunner(create_app(cfg, engine), handler_cancellation=True, keepalive_timeout=cfg.keepalive_timeout,
+                           lingering_time=min(10.0, cfg.body_timeout or 10.0))
     await runner.setup()
     guard = ConnectionGuard(header_timeout=cfg.header_timeout, keepalive_timeout=cfg.keepalive_timeout,
                             max_connections=cfg.max_connections)
@@ -269,6 +270,8 @@ async def test_slow_heads_and_bodies_are_cut_off_and_connections_are_capped():
                 b"Content-Length: 100\r\n\r\n{\"prompt\"")
         head = await asyncio.wait_for(r.readline(), 2.0)
         assert b"408" in head
+        rest = await asyncio.wait_for(r.read(), 2.0)  # to EOF: closed, not kept for aiohttp's 10 s lingering read
+        assert b"request_timeout" in rest
         w.close()
         # Everyone else is served meanwhile and after.
         async with aiohttp.ClientSession() as s:

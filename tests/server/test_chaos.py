@@ -16,6 +16,7 @@ About a minute on 2 cores (most of it the server's start-up).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import re
@@ -175,6 +176,8 @@ def test_chaos_then_sigterm(tiny_checkpoint, tmp_path):
         assert outcomes.count("done") >= CLIENTS // 3 and outcomes.count("hung_up") >= 10, outcomes
         firsts = [s["first"] for s in streams if s.get("first") is not None]
         assert max(firsts) < FIRST_TOKEN_BOUND, sorted(firsts)[-5:]
+        print(f"chaos: {dict(collections.Counter(outcomes))}, first token max {max(firsts):.2f} s, "
+              f"half-open closed after {min(results['half_open']):.1f}..{max(results['half_open']):.1f} s")
         assert all(status == 400 for status in results["malformed"]), results["malformed"]
         assert results["oversized"] == [413]
         closed = results["half_open"]

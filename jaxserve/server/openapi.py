@@ -46,6 +46,13 @@ _SAMPLING = {
                        "description": "only with `stream: true` (else 400)"},
     "priority": {**_INT, "description": "lower runs first (extra field); other than 0 only where the operator "
                                         "allows it (--allow-priority, --priority-key), else 400"},
+    # vLLM's extra sampling fields
+    "skip_special_tokens": {**_BOOL, "default": True, "description": "leave special tokens out of the text"},
+    "include_stop_str_in_output": {**_BOOL, "default": False},
+    "bad_words": {"type": "array", "maxItems": 128, "items": {**_STR, "minLength": 1, "maxLength": 256,
+                                                                "pattern": r"\S"},
+                  "description": "words never generated"},
+    "truncate_prompt_tokens": {**_INT, "minimum": 1, "description": "keep only the prompt's last k tokens"},
 }
 
 def _nullable(schema: dict, *required: str) -> dict:

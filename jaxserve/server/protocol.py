@@ -169,9 +169,25 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
             frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
             logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=_stop(body),
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs)
+            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
+            **_vllm_extras(body))
     except SamplingParamsError as e:
         raise bad_request(str(e), param=e.field) from None
+
+
+# vLLM's extra sampling fields that its OpenAI server takes over HTTP (SamplingParams has them all).
+MAX_BAD_WORDS = 128  # each bans up to two ids in the fixed-width bias table (BIAS_WIDTH 512)
+
+
+def _vllm_extras(body: dict) -> dict[str, Any]:
+    bad_words = _field(body, "bad_words", (list,)) or []
+    if len(bad_words) > MAX_BAD_WORDS or not all(isinstance(w, str) and w.strip() and len(w) <= MAX_STOP_LENGTH
+                                                  for w in bad_words):
+        raise bad_request(f"'bad_words' must be at most {MAX_BAD_WORDS} non-blank strings of at most "
+                          f"{MAX_STOP_LENGTH} characters", param="bad_words")
+    return {"skip_special_tokens": _field(body, "skip_special_tokens", (bool,), True),
+            "include_stop_str_in_output": _field(body, "include_stop_str_in_output", (bool,), False),
+            "bad_words": tuple(bad_words), "truncate_prompt_tokens": _field(body, "truncate_prompt_tokens", (int,))}
 
 
 def _max_tokens(body: dict, *names: str, minimum: int = 1) -> int | None:

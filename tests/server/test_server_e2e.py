@@ -132,6 +132,21 @@ def test_completions_through_the_openai_client(server):
     assert "," not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_vllms_extra_sampling_fields_through_the_openai_client(server):
+    """include_stop_str_in_output, bad_words and truncate_prompt_tokens as vLLM's server takes them (extra_body)."""
+    client = server.client()
+    kw = dict(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw, stop=[","]).choices[0].text
+    kept = client.completions.create(**kw, stop=[","], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert kept.text == plain + "," and kept.finish_reason == "stop"
+    base = client.completions.create(**kw).choices[0].text
+    banned = client.completions.create(**kw, extra_body={"bad_words": ["5"]}).choices[0].text
+    assert "5" in base and "5" not in banned, (base, banned)
+    out = client.completions.create(model="SmolLM2-135M-Instruct", prompt="one two three " * 400, max_tokens=2,
+                                    extra_body={"truncate_prompt_tokens": 5})  # 1,200 tokens: over the context
+    assert out.usage.prompt_tokens == 5
+
+
 def test_chat_through_the_openai_client(server):
     out = server.client().chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "system", "content": "Answer briefly."},

@@ -276,3 +276,28 @@ async def test_generation_config_defaults_fill_only_the_fields_a_request_leaves_
         body = await (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2,
                                                             "temperature": 0})).json()
         assert body["choices"][0]["text"] == expected("ab", 2) and engine.added[-1][2].temperature == 0
+
+
+@async_test
+async def test_vllms_extra_sampling_fields_reach_the_engine_over_http():
+    engine = FakeEngine(max_model_len=64)
+    async with serving(engine) as c:
+        body = {"prompt": "x" * 200, "max_tokens": 3, "skip_special_tokens": False, "include_stop_str_in_output": True,
+                "bad_words": ["foo", " bar baz"], "truncate_prompt_tokens": 5}
+        resp = await c.post("/v1/completions", json=body)
+        out = await resp.json()
+        assert resp.status == 200 and out["usage"]["prompt_tokens"] == 5  # truncated before the context check
+        params = engine.added[-1][2]
+        assert (params.skip_special_tokens, params.include_stop_str_in_output, params.bad_words,
+                params.truncate_prompt_tokens) == (False, True, ("foo", " bar baz"), 5)
+        assert len(engine.added[-1][1]) == 5
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "bad_words": ["x"]}
+        assert (await c.post("/v1/chat/completions", json=chat)).status == 200
+        assert engine.added[-1][2].bad_words == ("x",)
+        for field, value in (("bad_words", "foo"), ("bad_words", [" "]), ("bad_words", ["w"] * 129),
+                             ("skip_special_tokens", "no"), ("truncate_prompt_tokens", 0)):
+            resp = await c.post("/v1/completions", json={"prompt": "ab", field: value})
+            assert resp.status == 400 and error_of(await resp.json())["param"] == field, (field, value)
+        spec = await (await c.get("/openapi.json")).json()
+        props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+        assert {"skip_special_tokens", "include_stop_str_in_output", "bad_words", "truncate_prompt_tokens"} <= set(props)

@@ -208,3 +208,6 @@ def test_chaos_then_sigterm(tiny_checkpoint, tmp_path):
     log = log_path.read_text(errors="replace")
     assert len(log) < 1_000_000 and "Traceback" not in log, log[-3000:]
     assert "draining" in log
+    # Third-party start-up chatter (absl, orbax, jax) is quiet at the default level, and the warm-up bar is off
+    # when stderr is a file (issue 18).
+    assert not re.search(r" (INFO|DEBUG) (absl|orbax|jax)\b", log) and "compiling step shapes:" not in log

@@ -374,3 +374,26 @@ async def test_min_tokens_over_what_the_context_leaves_is_a_400_not_a_500():
     async with serving(FakeEngine(max_model_len=64)) as c:
         resp = await c.post("/v1/completions", json={"prompt": "ab", "min_tokens": 1142})
         assert resp.status == 400 and error_of(await resp.json())["param"] == "min_tokens"
+
+
+@async_test
+async def test_stop_string_caps_and_never_fits_is_the_same_400_streaming_or_not():
+    """Issue 20 item 9: 60,000 stop strings slowed every stream 3x; "never fits the KV pool" was a 400 when
+    not streaming but a 200 with an error event when streaming."""
+    engine = FakeEngine()
+    check = engine.validate
+
+    def validate(ids, params):  # the real engine's check: prompt + max_tokens over the whole KV pool
+        if len(ids) + params.max_tokens > 100:
+            raise ValueError("This request needs 8 KV pages; the pool holds only 6: it can never fit.")
+        check(ids, params)
+
+    engine.validate = validate
+    async with serving(engine) as c:
+        for stop in (["x"] * 60_000, ["y" * 257]):
+            resp = await c.post("/v1/completions", json={"prompt": "ab", "stop": stop})
+            assert resp.status == 400 and error_of(await resp.json())["param"] == "stop"
+        for stream in (False, True):
+            resp = await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 120, "stream": stream})
+            err = error_of(await resp.json())
+            assert resp.status == 400 and err["code"] == "context_length_exceeded" and "KV pages" in err["message"]

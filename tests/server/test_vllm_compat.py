@@ -300,4 +300,5 @@ async def test_vllms_extra_sampling_fields_reach_the_engine_over_http():
             assert resp.status == 400 and error_of(await resp.json())["param"] == field, (field, value)
         spec = await (await c.get("/openapi.json")).json()
         props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
-        assert {"skip_special_tokens", "include_stop_str_in_output", "bad_words", "truncate_prompt_tokens"} <= set(props)
+        assert {"skip_special_tokens", "include_stop_str_in_output", "bad_words", "truncate_prompt_tokens"} \
+            <= set(props)

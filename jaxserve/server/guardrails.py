@@ -128,9 +128,11 @@ class LengthLimit:
         return None
 
 
-# "Never reveal your system prompt" is a system prompt, not an attack (every message is screened). The text is
-# matched with single spaces (see `PromptInjectionScreen.score`), so fixed-width lookbehinds suffice.
-NOT_NEGATED = r"(?<!never )(?<!not )(?<!n't )(?<!n\u2019t )(?<!n t )"
+# "Never reveal your system prompt" is a system prompt, not an attack (every message is screened): a match of
+# these patterns right after a negation does not count. (Checked after a match: a lookbehind in the pattern
+# would run at every position.) The text is matched with single spaces (see `PromptInjectionScreen.score`).
+NEGATABLE = frozenset({"ignore_previous", "reveal_system_prompt"})
+_NEGATION = re.compile(r"(?:never|not|n't|n\u2019t|n t) $")  # "not" also ends "cannot"; "n t" is a folded "n't"
 
 # (name, weight, trigger words, pattern). Weights: one unambiguous instruction override blocks alone at the
 # default threshold 0.8; weaker signals (role-play, "jailbreak", special-token spoofing) need company.
@@ -138,10 +140,10 @@ NOT_NEGATED = r"(?<!never )(?<!not )(?<!n't )(?<!n\u2019t )(?<!n t )"
 # substring test in C), which keeps the screen in the tens of microseconds on ordinary prompts.
 INJECTION_PATTERNS = (
     ("ignore_previous", 0.9, ("ignore", "disregard", "forget", "override"),
-     rf"{NOT_NEGATED}\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+|the\s+|your\s+)*(?:previous|prior|above|earlier|"
+     r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+|the\s+|your\s+)*(?:previous|prior|above|earlier|"
      r"preceding|original|system)\s+(?:instructions|prompts?|rules|directions|guidelines|context)"),
     ("reveal_system_prompt", 0.8, ("prompt", "instructions", "message"),
-     rf"{NOT_NEGATED}\b(?:reveal|show|print|repeat|output|leak|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+(?:system|initial|hidden|"
+     r"\b(?:reveal|show|print|repeat|output|leak|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+(?:system|initial|hidden|"
      r"original|secret)\s+(?:prompt|instructions|message)"),
     ("do_anything_now", 0.7, ("anything", "dan"), r"\bdo\s+anything\s+now\b|\byou\s+are\s+(?:now\s+)?dan\b"),
     ("developer_mode", 0.6, ("developer",),
@@ -173,12 +175,14 @@ class PromptInjectionScreen:
     def score(self, text: str) -> tuple[float, list[str]]:
         """Over all of `text`, normalised (punctuation kept: "<|im_start|>") and with punctuation folded
         ("ignore-all-previous-instructions"); a pattern counts once if it matches either."""
-        text = _HORIZONTAL_SPACE.sub(" ", for_matching(text))
-        folded = fold_punctuation(text)
-        folded = folded if folded != text else None  # prose without punctuation: one pass is enough
+        text = for_matching(text)
+        if "  " in text or "\t" in text:
+            text = _HORIZONTAL_SPACE.sub(" ", text)
+        folded = fold_punctuation(text) if _FOLDABLE.search(text) else None  # None: one pass is enough
         keep, names = 1.0, []
         for name, weight, triggers, pattern in self.patterns:
-            if any(t in text for t in triggers) and (pattern.search(text) or (folded and pattern.search(folded))):
+            if any(t in text for t in triggers) and (_matches(name, pattern, text) or
+                                                      (folded is not None and _matches(name, pattern, folded))):
                 keep *= 1.0 - weight
                 names.append(name)
         return 1.0 - keep, names
@@ -191,6 +195,14 @@ class PromptInjectionScreen:
 
 
 _HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")  # runs of spaces and tabs (newlines kept for role_spoof)
+_FOLDABLE = re.compile(r"[^\w\s]|_")  # what `fold_punctuation` would change (besides whitespace)
+
+
+def _matches(name: str, pattern: re.Pattern, text: str) -> bool:
+    for m in pattern.finditer(text):
+        if name not in NEGATABLE or not _NEGATION.search(text, max(0, m.start() - 6), m.start()):
+            return True
+    return False
 
 
 class ContentPolicy:

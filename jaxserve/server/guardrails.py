@@ -205,6 +205,12 @@ def _matches(name: str, pattern: re.Pattern, text: str) -> bool:
     return False
 
 
+def _phrase_pattern(terms: Iterable[str]) -> re.Pattern:
+    """Any of `terms` as whole words, longest first, whitespace inside a term matching any run of it."""
+    alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in terms), key=len, reverse=True)
+    return re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE)
+
+
 class ContentPolicy:
     """A blocklist of words and phrases; whitespace inside a phrase matches any run of whitespace. Outputs are
     scanned as they are (spans index the text); inputs (`check`) normalised, so "pipe-bomb", a Cyrillic "о"
@@ -217,12 +223,19 @@ class ContentPolicy:
         # Lower-cased, whitespace collapsed, sorted: a prefix test is one bisection (blocklists can be long).
         self._normalized = sorted(" ".join(t.lower().split()) for t in self.terms)
         self._longest = max(map(len, self.terms), default=0)
-        alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in self.terms), key=len, reverse=True)
-        self.pattern = re.compile(rf"(?<!\w)(?:{'|'.join(alternatives)})(?!\w)", re.IGNORECASE) if alternatives \
-            else None
-        folded = sorted({fold_punctuation(for_matching(t)).strip() for t in self.terms} - {""}, key=len, reverse=True)
-        self._input_pattern = re.compile(rf"(?<!\w)(?:{'|'.join(map(re.escape, folded))})(?!\w)") if folded \
-            else None
+        self.pattern = _phrase_pattern(self.terms) if self.terms else None
+        # Inputs: terms are matched on folded text ("pipe-bomb" as "pipe bomb"), except the few whose meaning is
+        # in their punctuation ("c++" would fold to "c"): those on the normalised text as they are.
+        folded, kept = set(), set()
+        for term in self.terms:
+            norm = " ".join(for_matching(term).split())
+            fold = fold_punctuation(norm).strip()
+            if 2 * len(fold.replace(" ", "")) > len(norm.replace(" ", "")):
+                folded.add(fold)
+            else:
+                kept.add(norm)
+        self._input_patterns = [(fold_text, _phrase_pattern(terms))
+                                for fold_text, terms in ((True, folded), (False, kept)) if terms]
 
     def scan(self, text: str) -> list[Finding]:
         if self.pattern is None:
@@ -231,10 +244,14 @@ class ContentPolicy:
                 for m in self.pattern.finditer(text)]
 
     def check(self, text: str) -> Finding | None:
-        if self._input_pattern is None:
+        if not self._input_patterns:
             return None
-        m = self._input_pattern.search(fold_punctuation(for_matching(text)))
-        return Finding(self.name, m.group(0)) if m else None
+        norm = for_matching(text)
+        for fold_text, pattern in self._input_patterns:
+            m = pattern.search(fold_punctuation(norm) if fold_text else norm)
+            if m:
+                return Finding(self.name, " ".join(m.group(0).split()))
+        return None
 
     def partial_from(self, text: str) -> int:
         """A trailing start of a blocked phrase that already has half its characters ("synthesize sa")."""

@@ -224,6 +224,8 @@ def test_normalisation():
     for text in ("a pipe-bomb", "a PIPE.BOMB", "a pip\u0435 bomb", "a pipe b\u00adomb", "a pipe\u3000bomb"):
         assert policy.check(text) is not None, text
     assert policy.check("a pipe bombastic plan") is None and policy.check("bagpipe bomb") is None
+    cpp = ContentPolicy(["c++", "pipe bomb"])  # a term that is mostly punctuation is matched as written
+    assert cpp.check("I write C++ daily").kind == "c++" and cpp.check("vitamin c is good") is None
 
 
 def test_length_limit():

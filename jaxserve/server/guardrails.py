@@ -323,7 +323,7 @@ class PIIDetector:
 
     # The start of a hit cut off at the end of the text: an e-mail's local part and "@", a dotted or
     # underscored local part with a letter ("john.doe"), a run of digits with the separators a phone, SSN or
-    # card number uses (3+ digits and a separator, or 5+ digits).
+    # card number uses (3+ digits and a separator, or 5+ digits; more than a card's 19 can no longer be one).
     PARTIAL = (re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]*$"),
                re.compile(r"(?<![\w.+-])(?=[\w%+-]*[A-Za-z])[A-Za-z0-9%+-]+(?:[._+][A-Za-z0-9%+-]+)+$"),
                re.compile(r"(?<![\w+])(?:\+?1[ .-]?)?\(?\d(?:[ .()-]{0,2}\d)*[ .()-]*$"))
@@ -337,7 +337,7 @@ class PIIDetector:
             if i == 2:
                 digits = sum(c.isdigit() for c in m.group(0))
                 separated = any(not c.isdigit() for c in m.group(0).strip())
-                if not (digits >= 5 or (digits >= 3 and separated)):
+                if not (digits >= 5 or (digits >= 3 and separated)) or digits > 19:
                     continue
             starts.append(m.start())
         return min(starts)

@@ -397,7 +397,7 @@ def test_monitor_never_releases_the_front_of_a_hit_that_was_cut_off(action, pii,
 
 
 @pytest.mark.parametrize("text", ["Once upon a time", "It was 2024", "see the docs", "the end.", "call 911",
-                                  "answer: 42"])
+                                  "answer: 42", " 1" + "0" * 30])  # 31 digits: longer than any card
 def test_prose_cut_off_is_released_whole(text):
     monitor = default_chain().monitor()
     assert monitor.feed(text, 1, final=True, cut_off=True) == text and monitor.finding is None

@@ -313,7 +313,8 @@ def parse_chat(body: Any) -> GenerationRequest:
 
 
 def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
-    """(texts, token ids) of the request's prompts; chat messages are rendered with the model's template.
+    """(texts, token ids) of the request's prompts; chat messages are rendered with the model's template. With
+    `truncate_prompt_tokens` the ids are the last k (as the engine would keep), so the context check sees them.
 
     Shared by the server and the offline batch (`jaxserve.server.batch`); a template error is a 400.
     """
@@ -324,7 +325,7 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
                                bos_token=tok.bos_token, eos_token=tok.eos_token)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
-        return [text], [tok.encode(text)]
+        return [text], _truncated(req, [tok.encode(text)])
     texts, ids = [], []
     for prompt in req.prompts:
         if isinstance(prompt, str):
@@ -336,7 +337,12 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
                 raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt")
             ids.append(list(prompt))
             texts.append(tok.decode(prompt))
-    return texts, ids
+    return texts, _truncated(req, ids)
+
+
+def _truncated(req: GenerationRequest, ids: list[list[int]]) -> list[list[int]]:
+    k = req.params.truncate_prompt_tokens
+    return ids if k is None else [p[-k:] for p in ids]
 
 
 def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_len: int,

@@ -116,8 +116,6 @@ class Generation:
         if req.params.truncate_prompt_tokens is None:  # a prompt to be truncated may be as long as it likes
             _refuse_surely_too_long(req, engine)
         self.prompt_texts, self.prompt_ids = protocol.tokenize_prompts(req, engine.tokenizer)
-        if req.params.truncate_prompt_tokens is not None:  # as the engine will: the context check sees the kept part
-            self.prompt_ids = [ids[-req.params.truncate_prompt_tokens:] for ids in self.prompt_ids]
         # Every message of every role, whole (a system or earlier message can carry an injection too)
         texts = [m["content"] for m in req.messages] if req.kind == "chat" else self.prompt_texts
         finding = self.state.guardrails.check_input("\n".join(texts))

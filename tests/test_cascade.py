@@ -8,10 +8,11 @@ import math
 import time
 
 import pytest
-from conftest import FakeEngine, expected
 
 from jaxserve.cascade import CascadeEngine, CascadePolicy
 from jaxserve.core.sampling_params import SamplingParams
+
+from conftest import FakeEngine, expected
 
 
 class UnsureEngine(FakeEngine):

@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--price-per-hour", type=float, default=1.0, help="$ per accelerator hour, for $ per 1M tokens")
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N items of each split (0: all)")
+    ap.add_argument("--dump", default=None, help="write every test item's three answers here (JSON lines)")
     args = ap.parse_args()
 
     small_path = args.small
@@ -157,6 +158,12 @@ def main() -> None:
         print(f"  {kind:<8} n={len(oks):<4} small {sum(o[0] for o in oks) / len(oks):.3f}  large "
               f"{sum(o[1] for o in oks) / len(oks):.3f}  cascade {sum(o[2] for o in oks) / len(oks):.3f}")
     print(f"cascade accuracy predicted from the two alone runs: {sum(simulated) / n:.3f}")
+    if args.dump:
+        with open(args.dump, "w") as f:
+            for i, it in enumerate(test):
+                f.write(json.dumps({**it, "signal": rows["small"]["signals"][i], **{
+                    f"{k}_text": rows[k]["texts"][i] for k in rows}, **{f"{k}_ok": rows[k]["ok"][i] for k in rows},
+                    "answered_by": rows["cascade"]["answered_by"][i]}) + "\n")
     print(json.dumps({"accuracy_small": sum(rows["small"]["ok"]) / n, "accuracy_large": sum(rows["large"]["ok"]) / n,
                       "accuracy_cascade": sum(rows["cascade"]["ok"]) / n, "share_small": rows["cascade"]["share_small"],
                       "threshold": threshold, "num_test": n,

@@ -43,6 +43,7 @@ def complete(client: openai.OpenAI, model: str):
                                                        max_tokens=6, temperature=0.0)
 
 
+@pytest.mark.slow
 def test_two_models_and_two_cascades_answer_by_name(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["a", "b", "keep", "escalate"]

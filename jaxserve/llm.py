@@ -12,6 +12,8 @@ from jaxserve.core.sampling_params import SamplingParams
 from jaxserve.engine import LLMEngine
 from jaxserve.text.chat_template import load_chat_template, render_chat
 
+CASCADE_KEYS = {"small", "threshold", "signal", "small_options"}
+
 
 class LLM:
     """`model` is the default name, a converted checkpoint folder, a Hugging Face folder or a GGUF path.
@@ -30,6 +32,8 @@ class LLM:
         speculative = engine_options.pop("speculative_config", None)  # vLLM's dict form of the speculative options
         if speculative is not None:
             engine_options.update(speculative_fields(speculative))
+        if cascade is not None and ("small" not in cascade or set(cascade) - CASCADE_KEYS):
+            raise ValueError(f"cascade takes {sorted(CASCADE_KEYS)} ('small' required), got {sorted(cascade)}")
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options), warmup=warmup)
         if cascade is not None:
             self.engine = _cascade(self.engine, cascade, engine_options, warmup)
@@ -129,9 +133,6 @@ class LLM:
 def _cascade(large: LLMEngine, spec: dict, engine_options: dict, warmup: bool):
     from jaxserve.cascade import CascadeEngine, CascadePolicy
 
-    known = {"small", "threshold", "signal", "small_options"}
-    if "small" not in spec or set(spec) - known:
-        raise ValueError(f"cascade takes {sorted(known)} ('small' required), got {sorted(spec)}")
     options = {**engine_options, **spec.get("small_options", {})}
     small = LLMEngine(EngineConfig(model=spec["small"], **options), warmup=warmup)
     policy = CascadePolicy(**{k: spec[k] for k in ("threshold", "signal") if k in spec})

@@ -422,7 +422,9 @@ async def live(request: web.Request) -> web.Response:
         return web.json_response({"status": "failed", "reason": state.engine_error}, status=503)
     if state.engine is None:  # still loading: the startup probe's business
         return web.json_response({"status": "loading"})
-    health = state.engine.health()
+    engines = state.router.engines() if state.router is not None else [state.engine]
+    checks = [engine.health() for engine in engines]  # several models: the worst engine speaks for the server
+    health = min(checks, key=lambda h: (h.thread_alive, not h.pending, -h.seconds_since_progress))
     if not health.thread_alive:
         return web.json_response({"status": "dead", "reason": "the engine thread is gone"}, status=503)
     stall = state.config.liveness_stall_timeout

@@ -206,7 +206,7 @@ class CascadeEngine:
         try:
             p.large = self.large.add_request(out.prompt_token_ids, p.params, request_id=out.request_id,
                                              priority=p.priority)
-        except ValueError as e:  # validated at add_request; a failure here is the engine's
+        except Exception as e:  # noqa: BLE001 - validated at add_request; on an engine thread nothing may escape
             self._pending.pop(out.request_id, None)
             for i in range(p.params.n):
                 out.put(RequestDelta(out.request_id, i, [], "", None, True, "error", error=str(e)))

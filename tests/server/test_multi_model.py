@@ -144,3 +144,33 @@ def test_cascade_specs():
 def gauge(lines: list[str], name: str) -> float:
     prefix = f'jaxserve:{name}{{model_name="auto"}} '
     return float(next(ln for ln in lines if ln.startswith(prefix)).removeprefix(prefix))
+
+
+def test_a_model_that_fails_to_load_fails_the_start_up_naming_it(tmp_path, monkeypatch):
+    from jaxserve.server.__main__ import _build_models
+
+    failed, shut = [], []
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args):
+            fn(*args)
+
+    class State:
+        def set_engine_failed(self, message):
+            failed.append(message)
+
+        def set_models(self, engines):
+            raise AssertionError("must not be ready")
+
+    missing = str(tmp_path / "no-such-model")
+    good = FakeEngine()
+    good.shutdown = lambda: shut.append("good")
+    import jaxserve.engine
+
+    real = jaxserve.engine.LLMEngine  # the second model loads for real, and fails
+    monkeypatch.setattr(jaxserve.engine, "LLMEngine",
+                        lambda cfg, warmup: good if cfg.model == "good" else real(cfg, warmup=False))
+    _build_models([("first", EngineConfig(model="good")), ("second", EngineConfig(model=missing))], [], Loop(),
+                  State())
+    assert len(failed) == 1 and failed[0].startswith(f"model 'second' ({missing}): ValueError"), failed
+    assert shut == ["good"]  # the engines already built are shut down

@@ -67,12 +67,15 @@ def load_items(path: str | Path = DATA) -> list[dict]:
 
 
 def is_correct(item: dict, text: str) -> bool:
-    """Numbers: the first number after an `=` (else the first number) equals the answer. Words: the answer
-    appears, case-insensitive (a city's accents aside)."""
+    """Numbers: the answer is the first number after the question's operands when the text restates them
+    ("12 times 5 is 60", "36 + 38 = 104"), else its first number ("60", "To add 44 ..." is wrong).
+    Words: the answer appears, case-insensitive."""
     if item["kind"] in ("add", "mul"):
-        tail = text.split("=", 1)[1] if "=" in text else text
-        numbers = re.findall(r"-?\d+", tail.replace(",", ""))
-        return bool(numbers) and int(numbers[0]) == item["answer"]
+        numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+        operands = re.findall(r"\d+", item["prompt"])
+        if numbers[:len(operands)] == operands:
+            numbers = numbers[len(operands):]
+        return bool(numbers) and float(numbers[0]) == item["answer"]
     return str(item["answer"]).lower() in text.lower()
 
 

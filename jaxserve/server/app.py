@@ -345,11 +345,14 @@ async def model(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    state.require_engine()
+    engine = state.engine or state.require_engine()
     if not isinstance(body, dict):
         raise errors.bad_request("the request body must be a JSON object")
     model = body.get("model")
-    engine = state.for_model(None if model is None else str(model)).engine
+    if state.router is not None:
+        engine = state.router.scope(None if model is None else str(model)).engine
+    elif model is not None and model not in state.config.model_names:
+        raise errors.model_not_found(str(model), state.model_names)
     add_special = body.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
         raise errors.bad_request("'add_special_tokens' must be a boolean", param="add_special_tokens")

@@ -12,20 +12,31 @@ from jaxserve.core.sampling_params import SamplingParams
 from jaxserve.engine import LLMEngine
 from jaxserve.text.chat_template import load_chat_template, render_chat
 
+CASCADE_KEYS = {"small", "threshold", "signal", "small_options"}
+
 
 class LLM:
     """`model` is the default name, a converted checkpoint folder, a Hugging Face folder or a GGUF path.
 
     Keyword arguments are the engine's options, named like the server's flags
     (`max_num_seqs`, `tensor_parallel_size`, `attention_backend`, `dtype`, ...).
+
+    `cascade={"small": PATH, "threshold": -0.5, "signal": "mean_logprob"}` makes `model` the large model of a
+    cascade (jaxserve/cascade.py): the small one answers each prompt, and the large one takes over the prompts
+    it was unsure of; `small_options` (a dict) overrides engine options for the small model. Each output's
+    `answered_by` is "small" or "large".
     """
 
-    def __init__(self, model: str = EngineConfig.model, **engine_options):
+    def __init__(self, model: str = EngineConfig.model, *, cascade: dict | None = None, **engine_options):
         warmup = engine_options.pop("warmup", True)
         speculative = engine_options.pop("speculative_config", None)  # vLLM's dict form of the speculative options
         if speculative is not None:
             engine_options.update(speculative_fields(speculative))
+        if cascade is not None and ("small" not in cascade or set(cascade) - CASCADE_KEYS):
+            raise ValueError(f"cascade takes {sorted(CASCADE_KEYS)} ('small' required), got {sorted(cascade)}")
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options), warmup=warmup)
+        if cascade is not None:
+            self.engine = _cascade(self.engine, cascade, engine_options, warmup)
         self.tokenizer = self.engine.tokenizer
 
     def get_tokenizer(self):
@@ -64,6 +75,8 @@ class LLM:
                         result.add(delta)
                         if result.finished:
                             bar.update(1)
+        for result, stream in zip(results, streams):
+            result.answered_by = getattr(stream, "answered_by", None)
         return results
 
     def score(self, prompts, continuations: Sequence[str] | None = None, *,
@@ -115,6 +128,15 @@ class LLM:
         return render_chat(chat_template or self.tokenizer.chat_template, messages,
                            add_generation_prompt=add_generation_prompt, bos_token=self.tokenizer.bos_token,
                            eos_token=self.tokenizer.eos_token)
+
+
+def _cascade(large: LLMEngine, spec: dict, engine_options: dict, warmup: bool):
+    from jaxserve.cascade import CascadeEngine, CascadePolicy
+
+    options = {**engine_options, **spec.get("small_options", {})}
+    small = LLMEngine(EngineConfig(model=spec["small"], **options), warmup=warmup)
+    policy = CascadePolicy(**{k: spec[k] for k in ("threshold", "signal") if k in spec})
+    return CascadeEngine(small, large, policy)
 
 
 def _prompt_of(prompt):

@@ -61,6 +61,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finished_time: float | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # SamplingParams.prompt_logprobs (None first)
+    answered_by: str | None = None  # a cascade's answering model ("small" / "large"); None: no cascade
 
     def add(self, delta: RequestDelta) -> None:
         out = self.outputs[delta.index]

@@ -5,6 +5,8 @@ The engine's flags are generated from `EngineConfig`'s fields (`max_num_seqs` â†
 
 Start-up: the HTTP server listens first and answers `/health` with 503 while a builder thread loads the
 model and compiles every step shape; then the engine is handed to the app and `/health` turns 200.
+With `--add-model` / `--cascade` it builds every model in turn (jaxserve/server/model_router.py), and one
+model failing to load fails the start-up, naming it.
 SIGTERM / SIGINT: stop admitting (503), let in-flight requests finish within `--shutdown-grace-period`,
 abort the rest, exit 0. A second signal skips the grace period.
 """
@@ -45,6 +47,7 @@ from jaxserve.server.app import STATE, CorsConfig, ServerState, ServingConfig, c
 from jaxserve.server.connections import ConnectionGuard, QuietExceptionHandler, raise_fd_limit
 from jaxserve.server.guardrails import GuardrailConfig
 from jaxserve.server.limits import Limits, parse_override
+from jaxserve.server.model_router import CascadeSpec, ModelSpec, check_cascades, plan_engines
 
 logger = logging.getLogger("jaxserve.server")
 
@@ -216,8 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most characters held back while they could still grow into a hit")
     g.add_argument("--guardrail-action", choices=("stop", "redact"), default=d.action,
                    help="on an output hit: stop the choice (content_filter) or redact the hit and go on")
+    m = p.add_argument_group("several models in one server (docs/cascade.md)")
+    m.add_argument("--add-model", action="append", default=[], metavar="NAME=PATH[,KEY=VALUE...]",
+                   help="repeatable: one more model with its own engine and KV pool; keys: memory_share and any "
+                        "engine flag's name (quantization=int4, max_model_len=512, ...); other flags as above")
+    m.add_argument("--memory-share", type=float, default=None,
+                   help="the first model's share of the KV memory (--kv-cache-memory) or of the device "
+                        "(--gpu-memory-utilization) when several are served; default: an equal split of the rest")
+    m.add_argument("--cascade", action="append", default=[], metavar="NAME=SMALL,LARGE[,threshold=T][,signal=S]",
+                   help="repeatable: a virtual model NAME: SMALL answers, and a request goes on to LARGE when the "
+                        "answer's confidence (signal mean_logprob or min_logprob) is below T (a logprob)")
     vllm_cli.add_vllm_flags(p)
     return p
+
+
+def model_plan(args: argparse.Namespace, engine_cfg: EngineConfig, serving: ServingConfig,
+               ) -> tuple[list[tuple[str, EngineConfig]], list[CascadeSpec]]:
+    """Every model's (name, engine config), the first the server's own, and the cascades over them."""
+    specs = [ModelSpec.parse(text) for text in args.add_model]
+    if (specs or args.cascade) and engine_cfg.distributed:
+        raise ValueError("--add-model and --cascade serve on one host; they do not combine with --distributed")
+    plan = plan_engines(serving.served_model_name, engine_cfg, specs, args.memory_share)
+    cascades = [CascadeSpec.parse(text) for text in args.cascade]
+    check_cascades(cascades, [name for name, _ in plan] + list(serving.model_aliases))
+    return plan, cascades
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,7 +337,41 @@ def _build_engine(engine_cfg: EngineConfig, loop: asyncio.AbstractEventLoop, sta
         loop.call_soon_threadsafe(state.set_engine_failed, f"{type(e).__name__}: {e}")
 
 
-async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, port: int) -> int:
+def _build_models(plan: list[tuple[str, EngineConfig]], cascades: list[CascadeSpec],
+                  loop: asyncio.AbstractEventLoop, state: ServerState) -> None:
+    """The builder thread with several models: each engine in turn (the memory split counts on that), then the
+    cascades over them; one failure fails the start-up, naming the model."""
+    engines: dict = {}
+    name = ""
+    try:
+        from jaxserve.cascade import CascadeEngine, CascadePolicy
+        from jaxserve.engine import LLMEngine
+
+        for name, cfg in plan:
+            start = time.monotonic()
+            engine = LLMEngine(cfg, warmup=True)
+            engine.model_root = cfg.model  # shown as the model card's `root`
+            engines[name] = engine
+            engine.start()
+            logger.info("model %r ready: %s, max_model_len %d, %.1f s", name, cfg.model, engine.max_model_len,
+                        time.monotonic() - start)
+        for c in cascades:
+            name = c.name
+            engines[c.name] = CascadeEngine(engines[c.small], engines[c.large], CascadePolicy(c.threshold, c.signal),
+                                            small_name=c.small, large_name=c.large)
+            engines[c.name].model_root = f"cascade:{c.small},{c.large}"
+        loop.call_soon_threadsafe(state.set_models, engines)
+    except BaseException as e:  # noqa: BLE001 - any failure must reach the loop, which exits non-zero
+        logger.exception("model %r failed to start", name)
+        for engine in engines.values():
+            engine.shutdown()
+        source = dict(plan).get(name)
+        where = f" ({source.model})" if source is not None else ""
+        loop.call_soon_threadsafe(state.set_engine_failed, f"model {name!r}{where}: {type(e).__name__}: {e}")
+
+
+async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, port: int,
+                plan: tuple[list[tuple[str, EngineConfig]], list[CascadeSpec]] | None = None) -> int:
     loop = asyncio.get_running_loop()
     app = create_app(serving)
     state = app[STATE]
@@ -350,7 +409,11 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    threading.Thread(target=_build_engine, args=(engine_cfg, loop, state), name=_BUILDER, daemon=True).start()
+    if plan is not None and (len(plan[0]) > 1 or plan[1]):
+        build = threading.Thread(target=_build_models, args=(*plan, loop, state), name=_BUILDER, daemon=True)
+    else:
+        build = threading.Thread(target=_build_engine, args=(engine_cfg, loop, state), name=_BUILDER, daemon=True)
+    build.start()
     started = last_log = time.monotonic()
     while state.engine is None and state.engine_error is None and not signals.is_set():
         await asyncio.sleep(0.2)
@@ -358,6 +421,7 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
             last_log = time.monotonic()
             logger.info("warming up the engine: %.0f s so far", last_log - started)
     if state.engine_error is not None:
+        logger.error("start-up failed: %s", state.engine_error)
         await runner.cleanup()
         return 1
     if state.engine is not None:
@@ -372,8 +436,8 @@ async def serve(engine_cfg: EngineConfig, serving: ServingConfig, host: str, por
         state.abort_all("shutdown")
         await state.wait_drained(5.0)  # their handlers write the error events and return
     await runner.cleanup()
-    if state.engine is not None:
-        state.engine.shutdown()
+    for engine in state.router.engines() if state.router is not None else [state.engine] if state.engine else []:
+        engine.shutdown()
     logger.info("shut down cleanly")
     return 0
 
@@ -408,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.uvicorn_log_level)
     try:
         engine_cfg, serving = configs_from_args(args)
+        plan = model_plan(args, engine_cfg, serving)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -420,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxserve.follower import run_follower
 
             return run_follower(engine_cfg)
-    rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port))
+    rc = asyncio.run(serve(engine_cfg, serving, args.host, args.port, plan))
     if any(t.name == _BUILDER and t.is_alive() for t in threading.enumerate()):
         # NOTE: stopped during warm-up. Interpreter shutdown under a thread that is inside an XLA compile
         # aborts the process, so leave at once: nothing is in flight and nothing needs flushing but the logs.

@@ -10,7 +10,10 @@ Tasks, threads and who owns what:
     `RequestStream`: the engine puts deltas on the stream's own queue and rings the handler's
     `asyncio.Event` with `loop.call_soon_threadsafe` (`streaming.DeltaBridge`). One event per HTTP request.
   * The builder thread (started by `__main__`) constructs and warms up the engine, then hands it to the
-    loop with `call_soon_threadsafe(state.set_engine, engine)`. Until then `/health` answers 503.
+    loop with `call_soon_threadsafe(state.set_engine, engine)`. Until then `/health` answers 503. With
+    several models (`--add-model`, `--cascade`) it builds every engine, one after another, and hands them
+    over together (`state.set_models`): `/health` turns 200 only when all are warm. Each engine has its own
+    step thread; a cascade (jaxserve/cascade.py) runs on its members' threads.
   * `/metrics` reads the engine's counters at scrape time without a lock, through
     `EngineClient.stats_snapshot()` (see `metrics.EngineCollector`). The server knows the engine only as an
     `EngineClient` (jaxserve/engine_client.py).
@@ -41,6 +44,7 @@ from jaxserve.server.guardrails import GuardrailChain, GuardrailConfig
 from jaxserve.server.limits import Limits, RateLimiter
 from jaxserve.server.metrics import PREFIXES, EngineCollector, ServerMetrics, cost_gauges
 from jaxserve.server.middleware import CorsConfig, cors_middleware, on_response_prepare, request_id_middleware
+from jaxserve.server.model_router import ModelRouter, ModelScope
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
 from jaxserve.text.chat_template import render_chat
@@ -102,7 +106,8 @@ class ServingConfig:
 class ServerState:
     def __init__(self, config: ServingConfig):
         self.config = config
-        self.engine: EngineClient | None = None
+        self.engine: EngineClient | None = None  # the primary model's
+        self.router: ModelRouter | None = None  # several models: every served name's engine and metrics
         self.engine_error: str | None = None
         self.draining = False
         self.started_at = time.time()
@@ -120,6 +125,24 @@ class ServerState:
 
     def set_engine(self, engine: EngineClient) -> None:
         self.engine = engine
+
+    def set_models(self, engines: dict[str, EngineClient]) -> None:
+        """Several models, the primary (--served-model-name) first; ready once this is called."""
+        self.router = ModelRouter(self, engines)
+        self.engine = engines[self.config.served_model_name]
+
+    @property
+    def model_names(self) -> list[str]:
+        return self.router.names if self.router is not None else list(self.config.model_names)
+
+    def for_model(self, name: str | None) -> ServerState | ModelScope:
+        """The state a request for `name` runs against: its model's engine, metrics and name (404: not served)."""
+        self.require_engine()
+        if self.router is not None:
+            return self.router.scope(name)
+        if name is not None and name not in self.config.model_names:
+            raise errors.model_not_found(name, self.model_names)
+        return self
 
     def set_engine_failed(self, message: str) -> None:
         self.engine_error = message
@@ -269,7 +292,9 @@ async def read_json(request: web.Request) -> Any:
 def with_generation_defaults(state: ServerState, body: Any, req: protocol.GenerationRequest,
                              ) -> protocol.GenerationRequest:
     """--generation-config: the model's sampling defaults for the fields the body left out."""
-    defaults = getattr(state.engine, "default_sampling", None) or {}
+    engine = state.router.scope(req.model).engine if state.router is not None and req.model in state.router.scopes \
+        else state.engine
+    defaults = getattr(engine, "default_sampling", None) or {}
     if not defaults or not isinstance(body, dict):
         return req
     names = {"max_tokens": ("max_tokens", "max_completion_tokens")}
@@ -295,11 +320,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def model_cards(state: ServerState) -> list[dict[str, Any]]:
-    engine = state.engine
-    return [{"id": name, "object": "model", "created": int(state.started_at), "owned_by": "jaxserve",
-             "root": state.config.model, "parent": None,
-             "max_model_len": engine.max_model_len if engine is not None else None}
-            for name in state.config.model_names]
+    def card(name: str, engine: EngineClient | None, root: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(state.started_at), "owned_by": "jaxserve",
+                "root": root, "parent": None, "max_model_len": engine.max_model_len if engine is not None else None}
+
+    if state.router is not None:
+        return [card(name, scope.engine, getattr(scope.engine, "model_root", state.config.model))
+                for name, scope in state.router.scopes.items()]
+    return [card(name, state.engine, state.config.model) for name in state.config.model_names]
 
 
 async def models(request: web.Request) -> web.Response:
@@ -313,14 +341,13 @@ async def model(request: web.Request) -> web.Response:
     for card in model_cards(state):
         if card["id"] == wanted:
             return web.json_response(card)
-    raise errors.model_not_found(wanted, state.config.served_model_name)
+    raise errors.model_not_found(wanted, state.model_names)
 
 
 async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    engine = state.engine or state.require_engine()
-    _check_model(state, body)
+    engine = _engine_for(state, body, state.engine or state.require_engine())
     flags = {}
     for name in ("add_special_tokens", "add_generation_prompt"):
         flags[name] = body.get(name, True)
@@ -344,15 +371,19 @@ async def tokenize(request: web.Request) -> web.Response:
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
-def _check_model(state: ServerState, body: Any) -> None:
-    """/tokenize and /detokenize: a JSON object whose `model`, if any, is a served name (400 / 404)."""
+def _engine_for(state: ServerState, body: Any, default_engine):
+    """/tokenize and /detokenize: the body is a JSON object whose `model`, if any, is a served name (400 / 404);
+    returns the engine that serves that name (the default one when there is a single model)."""
     if not isinstance(body, dict):
         raise errors.bad_request("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise errors.bad_request("'model' must be a string", param="model")
+    if state.router is not None:
+        return state.router.scope(model).engine
     if model is not None and model not in state.config.model_names:
-        raise errors.model_not_found(model, state.config.served_model_name)
+        raise errors.model_not_found(model, state.model_names)
+    return default_engine
 
 
 async def tokenizer_info(request: web.Request) -> web.Response:
@@ -369,8 +400,7 @@ async def tokenizer_info(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request)
-    engine = state.engine or state.require_engine()
-    _check_model(state, body)
+    engine = _engine_for(state, body, state.engine or state.require_engine())
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise errors.bad_request("'tokens' must be an array of token ids", param="tokens")
@@ -407,7 +437,9 @@ async def live(request: web.Request) -> web.Response:
         return web.json_response({"status": "failed", "reason": state.engine_error}, status=503)
     if state.engine is None:  # still loading: the startup probe's business
         return web.json_response({"status": "loading"})
-    health = state.engine.health()
+    engines = state.router.engines() if state.router is not None else [state.engine]
+    checks = [engine.health() for engine in engines]  # several models: the worst engine speaks for the server
+    health = min(checks, key=lambda h: (h.thread_alive, not h.pending, -h.seconds_since_progress))
     if not health.thread_alive:
         return web.json_response({"status": "dead", "reason": "the engine thread is gone"}, status=503)
     stall = state.config.liveness_stall_timeout
@@ -423,7 +455,8 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[STATE].metrics.exposition()
+    state = request.app[STATE]
+    body = state.router.exposition() if state.router is not None else state.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -7,7 +7,7 @@ Every failure the server reports goes through `APIError`, so one handler turns i
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from aiohttp import web
 
@@ -65,8 +65,9 @@ def unauthorized() -> APIError:
                     headers={"WWW-Authenticate": 'Bearer realm="jaxserve"'})
 
 
-def model_not_found(model: str, served: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist; this server serves '{served}'.", param="model",
+def model_not_found(model: str, served: str | Sequence[str]) -> APIError:
+    names = ", ".join(f"'{n}'" for n in ([served] if isinstance(served, str) else served))
+    return APIError(404, f"The model '{model}' does not exist; this server serves {names}.", param="model",
                     code="model_not_found", metric_type="not_found")
 
 

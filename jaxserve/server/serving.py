@@ -33,6 +33,7 @@ from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import Finding, OutputMonitor
 from jaxserve.server.limits import Reservation
 from jaxserve.server.middleware import CLIENT_REQUEST_ID, USAGE
+from jaxserve.server.model_router import answered_by_field, answered_by_header, wait_decided
 from jaxserve.server.protocol import GenerationRequest
 from jaxserve.server.streaming import DeltaBridge, SSEWriter
 
@@ -297,9 +298,7 @@ class Generation:
 
 async def serve_generation(state: ServerState, http: web.Request, req: GenerationRequest) -> web.StreamResponse:
     """Runs one /v1/completions or /v1/chat/completions request; raises APIError before the stream starts."""
-    state.require_engine()
-    if req.model is not None and req.model not in state.config.model_names:
-        raise errors.model_not_found(req.model, state.config.served_model_name)
+    state = state.for_model(req.model)  # the model's engine, metrics and name (several models: model_router.py)
     state.check_priority(http, req.priority)
     gen = Generation(state, req, _generation_id(state, http, req.kind), http)
     limit = min(state.config.max_seqs_per_request, state.config.max_waiting)  # more could never be admitted
@@ -315,6 +314,7 @@ async def serve_generation(state: ServerState, http: web.Request, req: Generatio
         for ids in gen.prompt_ids:
             state.metrics.prompt_len.observe(len(ids))
         if req.stream:
+            await wait_decided(gen.streams, state.config.request_timeout)  # a cascade's answerer goes in the header
             return await _stream(state, gen)
         return await _collect(state, gen)
     except asyncio.CancelledError:
@@ -366,7 +366,7 @@ def _generation_id(state: ServerState, http: web.Request, kind: str) -> str:
 
 
 def _id_header(gen: Generation) -> dict[str, str]:
-    return {"X-Request-Id": gen.http.get(CLIENT_REQUEST_ID) or gen.id}
+    return {"X-Request-Id": gen.http.get(CLIENT_REQUEST_ID) or gen.id, **answered_by_header(gen.streams)}
 
 
 async def _next(state: ServerState, gen: Generation, bridge: DeltaBridge, last_write: float) -> list[RequestDelta]:
@@ -417,6 +417,7 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
             text, finish = choice.prefix, "length" if finish == "stop" else finish
         choices.append(build(choice.index, text, logprobs, finish))
     body = protocol.response(gen.req.kind, gen.id, gen.created, state.config.served_model_name, choices, gen.usage())
+    body.update(answered_by_field(gen.streams))
     return web.json_response(body, headers=_id_header(gen))
 
 
@@ -425,7 +426,8 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
     sse = SSEWriter(gen.http, _id_header(gen))
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        return protocol.chunk(kind, gen.id, gen.created, model, choices, usage, include_usage=include_usage)
+        return {**protocol.chunk(kind, gen.id, gen.created, model, choices, usage, include_usage=include_usage),
+                **answered_by_field(gen.streams)}
 
     bridge = DeltaBridge(gen.streams, asyncio.get_running_loop())
     await sse.start()

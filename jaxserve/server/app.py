@@ -44,6 +44,7 @@ from jaxserve.server.middleware import CorsConfig, cors_middleware, on_response_
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
 from jaxserve.text.chat_template import render_chat
+from jaxserve.text.tool_calls import render_messages
 
 logger = logging.getLogger(__name__)
 
@@ -328,10 +329,11 @@ async def tokenize(request: web.Request) -> web.Response:
         raise errors.bad_request("'add_special_tokens' must be a boolean", param="add_special_tokens")
     tok = engine.tokenizer
     if "messages" in body:
-        chat = protocol.parse_chat({"messages": body["messages"]})
+        chat = protocol.parse_chat({"messages": body["messages"], "tools": body.get("tools")})
         try:
-            text = render_chat(tok.chat_template, chat.messages, add_generation_prompt=body.get(
-                "add_generation_prompt", True) is True, bos_token=tok.bos_token, eos_token=tok.eos_token)
+            messages, extra = render_messages(chat.messages, chat.tools and chat.tools.tools, tok.chat_template)
+            text = render_chat(tok.chat_template, messages, add_generation_prompt=body.get(
+                "add_generation_prompt", True) is True, bos_token=tok.bos_token, eos_token=tok.eos_token, **extra)
         except ValueError as e:
             raise errors.bad_request(str(e), param="messages") from None
     elif isinstance(body.get("prompt"), str):

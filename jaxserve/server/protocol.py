@@ -1,8 +1,9 @@
 """OpenAI request parsing and validation (→ SamplingParams) and the response / chunk builders.
 
 Requests arrive as parsed JSON objects. Every field we know is type-checked and range-checked here or by
-`SamplingParams`, and a bad one raises a 400 `APIError` whose `param` names it. Unknown fields are
-ignored, as vLLM does, so clients that send extras keep working.
+`SamplingParams`, and a bad one raises a 400 `APIError` whose `param` names it. A field the endpoint does
+not serve is a 400 naming it too (`request_fields`), never silently ignored; the vLLM extras we implement
+are accepted. Output constraints are read by `structured`, tool fields by `tools`.
 
 The builders return plain dicts in exactly OpenAI's shapes; `json.dumps` is the caller's business.
 No JAX, no engine (the two prompt helpers take the tokenizer and the engine's `validate`): this module
@@ -19,7 +20,11 @@ from typing import Any, Callable, Sequence
 from jaxserve.core.outputs import TokenLogprob
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import bad_request, context_too_long
+from jaxserve.server.request_fields import check_fields
+from jaxserve.server.structured import parse_structured_outputs
+from jaxserve.server.tools import ToolRequest, check_message_tool_fields, parse_tools
 from jaxserve.text.chat_template import render_chat
+from jaxserve.text.tool_calls import render_messages
 
 MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -51,8 +56,10 @@ class GenerationRequest:
     # which is not returned)
     score_only: bool = False
     logprobs: int | None = None  # completions: top-n per token; chat: top_logprobs when logprobs is true
-    messages: list[dict[str, str]] | None = None  # chat only, normalised to {"role", "content": str}
+    # chat only, normalised to {"role", "content": str} (+ "tool_calls" on assistant, "tool_call_id" on tool turns)
+    messages: list[dict[str, Any]] | None = None
     priority: int = 0
+    tools: ToolRequest | None = None  # chat with tools the model may call (not tool_choice "none")
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -147,7 +154,8 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                     tool_request: ToolRequest | None = None) -> SamplingParams:
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
@@ -157,6 +165,19 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
     stop_token_ids = body.get("stop_token_ids") or []
     if not _int_list(stop_token_ids):
         raise bad_request("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    constraint, constraint_field = parse_structured_outputs(body)
+    stop = _stop(body)
+    if tool_request is not None:
+        stop += tuple(s for s in tool_request.stop() if s not in stop)
+        if tool_request.constraint() is not None:
+            if constraint is not None:
+                raise bad_request(f"'{constraint_field}' cannot be combined with a 'tool_choice' that forces a "
+                                  "call (the call is constrained to the tool's schema)", param=constraint_field)
+            constraint, constraint_field = tool_request.constraint(), "tool_choice"
+        elif constraint is not None:
+            raise bad_request(f"'{constraint_field}' cannot be combined with 'tools' under tool_choice \"auto\" "
+                              "(the constraint would rule the calls out); use tool_choice \"none\" or "
+                              "\"required\"", param=constraint_field)
     temperature = _field(body, "temperature", (float,), 1.0)
     if temperature > 2.0:  # OpenAI's range; beyond it sampling is noise
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -167,11 +188,14 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
             repetition_penalty=_field(body, "repetition_penalty", (float,), 1.0),
             presence_penalty=_field(body, "presence_penalty", (float,), 0.0),
             frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
-            logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=_stop(body),
+            logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=stop,
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs)
+            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
+            structured_outputs=constraint)
     except SamplingParamsError as e:
-        raise bad_request(str(e), param=e.field) from None
+        # the constraint's own field, not the engine's name for it
+        param = constraint_field if e.field == "structured_outputs" and constraint_field else e.field
+        raise bad_request(str(e), param=param) from None
 
 
 def _max_tokens(body: dict, *names: str, minimum: int = 1) -> int | None:
@@ -197,9 +221,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return include
 
 
-def _common(body: Any) -> tuple[str | None, bool, bool, str | None, int]:
+def _common(body: Any, kind: str) -> tuple[str | None, bool, bool, str | None, int]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
+    check_fields(body, kind)
     model = _field(body, "model", (str,))
     stream = _field(body, "stream", (bool,), False)
     include_usage = _stream_options(body, stream)
@@ -212,7 +237,7 @@ def _common(body: Any) -> tuple[str | None, bool, bool, str | None, int]:
 
 def parse_completion(body: Any) -> GenerationRequest:
     """Validates a /v1/completions body."""
-    model, stream, include_usage, user, priority = _common(body)
+    model, stream, include_usage, user, priority = _common(body, "completion")
     if "prompt" not in body:
         raise bad_request("'prompt' is required", param="prompt")
     prompt = body["prompt"]
@@ -268,7 +293,7 @@ def _message_content(i: int, content: Any) -> str:
 
 def parse_chat(body: Any) -> GenerationRequest:
     """Validates a /v1/chat/completions body."""
-    model, stream, include_usage, user, priority = _common(body)
+    model, stream, include_usage, user, priority = _common(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array", param="messages")
@@ -278,9 +303,9 @@ def parse_chat(body: Any) -> GenerationRequest:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}",
                               param=f"messages[{i}].role")
         role = "system" if message["role"] == "developer" else message["role"]
-        normalised.append({"role": role, "content": _message_content(i, message.get("content"))})
-    if body.get("tools"):
-        raise bad_request("'tools' are not supported", param="tools")
+        normalised.append({"role": role, "content": _message_content(i, message.get("content")),
+                           **check_message_tool_fields(i, message)})
+    tool_request = parse_tools(body)
     want_logprobs = _field(body, "logprobs", (bool,), False)
     top = _field(body, "top_logprobs", (int,))
     if top is not None and not want_logprobs:
@@ -290,10 +315,10 @@ def parse_chat(body: Any) -> GenerationRequest:
                           param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    params = _sampling_params(body, max_tokens, logprobs)
+    params = _sampling_params(body, max_tokens, logprobs, tool_request)
     return GenerationRequest("chat", model, [], params, stream=stream,
                              include_usage=include_usage, user=user, logprobs=logprobs, messages=normalised,
-                             priority=priority)
+                             priority=priority, tools=tool_request)
 
 
 def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
@@ -304,8 +329,9 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
     tok = tokenizer
     if req.kind == "chat":
         try:
-            text = render_chat(tok.chat_template, req.messages, add_generation_prompt=True,
-                               bos_token=tok.bos_token, eos_token=tok.eos_token)
+            messages, extra = render_messages(req.messages, req.tools and req.tools.tools, tok.chat_template)
+            text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
+                               bos_token=tok.bos_token, eos_token=tok.eos_token, **extra)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
         return [text], [tok.encode(text)]
@@ -416,9 +442,12 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
+                tool_calls: list[dict] | None = None) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict | None,

@@ -28,13 +28,14 @@ from aiohttp import web
 
 from jaxserve.core.outputs import RequestDelta, TokenLogprob
 from jaxserve.core.sampling_params import SamplingParamsError
-from jaxserve.server import errors, protocol
+from jaxserve.server import errors, protocol, tools
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import Finding, OutputMonitor
 from jaxserve.server.limits import Reservation
 from jaxserve.server.middleware import CLIENT_REQUEST_ID, USAGE
 from jaxserve.server.protocol import GenerationRequest
 from jaxserve.server.streaming import DeltaBridge, SSEWriter
+from jaxserve.text.tool_calls import ToolCallParser
 
 if TYPE_CHECKING:
     from jaxserve.server.app import ServerState
@@ -67,6 +68,8 @@ class Choice:
     first_token_time: float | None = None
     last_token_time: float | None = None
     queue_time: float | None = None
+    parser: ToolCallParser | None = None  # chat with tools, streaming: reads tool calls out of the text
+    num_calls_sent: int = 0
 
     def release_logprobs(self, final: bool) -> list[TokenLogprob]:
         """The entries whose text has been released (NOTE: held-back text must not leak through logprobs)."""
@@ -388,11 +391,14 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
     choices = []
     for choice in sorted(gen.choices.values(), key=lambda c: c.index):
         logprobs = gen.logprobs_json(choice, choice.logprobs, len(choice.prefix))
-        build = protocol.chat_choice if gen.req.kind == "chat" else protocol.completion_choice
         text, finish = choice.prefix + choice.text, choice.finish_reason
         if gen.req.score_only:  # the one token sampled is not part of the answer: "length" as max_tokens 0 asked
             text, finish = choice.prefix, "length" if finish == "stop" else finish
-        choices.append(build(choice.index, text, logprobs, finish))
+        if gen.req.kind == "chat":
+            content, calls, finish = tools.parse_message(gen.req.tools, text, finish)
+            choices.append(protocol.chat_choice(choice.index, content, logprobs, finish, calls))
+        else:
+            choices.append(protocol.completion_choice(choice.index, text, logprobs, finish))
     body = protocol.response(gen.req.kind, gen.id, gen.created, state.config.served_model_name, choices, gen.usage())
     return web.json_response(body, headers=_id_header(gen))
 
@@ -405,6 +411,8 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
         return protocol.chunk(kind, gen.id, gen.created, model, choices, usage, include_usage=include_usage)
 
     bridge = DeltaBridge(gen.streams, asyncio.get_running_loop())
+    for choice in gen.choices.values():
+        choice.parser = gen.req.tools.parser() if gen.req.tools is not None else None
     await sse.start()
     last_write = time.monotonic()
     for choice in sorted(gen.choices.values(), key=lambda c: c.index):  # the opening chunk of every choice
@@ -425,12 +433,12 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
                     logprobs = gen.logprobs_json(choice, entries, len(choice.prefix) + len(choice.text))
                     choice.text += text
                     if kind == "chat":
-                        body = {"content": text} if text or not finish else {}
-                        out = protocol.chat_delta_choice(choice.index, body, logprobs, finish)
+                        outs = _chat_deltas(choice, text, logprobs, finish)
                     else:
-                        out = protocol.completion_choice(choice.index, text, logprobs, finish)
-                    await sse.send(chunk([out]))
-                    last_write = time.monotonic()
+                        outs = [protocol.completion_choice(choice.index, text, logprobs, finish)]
+                    for out in outs:
+                        await sse.send(chunk([out]))
+                        last_write = time.monotonic()
                 if gen.failure is not None:
                     raise gen.failure
             bridge.add(gen.submit())
@@ -447,3 +455,25 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
         await sse.send(chunk([], gen.usage()))
     await sse.done()
     return sse.response
+
+
+def _chat_deltas(choice: Choice, text: str, logprobs: dict | None, finish: str | None) -> list[dict]:
+    """The chunk choices for one update of a streamed chat choice: content, then tool-call deltas (OpenAI's
+    shape: id, type and name first, then the arguments), then the finish_reason on a chunk of its own."""
+    if choice.parser is None:
+        body = {"content": text} if text or not finish else {}
+        return [protocol.chat_delta_choice(choice.index, body, logprobs, finish)]
+    content, calls = choice.parser.feed(text)
+    if finish is not None:
+        rest, late = choice.parser.finish()
+        content, calls = content + rest, calls + late
+    out = []
+    if content or logprobs:
+        out.append(protocol.chat_delta_choice(choice.index, {"content": content} if content else {}, logprobs, None))
+    for delta in tools.tool_call_deltas(choice.num_calls_sent, calls):
+        out.append(protocol.chat_delta_choice(choice.index, delta, None, None))
+    choice.num_calls_sent += len(calls)
+    if finish is not None:
+        out.append(protocol.chat_delta_choice(choice.index, {}, None,
+                                              tools.finish_reason(choice.parser.calls, finish)))
+    return out

@@ -130,6 +130,13 @@ def test_every_completion_field_of_the_openai_client_is_handled_or_refused():
             assert err.param == name, name
 
 
+def test_openapi_documents_exactly_the_accepted_fields():
+    from jaxserve.server import openapi, request_fields
+
+    assert set(openapi.SCHEMAS["ChatCompletionRequest"]["properties"]) == set(request_fields.CHAT)
+    assert set(openapi.SCHEMAS["CompletionRequest"]["properties"]) == set(request_fields.COMPLETION)
+
+
 def test_unknown_fields_and_vllm_extras():
     assert bad(protocol.parse_chat, {"messages": MESSAGES, "chat_template_kwargs": {}}).param == "chat_template_kwargs"
     assert bad(protocol.parse_completion, {"prompt": "a", "guided_decoding_backend": "x"}).param == \

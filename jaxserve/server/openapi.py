@@ -124,7 +124,8 @@ SCHEMAS: dict[str, Any] = {
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
         "$ref": "#/components/schemas/Model"}}}},
     "TokenizeRequest": {"type": "object", "properties": {
-        "model": _STR, "prompt": _STR, "messages": {"type": "array"}, "tools": {"type": "array", "items": _TOOL}, "add_special_tokens": _BOOL,
+        "model": _STR, "prompt": _STR, "messages": {"type": "array"}, "tools": {"type": "array", "items": _TOOL},
+        "add_special_tokens": _BOOL,
         "add_generation_prompt": _BOOL}},
     "TokenizeResponse": {"type": "object", "properties": {
         "tokens": {"type": "array", "items": _INT}, "count": _INT, "max_model_len": _INT}},

@@ -85,7 +85,7 @@ def render_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mappi
                               for c in m["tool_calls"])
             out.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + calls})
         else:
-            out.append({"role": m["role"], "content": m["content"]})
+            out.append(dict(m))
     if tools:
         described = DEFAULT_TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
         if out and out[0]["role"] == "system":

@@ -63,8 +63,9 @@ CHAT_HANDLED = {
     "temperature": (0.5, lambda r: r.params.temperature == 0.5),
     "top_p": (0.5, lambda r: r.params.top_p == 0.5),
     "user": ("u", lambda r: r.user == "u"),
-    "tools": ([WEATHER], lambda r: r.tools.names == ["get_weather"] and r.tools.choice == "auto"),
-    "response_format": ({"type": "json_object"}, lambda r: r.params.structured_outputs.json_object),
+    "tools": ([WEATHER], lambda r: r.tools is not None and r.tools.names == ["get_weather"]),
+    "response_format": ({"type": "json_object"}, lambda r: r.params.structured_outputs is not None
+                        and r.params.structured_outputs.json_object),
 }
 # field -> (accepted value(s) that change nothing, refused value)
 CHAT_VALIDATED = {

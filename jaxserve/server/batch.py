@@ -122,7 +122,7 @@ class _LineError(Exception):
 def _prepare(engine: OfflineEngineClient, job: _Job) -> list:
     """Prompt ids and per-prompt params, exactly as the server prepares them (its 400s included)."""
     job.prompt_texts, job.prompt_ids = protocol.tokenize_prompts(job.req, engine.tokenizer)
-    return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate)
+    return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate, job.req.param)
             for ids in job.prompt_ids]
 
 

@@ -60,6 +60,11 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None
     priority: int = 0
     tools: ToolRequest | None = None  # chat with tools the model may call (not tool_choice "none")
+    constraint_field: str | None = None  # the request field params.structured_outputs came from
+
+    def param(self, field: str) -> str:
+        """The request field to name for an error in SamplingParams' `field`."""
+        return self.constraint_field if field == "structured_outputs" and self.constraint_field else field
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -155,7 +160,8 @@ def _int_list(value: Any) -> bool:
 
 
 def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
-                     tool_request: ToolRequest | None = None) -> SamplingParams:
+                     tool_request: ToolRequest | None = None) -> tuple[SamplingParams, str | None]:
+    """The body's SamplingParams, and the request field its output constraint came from (errors name it)."""
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
@@ -191,7 +197,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
             logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=stop,
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
             max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
-            structured_outputs=constraint)
+            structured_outputs=constraint), constraint_field
     except SamplingParamsError as e:
         # the constraint's own field, not the engine's name for it
         param = constraint_field if e.field == "structured_outputs" and constraint_field else e.field
@@ -267,12 +273,13 @@ def parse_completion(body: Any) -> GenerationRequest:
                           param="stream")
     if score_only and stream:
         raise bad_request("'max_tokens': 0 (scoring the prompt) is not supported with 'stream'", param="max_tokens")
-    params = _sampling_params(body, 1 if score_only else max_tokens, logprobs)
+    params, constraint_field = _sampling_params(body, 1 if score_only else max_tokens, logprobs)
     if echo and logprobs is not None:
         # echo with logprobs returns the prompt's log-probs ahead of the completion's (lm-evaluation-harness)
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     return GenerationRequest("completion", model, prompts, params, stream=stream, include_usage=include_usage,
-                             user=user, echo=echo, score_only=score_only, logprobs=logprobs, priority=priority)
+                             user=user, echo=echo, score_only=score_only, logprobs=logprobs, priority=priority,
+                             constraint_field=constraint_field)
 
 
 def _message_content(i: int, content: Any) -> str:
@@ -315,10 +322,10 @@ def parse_chat(body: Any) -> GenerationRequest:
                           param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    params = _sampling_params(body, max_tokens, logprobs, tool_request)
+    params, constraint_field = _sampling_params(body, max_tokens, logprobs, tool_request)
     return GenerationRequest("chat", model, [], params, stream=stream,
                              include_usage=include_usage, user=user, logprobs=logprobs, messages=normalised,
-                             priority=priority, tools=tool_request)
+                             priority=priority, tools=tool_request, constraint_field=constraint_field)
 
 
 def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
@@ -350,7 +357,8 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
 
 
 def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_len: int,
-                      validate: Callable[[list[int], SamplingParams], None] | None) -> SamplingParams:
+                      validate: Callable[[list[int], SamplingParams], None] | None,
+                      param: Callable[[str], str] = str) -> SamplingParams:
     """`params` with max_tokens None made explicit (up to the context), checked by the engine's `validate`:
     a bad field is a 400 naming it, prompt + max_tokens over the context a 400 `context_length_exceeded`."""
     if params.max_tokens is None:  # "up to the context": make the worst case explicit
@@ -359,7 +367,7 @@ def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_l
         try:
             validate(prompt_ids, params)
         except SamplingParamsError as e:
-            raise bad_request(str(e), param=e.field) from None
+            raise bad_request(str(e), param=param(e.field)) from None
         except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
             raise context_too_long(str(e)) from None
     return params

@@ -128,7 +128,7 @@ class Generation:
             self.state.metrics.guardrail_hits.labels(finding.stage, "input").inc()
             raise errors.content_policy(f"The request was blocked by the {finding.describe()} guardrail.",
                                         param="messages" if req.kind == "chat" else "prompt")
-        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, engine.validate)
+        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, engine.validate, req.param)
                        for ids in self.prompt_ids]
 
     @property
@@ -170,7 +170,7 @@ class Generation:
             try:
                 stream = engine.add_request(ids, params, request_id=engine_id, priority=self.req.priority)
             except SamplingParamsError as e:
-                raise errors.bad_request(str(e), param=e.field) from None
+                raise errors.bad_request(str(e), param=self.req.param(e.field)) from None
             except ValueError as e:
                 raise errors.context_too_long(str(e)) from None
             self._num_submitted += 1

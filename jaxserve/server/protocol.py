@@ -171,6 +171,9 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
     stop_token_ids = body.get("stop_token_ids") or []
     if not _int_list(stop_token_ids):
         raise bad_request("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and (not _int_list(allowed) or not allowed):
+        raise bad_request("'allowed_token_ids' must be a non-empty array of token ids", param="allowed_token_ids")
     constraint, constraint_field = parse_structured_outputs(body)
     stop = _stop(body)
     if tool_request is not None:
@@ -197,7 +200,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
             logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=stop,
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
             max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
-            structured_outputs=constraint), constraint_field
+            structured_outputs=constraint, allowed_token_ids=allowed), constraint_field
     except SamplingParamsError as e:
         # the constraint's own field, not the engine's name for it
         param = constraint_field if e.field == "structured_outputs" and constraint_field else e.field

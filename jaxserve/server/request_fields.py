@@ -17,7 +17,7 @@ from jaxserve.server.errors import bad_request
 # Read by protocol._common / _sampling_params (both endpoints).
 COMMON = ("model", "stream", "stream_options", "user", "priority", "n", "best_of", "temperature", "top_p", "top_k",
           "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop",
-          "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens", *structured.FIELDS)
+          "stop_token_ids", "ignore_eos", "min_tokens", "max_tokens", "allowed_token_ids", *structured.FIELDS)
 COMPLETION = (*COMMON, "prompt", "suffix", "logprobs", "echo")
 CHAT = (*COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs", *tools.FIELDS,
         "store", "metadata", "modalities", "service_tier", "safety_identifier", "prompt_cache_key")

@@ -142,8 +142,10 @@ def test_unknown_fields_and_vllm_extras():
     assert bad(protocol.parse_chat, {"messages": MESSAGES, "chat_template_kwargs": {}}).param == "chat_template_kwargs"
     assert bad(protocol.parse_completion, {"prompt": "a", "guided_decoding_backend": "x"}).param == \
         "guided_decoding_backend"
-    req = protocol.parse_completion({"prompt": "a", "top_k": 3, "min_p": 0.1, "ignore_eos": True, "priority": 0})
-    assert (req.params.top_k, req.params.ignore_eos) == (3, True)
+    req = protocol.parse_completion({"prompt": "a", "top_k": 3, "min_p": 0.1, "ignore_eos": True, "priority": 0,
+                                     "allowed_token_ids": [5, 9]})
+    assert (req.params.top_k, req.params.ignore_eos, req.params.allowed_token_ids) == (3, True, (5, 9))
+    assert bad(protocol.parse_chat, {"messages": MESSAGES, "allowed_token_ids": ["a"]}).param == "allowed_token_ids"
 
 
 # ---------------------------------------------------------------------------- output constraints

@@ -53,10 +53,28 @@ def call_schema(tools: Sequence[Mapping[str, Any]], parallel: bool) -> dict[str,
     function's parameters), or with `parallel` an array of one or more calls."""
     variants = [{"type": "object", "properties": {
         "name": {"const": t["function"]["name"]},
-        "arguments": t["function"].get("parameters") or {"type": "object"}},
+        "arguments": closed(t["function"].get("parameters") or {"type": "object"})},
         "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     one = variants[0] if len(variants) == 1 else {"anyOf": variants}
     return {"type": "array", "items": one, "minItems": 1} if parallel else one
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that lists `properties` and says nothing
+    about others. NOTE: every output this allows, the original allows too; without it a small model can add
+    made-up keys until max_tokens (OpenAI's strict mode asks the same of every schema)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (closed(v) if k in ("items", "anyOf", "oneOf", "allOf", "not", "prefixItems") else v)
+           for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed(v) for name, v in schema[key].items()}
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def render_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,

@@ -18,7 +18,7 @@ from jaxserve.server.errors import APIError
 from jaxserve.server.structured import parse_structured_outputs
 from jaxserve.server.tools import parse_tools
 from jaxserve.text.chat_template import render_chat
-from jaxserve.text.tool_calls import ToolCallParser, call_schema, render_messages
+from jaxserve.text.tool_calls import ToolCallParser, call_schema, closed, render_messages
 
 from conftest import FAKE_TEMPLATE, FakeEngine, async_test, error_of, read_sse, serving
 
@@ -211,6 +211,14 @@ def test_tool_fields():
     named = parse_tools({"tools": [WEATHER, TIME], "tool_choice": {"type": "function",
                                                                  "function": {"name": "get_time"}}})
     assert named.constraint().json["properties"]["name"] == {"const": "get_time"}
+    # the arguments' objects are closed (no made-up keys), which only narrows what the schema allows
+    assert named.constraint().json["properties"]["arguments"] == {**TIME["function"]["parameters"],
+                                                                   "additionalProperties": False}
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                               "c": {"type": "object", "additionalProperties": True}}}
+    assert closed(nested)["properties"]["a"]["additionalProperties"] is False
+    assert closed(nested)["properties"]["c"]["additionalProperties"] is True and nested["properties"]["a"] == {
+        "type": "object", "properties": {"b": {"type": "string"}}}  # the request's schema is left alone
     assert parse_tools({"tools": [WEATHER]}).constraint() is None  # auto: free output, parsed
     assert parse_tools({"tools": [WEATHER], "tool_choice": "none"}) is None
     assert parse_tools({"tool_choice": "auto"}) is None

@@ -44,7 +44,7 @@ def test_llm_chat_with_tools(llm):
 
     prompt = llm.render_chat(ASK, tools=[WEATHER])
     assert "<tools>" in prompt and '"name": "weather"' in prompt and prompt.index("<tools>") < prompt.index(
-        "What is the weather")
+        "Weather in Paris")
     auto = llm.chat(ASK, SamplingParams(temperature=0, max_tokens=8), tools=[WEATHER], use_tqdm=False)[0]
     assert auto.outputs[0].tool_calls == []  # free text (the random model writes no tagged call): parsed, none found
     plain = llm.chat(ASK, SamplingParams(temperature=0, max_tokens=8), tools=[WEATHER], tool_choice="none",

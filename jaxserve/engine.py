@@ -387,9 +387,9 @@ class LLMEngine:
                 self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_ERROR)
                 self._send(choice, update.new_token_ids, text, logprobs, "error", error=choice.request.error)
                 return
-            # The grammar is complete and its end-of-generation token came (ignore_eos kept the request going).
-            stopped = self.structured.grammar_done(choice.request) and bool(
-                set(update.new_token_ids) & self.eos_token_ids)
+            # The grammar is complete and its end-of-generation token came (min_tokens or ignore_eos kept the
+            # request going): nothing else can follow.
+            stopped = self.structured.grammar_ended(choice.request)
         if stopped and not update.finished:
             self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED)
             finish_reason = "stop"

@@ -107,6 +107,14 @@ class StructuredOutputManager:
         entry.matcher.sync(request.output_token_ids)
         return entry.matcher.is_stopped
 
+    def grammar_ended(self, request: Request) -> bool:
+        """An end-of-generation token came after the grammar was complete."""
+        entry = self._entries.get(request.request_id)
+        if entry is None or entry.matcher is None:
+            return False
+        entry.matcher.sync(request.output_token_ids)
+        return entry.matcher.ended
+
     def error(self, request: Request) -> str | None:
         """Why the request's output broke its grammar (a matcher past its step limits), else None."""
         entry = self._entries.get(request.request_id)

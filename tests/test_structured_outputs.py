@@ -163,3 +163,43 @@ def test_speculative_proposals_are_checked_against_the_grammar(llm, tiny_checkpo
     outs = spec.generate(PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0, structured_outputs=req_so),
                          use_tqdm=False)
     assert outs[0].outputs[0].text == "ab ab ab"
+
+
+# ---------------------------------------------------------------------------- the real model
+
+REAL_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                      "sunny": {"type": "boolean"},
+                                      "temps": {"type": "array", "items": {"type": "number"}, "maxItems": 3}},
+     "required": ["city", "sunny", "temps"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                      "shade": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 8}]}},
+     "required": ["color", "shade"], "additionalProperties": False},
+]
+
+
+@pytest.mark.slow
+def test_the_real_model_writes_output_that_validates():
+    """SmolLM2-135M: JSON that parses and validates against its schema (greedy and sampled), a regex, a choice."""
+    from jaxserve.text.chat_template import render_chat
+
+    llm = LLM("SmolLM2-135M-Instruct", max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512,
+              num_pages=64, block_size=16, warmup=False)
+
+    def chat(text):
+        return render_chat(llm.get_tokenizer().chat_template, [{"role": "user", "content": text}])
+
+    cases = [(chat(f"Reply in JSON: {q}"), SO(json=schema)) for q, schema in zip(
+        ["a person called Ann, 31", "the weather in Paris", "your favourite colour"], REAL_SCHEMAS)]
+    cases += [(chat("What is the date of the moon landing? Use YYYY-MM-DD."), SO(regex=r"\d{4}-\d{2}-\d{2}")),
+              (chat("Is the sky blue? Answer yes or no."), SO(choice=("yes", "no")))]
+    params = [SamplingParams(max_tokens=64, temperature=t, seed=3, structured_outputs=so)
+              for t in (0.0, 0.7) for _, so in cases]
+    outs = llm.generate([p for p, _ in cases] * 2, params, use_tqdm=False)
+    for out, p in zip(outs, params):
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", (completion.text, p)
+        check(llm, p.structured_outputs, completion)

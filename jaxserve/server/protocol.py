@@ -157,6 +157,9 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
     stop_token_ids = body.get("stop_token_ids") or []
     if not _int_list(stop_token_ids):
         raise bad_request("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    allowed_token_ids = body.get("allowed_token_ids")
+    if allowed_token_ids is not None and not _int_list(allowed_token_ids):
+        raise bad_request("'allowed_token_ids' must be an array of token ids", param="allowed_token_ids")
     temperature = _field(body, "temperature", (float,), 1.0)
     if temperature > 2.0:  # OpenAI's range; beyond it sampling is noise
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -169,7 +172,8 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
             frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
             logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=_stop(body),
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
-            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs)
+            max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
+            allowed_token_ids=None if allowed_token_ids is None else tuple(allowed_token_ids))
     except SamplingParamsError as e:
         raise bad_request(str(e), param=e.field) from None
 

@@ -50,6 +50,7 @@ def test_completion_fields_map_to_sampling_params():
     assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stop, p.seed, p.logprobs) == (7, 0.0, 0.5, 2, ("\n",), 3, 2)
     assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (0.5, -0.5, {12: -100.0})
     assert (p.top_k, p.min_p, p.repetition_penalty, p.ignore_eos, p.min_tokens) == (5, 0.1, 1.2, True, 2)
+    assert protocol.parse_completion({"prompt": "a", "allowed_token_ids": [3, 9]}).params.allowed_token_ids == (3, 9)
 
 
 def test_prompt_forms():
@@ -79,6 +80,8 @@ def test_max_tokens_defaults():
     ({"prompt": "a", "stop": ""}, "stop"), ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "logit_bias": {"1": 500}}, "logit_bias"), ({"prompt": "a", "user": 5}, "user"),
+    ({"prompt": "a", "allowed_token_ids": [1, "2"]}, "allowed_token_ids"),
+    ({"prompt": "a", "allowed_token_ids": []}, "allowed_token_ids"),
 ])
 def test_completion_validation_names_the_field(body, param):
     err = bad(protocol.parse_completion, body)

@@ -15,7 +15,8 @@ Host/device overlap (docs/engine.md): `step()` dispatches step N without waiting
 then turns step N-1's tokens into text (`self._pending`: detokenization, stop strings, the stream puts)
 while the device computes, then collects step N and updates the scheduler. Scheduling reads token ids,
 never text, so this changes no token; deltas reach their streams one step later. Speculative steps stay
-serial.
+serial. Constrained requests' next grammar masks are computed on `self.structured`'s worker thread from the
+moment step N's tokens are known until step N + 1 is built (docs/structured-output.md).
 """
 
 from __future__ import annotations
@@ -278,6 +279,9 @@ class LLMEngine:
             sampled = dict(zip(out.request_ids, out.emitted))
         updates = self.scheduler.update_from_output(sched, sampled)
         self._pending = (updates, out)
+        if self.spec is None:
+            # The next step's grammar masks, on a worker thread while this thread finishes and schedules.
+            self.structured.prefetch(self.scheduler.running)
         if self.spec is not None:
             # The proposer reads the running requests: stop strings must have ended theirs first.
             self._emit_pending()
@@ -387,9 +391,9 @@ class LLMEngine:
                 self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_ERROR)
                 self._send(choice, update.new_token_ids, text, logprobs, "error", error=choice.request.error)
                 return
-            # The grammar is complete and its end-of-generation token came (ignore_eos kept the request going).
-            stopped = self.structured.grammar_done(choice.request) and bool(
-                set(update.new_token_ids) & self.eos_token_ids)
+            # The grammar is complete and its end-of-generation token came (min_tokens or ignore_eos kept the
+            # request going): nothing else can follow.
+            stopped = self.structured.grammar_ended(choice.request)
         if stopped and not update.finished:
             self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED)
             finish_reason = "stop"

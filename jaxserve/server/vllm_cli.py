@@ -60,7 +60,7 @@ UNSUPPORTED: dict[str, str] = {
     "--enable-expert-parallel": "mixture-of-experts models are not supported",
     "--rope-scaling": "RoPE scaling is read from the checkpoint's config",
     "--hf-overrides": "edit the checkpoint's config.json instead",
-    "--guided-decoding-backend": "structured outputs are not supported yet",
+    "--guided-decoding-backend": "structured outputs always use llguidance (docs/structured-output.md)",
     "--no-enable-chunked-prefill": "chunked prefill is always on; lower --max-num-batched-tokens to shorten chunks",
 }
 

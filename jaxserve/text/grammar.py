@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import json
 import threading
+import time
 from typing import Sequence
 
 import llguidance
@@ -167,12 +168,16 @@ class GrammarCompiler:
                 return self._cache[key]
         grammar = grammar_text(so)
         tokenizer = self.llg_tokenizer
+        t0 = time.perf_counter()
         future = self._pool.submit(self._build, grammar, tokenizer)
         try:
             matcher = future.result(timeout=self.max_compile_seconds)
         except concurrent.futures.TimeoutError:
+            matcher = None
+        # NOTE: a compile that finished just past the limit is refused too, so the limit means one thing.
+        if matcher is None or time.perf_counter() - t0 > self.max_compile_seconds:
             raise SamplingParamsError("structured_outputs", f"structured_outputs.{so.kinds()[0]} took longer than "
-                                      f"{self.max_compile_seconds:g} s to compile; simplify it") from None
+                                      f"{self.max_compile_seconds:g} s to compile; simplify it")
         if matcher.is_error():
             raise SamplingParamsError("structured_outputs",
                                       f"structured_outputs.{so.kinds()[0]} is invalid: {_first_line(matcher)}")
@@ -187,7 +192,7 @@ class GrammarCompiler:
 
     def matcher(self, so: StructuredOutputsParams) -> "GrammarMatcher":
         """A fresh matcher (at the start of the output) for one sequence."""
-        return GrammarMatcher(self.compile(so).deep_copy(), self.width)
+        return GrammarMatcher(self.compile(so).deep_copy(), self.width, self._tokenizer.eog_ids)
 
 
 def _first_line(matcher: llguidance.LLMatcher) -> str:
@@ -196,12 +201,19 @@ def _first_line(matcher: llguidance.LLMatcher) -> str:
 
 
 class GrammarMatcher:
-    """One sequence's position in its grammar; `num_consumed` output tokens are behind it."""
+    """One sequence's position in its grammar; `num_consumed` output tokens are behind it.
 
-    def __init__(self, matcher: llguidance.LLMatcher, width: int):
+    NOTE: an end-of-generation token that comes once the grammar accepts is never fed to llguidance (which
+    errs on a second one): it sets `ended`, and from then on only end-of-generation tokens are allowed. Such
+    tokens only follow one another when min_tokens or ignore_eos keep a finished request going.
+    """
+
+    def __init__(self, matcher: llguidance.LLMatcher, width: int, eos_ids: Sequence[int]):
         self._m = matcher
         self.width = width
         self.num_consumed = 0
+        self.ended = False
+        self._eos = frozenset(int(t) for t in eos_ids)
 
     @property
     def llg(self) -> llguidance.LLMatcher:
@@ -209,14 +221,29 @@ class GrammarMatcher:
 
     def sync(self, output_token_ids: Sequence[int]) -> bool:
         """Consumes the output tokens it has not seen yet; False if one breaks the grammar (then `error`)."""
-        new = output_token_ids[self.num_consumed:]
-        if new and not self._m.is_error():
-            self._m.consume_tokens([int(t) for t in new])
+        new = [int(t) for t in output_token_ids[self.num_consumed:]]
         self.num_consumed = len(output_token_ids)
+        if self.ended or self._m.is_error() or not new:
+            return not self._m.is_error()
+        if self._eos.isdisjoint(new):
+            self._m.consume_tokens(new)
+            return not self._m.is_error()
+        for t in new:
+            if self.ended:
+                break
+            if t in self._eos and self._m.is_accepting():
+                self.ended = True
+            elif not self._m.consume_token(t):
+                break
         return not self._m.is_error()
 
     def fill(self, out: np.ndarray) -> None:
         """Writes the next token's allowed bitmask into `out` ([W] int32, C-contiguous)."""
+        if self.ended:
+            out[:] = 0
+            for t in self._eos:
+                out[t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+            return
         self._m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
 
     def fill_after(self, proposals: Sequence[int], out: np.ndarray) -> bool:
@@ -239,7 +266,7 @@ class GrammarMatcher:
     @property
     def is_stopped(self) -> bool:
         """The grammar is complete and allows nothing more (only end-of-generation tokens)."""
-        return self._m.is_stopped()
+        return self.ended or self._m.is_stopped()
 
     @property
     def error(self) -> str | None:

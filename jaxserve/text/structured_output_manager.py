@@ -9,14 +9,24 @@ Matchers follow `Request.output_token_ids` lazily: before a mask is computed the
 not seen. So preemption (which recomputes the KV of the same tokens) and speculative steps (several tokens at
 once) need nothing special, and a speculative position's mask is the matcher advanced through the proposals
 before it, then rolled back.
+
+Off the critical path: once a step's tokens are known (`update_from_output`), `prefetch` advances every
+decoding constrained request's matcher and starts computing all their next masks at once on a worker thread
+(llguidance's executor fills the rows in parallel and releases the GIL), while the engine thread finishes the
+step and schedules the next one. `bitmask` then finds the row ready (or waits for it); a row nobody prefetched,
+or one whose request has moved on since, is computed on the spot. Every other method waits for the worker
+first, so a matcher is never touched by two threads at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import time
 from typing import Sequence
 
+import llguidance
 import numpy as np
 
 from jaxserve.core.request import Request
@@ -26,8 +36,11 @@ from jaxserve.text.grammar import GrammarCompiler, GrammarMatcher, ids_to_bitmas
 
 @dataclasses.dataclass
 class StructuredOutputStats:
-    mask_rows: int = 0  # bitmask rows computed
-    mask_seconds: float = 0.0  # host time spent computing them (advancing matchers included)
+    mask_rows: int = 0  # bitmask rows handed to steps
+    prefetched_rows: int = 0  # of which computed ahead, on the worker thread
+    # Engine-thread time the masks cost: advancing matchers, computing rows on the spot, waiting for the worker.
+    mask_seconds: float = 0.0
+    prefetch_seconds: float = 0.0  # worker-thread time computing rows ahead (overlapped with the engine thread)
     compile_seconds: float = 0.0  # host time compiling constraints at submission (cache misses)
 
 
@@ -39,12 +52,18 @@ class _Entry:
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, *, mask_threads: int | None = None):
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.width = self.compiler.width
         self.stats = StructuredOutputStats()
         self._entries: dict[str, _Entry] = {}
+        self._mask_threads = mask_threads or min(8, os.cpu_count() or 1)
+        self._executor: llguidance.LLExecutor | None = None  # llguidance's thread pool, made on first use
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-masks")
+        self._pending: concurrent.futures.Future | None = None
+        # request id -> (tokens its matcher had consumed, the [W] row), from the last prefetch
+        self._ready: dict[str, tuple[int, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ any thread
 
@@ -73,7 +92,9 @@ class StructuredOutputManager:
         self._entries[request.request_id] = _Entry(matcher, allowed, request)
 
     def remove(self, request_id: str) -> None:
+        self._wait()
         self._entries.pop(request_id, None)
+        self._ready.pop(request_id, None)
 
     def is_constrained(self, request_id: str) -> bool:
         return request_id in self._entries
@@ -86,6 +107,13 @@ class StructuredOutputManager:
         if entry.matcher is None:
             return entry.allowed
         t0 = time.perf_counter()
+        self._wait()
+        self.stats.mask_rows += 1
+        ready = self._ready.pop(request.request_id, None)
+        if ready is not None and not proposals and ready[0] == len(request.output_token_ids):
+            self.stats.prefetched_rows += 1
+            self.stats.mask_seconds += time.perf_counter() - t0
+            return ready[1]
         out = np.empty(self.width, np.int32)
         matcher = entry.matcher
         matcher.sync(request.output_token_ids)
@@ -95,28 +123,78 @@ class StructuredOutputManager:
             matcher.fill(out)
         if entry.allowed is not None:
             out &= entry.allowed
-        self.stats.mask_rows += 1
         self.stats.mask_seconds += time.perf_counter() - t0
         return out
+
+    def prefetch(self, requests: Sequence[Request]) -> None:
+        """Starts computing the next masks of the constrained requests among `requests` that decode next (their
+        next step samples after their last token), on the worker thread; returns at once."""
+        t0 = time.perf_counter()
+        self._wait()
+        todo = []
+        for request in requests:
+            entry = self._entries.get(request.request_id)
+            if entry is None or entry.matcher is None or request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            # NOTE: matchers advance here, on the engine thread, while the request's tokens cannot change.
+            if entry.matcher.sync(request.output_token_ids):
+                todo.append((request.request_id, entry))
+        if todo:
+            self._pending = self._worker.submit(self._fill_rows, todo)
+        self.stats.mask_seconds += time.perf_counter() - t0
+
+    def _fill_rows(self, todo: list[tuple[str, _Entry]]) -> None:
+        t0 = time.perf_counter()
+        rows = np.empty((len(todo), self.width), np.int32)  # [n, W]
+        par = [(e.matcher.llg, i) for i, (_, e) in enumerate(todo) if not e.matcher.ended]
+        if par:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor(self._mask_threads)
+            # NOTE: one call fills every row, in parallel on llguidance's threads, without the GIL.
+            self._executor.unsafe_compute_mask_ptr(par, rows.ctypes.data, self.width * 4, len(todo))
+        for i, (rid, entry) in enumerate(todo):
+            if entry.matcher.ended:
+                entry.matcher.fill(rows[i])
+            if entry.allowed is not None:
+                rows[i] &= entry.allowed
+            self._ready[rid] = (entry.matcher.num_consumed, rows[i])
+        self.stats.prefetch_seconds += time.perf_counter() - t0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises what the worker raised
 
     def grammar_done(self, request: Request) -> bool:
         """The grammar is complete and allows nothing but an end-of-generation token."""
         entry = self._entries.get(request.request_id)
         if entry is None or entry.matcher is None:
             return False
+        self._wait()
         entry.matcher.sync(request.output_token_ids)
         return entry.matcher.is_stopped
+
+    def grammar_ended(self, request: Request) -> bool:
+        """An end-of-generation token came after the grammar was complete."""
+        entry = self._entries.get(request.request_id)
+        if entry is None or entry.matcher is None:
+            return False
+        self._wait()
+        entry.matcher.sync(request.output_token_ids)
+        return entry.matcher.ended
 
     def error(self, request: Request) -> str | None:
         """Why the request's output broke its grammar (a matcher past its step limits), else None."""
         entry = self._entries.get(request.request_id)
         if entry is None or entry.matcher is None:
             return None
+        self._wait()
         entry.matcher.sync(request.output_token_ids)
         return entry.matcher.error
 
     def truncate_proposals(self, requests: Sequence[Request]) -> None:
         """Cuts each constrained request's speculative proposals at the first token its grammar rejects."""
+        self._wait()
         for request in requests:
             entry = self._entries.get(request.request_id)
             if entry is None or not request.spec_token_ids:

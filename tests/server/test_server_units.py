@@ -52,6 +52,7 @@ def test_completion_fields_map_to_sampling_params():
     assert (p.top_k, p.min_p, p.repetition_penalty, p.ignore_eos, p.min_tokens) == (5, 0.1, 1.2, True, 2)
     err = bad(protocol.parse_completion, {"prompt": "hi", "some_unknown_field": 1})  # never silently ignored
     assert err.param == "some_unknown_field" and "some_unknown_field" in err.message
+    assert protocol.parse_completion({"prompt": "a", "allowed_token_ids": [3, 9]}).params.allowed_token_ids == (3, 9)
 
 
 def test_prompt_forms():
@@ -81,6 +82,8 @@ def test_max_tokens_defaults():
     ({"prompt": "a", "stop": ""}, "stop"), ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "logit_bias": {"1": 500}}, "logit_bias"), ({"prompt": "a", "user": 5}, "user"),
+    ({"prompt": "a", "allowed_token_ids": [1, "2"]}, "allowed_token_ids"),
+    ({"prompt": "a", "allowed_token_ids": []}, "allowed_token_ids"),
 ])
 def test_completion_validation_names_the_field(body, param):
     err = bad(protocol.parse_completion, body)

@@ -7,7 +7,8 @@
      sequences in the engine at once: later prompts go in as earlier ones finish, so a request's fan-out
      queues behind other requests instead of ahead of them. A `DeltaBridge` brings their deltas to
      this coroutine, each choice's `OutputMonitor` decides what may be sent, and the released text is
-     streamed as SSE chunks or collected into one JSON response.
+     streamed as SSE chunks or collected into one JSON response. Chat with tools: a `ToolCallParser` per
+     choice splits the released text into content and tool calls (`tools.py`, `text/tool_calls.py`).
   4. Finally, whatever happened (finished, client gone, timeout, error, shutdown): every engine request
      not yet finished is aborted, so its KV pages go back to the pool at the next step; the rate-limit
      reservation is settled with the real token count; metrics are recorded.

@@ -44,7 +44,8 @@ _SAMPLING = {
     "max_tokens": {**_INT, "minimum": 1},
     "user": {**_STR, "description": "accepted and ignored (never a rate-limit key: the client picks it)"},
     "stream": _BOOL,
-    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL},
+    "stream_options": {"type": "object", "additionalProperties": False,
+                       "properties": {"include_usage": _BOOL, "include_obfuscation": {"const": False}},
                        "description": "only with `stream: true` (else 400)"},
     "priority": {**_INT, "description": "lower runs first (extra field); other than 0 only where the operator "
                                         "allows it (--allow-priority, --priority-key), else 400"},

@@ -224,6 +224,12 @@ def _stream_options(body: dict, stream: bool) -> bool:
         return False
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    for key in options:
+        if key not in ("include_usage", "include_obfuscation"):
+            raise bad_request(f"'stream_options.{key}' is not supported", param=f"stream_options.{key}")
+    if options.get("include_obfuscation") not in (None, False):  # OpenAI pads chunks against side channels; we do not
+        raise bad_request("'stream_options.include_obfuscation' may only be false: chunks are not padded",
+                          param="stream_options.include_obfuscation")
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", param="stream_options")

@@ -131,6 +131,14 @@ def test_every_completion_field_of_the_openai_client_is_handled_or_refused():
             assert err.param == name, name
 
 
+def test_nested_fields_are_checked_too():
+    stream = {"messages": MESSAGES, "stream": True}
+    assert protocol.parse_chat({**stream, "stream_options": {"include_obfuscation": False}}).stream
+    for options, param in (({"include_obfuscation": True}, "stream_options.include_obfuscation"),
+                           ({"chunk_size": 3}, "stream_options.chunk_size")):
+        assert bad(protocol.parse_chat, {**stream, "stream_options": options}).param == param
+
+
 def test_openapi_documents_exactly_the_accepted_fields():
     from jaxserve.server import openapi, request_fields
 

@@ -107,6 +107,7 @@ SCHEMAS: dict[str, Any] = {
             "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
             "tool_calls": {"type": "array", "items": _TOOL_CALL, "description": "assistant turns"},
             "tool_call_id": {**_STR, "description": "tool turns (required there)"},
+            "name": {**_STR, "description": "passed to the chat template"},
             "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": {"type": "object", "properties": {
                 "type": {"const": "text"}, "text": _STR}}}]}}}},
         "max_completion_tokens": {**_INT, "minimum": 1},

@@ -32,6 +32,9 @@ MAX_JSON_DEPTH = 64  # nesting of a request body (OpenAI bodies need about 6)
 MAX_STOP = 32  # stop strings per request (OpenAI allows 4); each is matched against every new piece of text
 MAX_STOP_LENGTH = 256  # characters per stop string
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")  # `name` goes to the template
+# What a client echoes back from an assistant message it received: accepted while null (they carry nothing).
+MESSAGE_ECHO_FIELDS = ("refusal", "audio", "function_call", "annotations", "reasoning_content")
 
 Prompt = str | list[int]
 
@@ -319,7 +322,11 @@ def parse_chat(body: Any) -> GenerationRequest:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}",
                               param=f"messages[{i}].role")
         role = "system" if message["role"] == "developer" else message["role"]
-        normalised.append({"role": role, "content": _message_content(i, message.get("content")),
+        for key, value in message.items():
+            if key not in MESSAGE_FIELDS and not (key in MESSAGE_ECHO_FIELDS and value is None):
+                raise bad_request(f"messages[{i}].{key} is not supported", param=f"messages[{i}].{key}")
+        name = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
+        normalised.append({"role": role, "content": _message_content(i, message.get("content")), **name,
                            **check_message_tool_fields(i, message)})
     tool_request = parse_tools(body)
     want_logprobs = _field(body, "logprobs", (bool,), False)

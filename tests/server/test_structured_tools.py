@@ -139,6 +139,15 @@ def test_nested_fields_are_checked_too():
         assert bad(protocol.parse_chat, {**stream, "stream_options": options}).param == param
 
 
+def test_message_fields():
+    echoed = {"role": "assistant", "content": "hi", "refusal": None, "audio": None, "function_call": None,
+              "annotations": None}
+    req = protocol.parse_chat({"messages": [{"role": "user", "content": "x", "name": "ann"}, echoed]})
+    assert req.messages == [{"role": "user", "content": "x", "name": "ann"}, {"role": "assistant", "content": "hi"}]
+    for key, value in (("audio", {"id": "a"}), ("weight", 1), ("refusal", "no")):
+        assert bad(protocol.parse_chat, {"messages": [{**echoed, key: value}]}).param == f"messages[0].{key}"
+
+
 def test_openapi_documents_exactly_the_accepted_fields():
     from jaxserve.server import openapi, request_fields
 

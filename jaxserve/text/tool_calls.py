@@ -142,6 +142,7 @@ class ToolCallParser:
         self._buf = ""
         self._inside = False
         self._held_ws = ""  # whitespace not yet released: dropped if a call follows
+        self._ws_before = ""  # the held whitespace in front of the open block
         self._after_call = False  # drop the whitespace that follows a call
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -158,7 +159,7 @@ class ToolCallParser:
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
                 content.append(self._content(self._buf[:i]))
-                self._held_ws = ""
+                self._ws_before, self._held_ws = self._held_ws, ""  # dropped if the block is a call
                 self._buf, self._inside = self._buf[i + len(OPEN):], True
             else:
                 j = self._buf.find(CLOSE)
@@ -200,6 +201,7 @@ class ToolCallParser:
         call = self._parse(body)
         if call is None:  # not a call: the text stays in the content, tags and all
             self._after_call = False
+            self._held_ws = self._ws_before
             return self._content(OPEN + body + close)
         self.calls.append(call)
         calls.append(call)

@@ -294,6 +294,7 @@ def parse_whole(text: str, names=("get_weather", "get_time"), constrained=False)
     ('<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',
      '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', []),
     ("<tool_call>{broken</tool_call> after", "<tool_call>{broken</tool_call> after", []),
+    ("x <tool_call>{oops}</tool_call>", "x <tool_call>{oops}</tool_call>", []),  # not a call: left as it was
     ('<tool_call>{"name": "get_time", "arguments": "{}"}</tool_call>', "", [("get_time", {})]),
     ("a < b <tool", "a < b <tool", []),
 ])

@@ -165,6 +165,22 @@ def test_speculative_proposals_are_checked_against_the_grammar(llm, tiny_checkpo
     assert outs[0].outputs[0].text == "ab ab ab"
 
 
+def test_a_draft_model_proposes_under_the_grammar_too(llm, tiny_checkpoint):
+    """The draft's own sampling gets the same masks: its proposals are valid, the target accepts them, and the
+    output is valid for greedy and sampled rows (the draft here is the target itself)."""
+    spec = LLM(str(tiny_checkpoint), speculative_model=str(tiny_checkpoint), num_speculative_tokens=2, **ENGINE)
+    so = SO(json=SCHEMA)
+    plain = greedy_outputs(llm, PROMPTS[:2], so, max_tokens=20)
+    assert [c.token_ids for c in greedy_outputs(spec, PROMPTS[:2], so, max_tokens=20)] == [
+        c.token_ids for c in plain]
+    sampled = spec.generate(PROMPTS[:2], SamplingParams(max_tokens=20, temperature=1.0, seed=2, structured_outputs=so),
+                            use_tqdm=False)
+    for out in sampled:
+        check(spec, so, out.outputs[0])
+    stats = spec.engine.spec.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
 # ---------------------------------------------------------------------------- the real model
 
 REAL_SCHEMAS = [

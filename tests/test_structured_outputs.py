@@ -124,6 +124,12 @@ def test_bad_constraints_fail_before_any_compute(llm):
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
         llm.generate(PROMPTS, SamplingParams(allowed_token_ids=(10**6,)), use_tqdm=False)
     assert llm.engine.stats.steps == steps and not llm.engine.has_unfinished()
+    # A bad constraint on the second prompt: the first one, already submitted, is withdrawn.
+    with pytest.raises(SamplingParamsError, match="structured_outputs.regex is invalid"):
+        llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=4), SamplingParams(structured_outputs=SO(regex="("))],
+                     use_tqdm=False)
+    llm.engine.step()  # drains the withdrawal
+    assert not llm.engine.has_unfinished() and llm.engine.stats.steps == steps  # no model step ran
 
 
 def greedy_outputs(llm, prompts, so, max_tokens=30):

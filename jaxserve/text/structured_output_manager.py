@@ -43,6 +43,7 @@ class StructuredOutputStats:
     prefetched_rows: int = 0  # of which computed ahead, on the worker thread
     # Engine-thread time the masks cost: advancing matchers, computing rows on the spot, waiting for the worker.
     mask_seconds: float = 0.0
+    wait_seconds: float = 0.0  # of which waiting for the worker thread to finish its rows
     prefetch_seconds: float = 0.0  # worker-thread time computing rows ahead (overlapped with the engine thread)
     compile_seconds: float = 0.0  # host time compiling constraints at submission (cache misses)
 
@@ -169,8 +170,10 @@ class StructuredOutputManager:
 
     def _wait(self) -> None:
         if self._pending is not None:
+            t0 = time.perf_counter()
             pending, self._pending = self._pending, None
             pending.result()  # re-raises what the worker raised
+            self.stats.wait_seconds += time.perf_counter() - t0
 
     def grammar_done(self, request: Request) -> bool:
         """The grammar is complete and allows nothing but an end-of-generation token."""

@@ -66,19 +66,25 @@ def run_case(llm, streams: int, mode: str, max_tokens: int) -> dict:
             "mask_rows": st.mask_rows - m0[2], "prefetched_rows": st.prefetched_rows - m0[3]}
 
 
-def run(model: str, streams_list: list[int], *, max_tokens: int = 64, **engine_options) -> dict:
+def run(model: str, streams_list: list[int], *, max_tokens: int = 64, prefetch: bool | None = None,
+        **engine_options) -> dict:
+    """`prefetch`: masks computed ahead on a worker thread (True), on the spot (False), or the default for
+    this machine (None: StructuredOutputManager's rule)."""
     from jaxserve import LLM
 
     max_seqs = max(streams_list)
     llm = LLM(model, max_num_seqs=max_seqs, warmup=False, **engine_options)
+    if prefetch is not None:
+        llm.engine.structured.prefetch_enabled = prefetch
     cases = [run_case(llm, s, mode, max_tokens) for s in streams_list for mode in ("free", "json")]
-    return {"model": model, "max_tokens": max_tokens, "cases": cases}
+    return {"model": model, "max_tokens": max_tokens, "prefetch": llm.engine.structured.prefetch_enabled,
+            "cases": cases}
 
 
 def format_table(result: dict) -> str:
     head = (f"{'streams':>7} {'mode':>5} {'tok/s':>9} {'step ms':>8} {'host ms/step':>12} {'mask ms/step':>12} "
             f"{'(waiting)':>9} {'prefetch ms/step':>16} {'prefetched':>10}")
-    lines = [head]
+    lines = [f"masks computed {'ahead on a worker thread' if result['prefetch'] else 'on the spot'}", head]
     for c in result["cases"]:
         lines.append(f"{c['streams']:>7} {c['mode']:>5} {c['output_tok_s']:>9.1f} {c['step_ms']:>8.1f} "
                      f"{c['host_ms_per_step']:>12.2f} {c['mask_ms_per_step']:>12.3f} {c['wait_ms_per_step']:>9.3f} "

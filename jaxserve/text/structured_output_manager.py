@@ -16,6 +16,11 @@ decoding constrained request's matcher and starts computing all their next masks
 step and schedules the next one. `bitmask` then finds the row ready (or waits for it); a row nobody prefetched,
 or one whose request has moved on since, is computed on the spot. Every other method waits for the worker
 first, so a matcher is never touched by two threads at once.
+
+NOTE: the hand-off only pays with a core to spare: on 2 cores shared with other work, waking the worker
+cost more than the rows themselves (16 rows: 0.26 ms of work, 1.8 ms waiting; docs/structured-output.md),
+so by default the worker is used only where the machine has at least `PREFETCH_MIN_CPUS` CPUs; otherwise
+every row is computed on the spot, on the engine thread.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from jaxserve.text.grammar import GrammarCompiler, GrammarMatcher, ids_to_bitmas
 
 # Rows a prefetch must hold before it goes to llguidance's parallel executor (fewer: one after another).
 PARALLEL_MIN_ROWS = 4
+# CPUs a machine needs before masks are computed ahead on a worker thread by default.
+PREFETCH_MIN_CPUS = 4
 
 
 @dataclasses.dataclass
@@ -56,7 +63,10 @@ class _Entry:
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int, *, mask_threads: int | None = None):
+    def __init__(self, tokenizer, vocab_size: int, *, mask_threads: int | None = None,
+                 prefetch: bool | None = None):
+        """`prefetch`: compute the next masks ahead on a worker thread (None: where the machine has
+        PREFETCH_MIN_CPUS CPUs); `mask_threads`: llguidance's threads for filling many rows at once."""
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.width = self.compiler.width
@@ -66,6 +76,7 @@ class StructuredOutputManager:
         # other work that costs more than filling 16 rows one after another (2.4 ms against 0.4 ms a step,
         # measured), so it is used only with cores to spare.
         self._mask_threads = mask_threads or min(8, (os.cpu_count() or 1) - 1)
+        self.prefetch_enabled = (os.cpu_count() or 1) >= PREFETCH_MIN_CPUS if prefetch is None else prefetch
         self._executor: llguidance.LLExecutor | None = None  # llguidance's thread pool, made on first use
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-masks")
         self._pending: concurrent.futures.Future | None = None
@@ -136,6 +147,8 @@ class StructuredOutputManager:
     def prefetch(self, requests: Sequence[Request]) -> None:
         """Starts computing the next masks of the constrained requests among `requests` that decode next (their
         next step samples after their last token), on the worker thread; returns at once."""
+        if not self.prefetch_enabled:
+            return
         t0 = time.perf_counter()
         self._wait()
         todo = []

@@ -145,7 +145,7 @@ def test_manager_combines_a_grammar_with_allowed_token_ids(tokenizer):
 def test_prefetched_masks_equal_masks_computed_on_the_spot(tokenizer, threads):
     """Sequential (1 thread) or llguidance's parallel executor: the same rows; a request that moved on since
     its prefetch gets a fresh row."""
-    manager = StructuredOutputManager(tokenizer, VOCAB, mask_threads=threads)
+    manager = StructuredOutputManager(tokenizer, VOCAB, mask_threads=threads, prefetch=True)
     sos = [SO(json=SCHEMA), SO(regex="[0-9]{2}"), SO(choice=("yes", "no")), SO(json_object=True), SO(json=SCHEMA)]
     texts = ['{"name": "A', "4", "", "{", '{"name": "B", "age": 1']
     reqs = []

@@ -52,7 +52,12 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         results, streams = [], []
         for prompt, params in zip(prompts, sampling_params):
-            stream = self.engine.add_request(prompt, params)
+            try:
+                stream = self.engine.add_request(prompt, params)
+            except Exception:
+                for earlier in streams:  # NOTE: all or nothing: the prompts before a refused one never run
+                    self.engine.abort(earlier.request_id)
+                raise
             streams.append(stream)
             results.append(RequestOutput(stream.request_id, prompt if isinstance(prompt, str) else None,
                                          stream.prompt_token_ids, [CompletionOutput(i) for i in range(params.n)],

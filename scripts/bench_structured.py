@@ -3,6 +3,7 @@
 
     python scripts/bench_structured.py                                 # SmolLM2-135M, 1 and 16 streams
     python scripts/bench_structured.py --streams 1,16,64 --max-tokens 128 --out bench_results/structured.json
+    python scripts/bench_structured.py --prefetch off                  # masks on the engine thread, on the spot
 
 The last line printed is one JSON object: {"output_tok_s": {"1_free": ..., "1_json": ..., ...},
 "json_over_free": {...}, "mask_ms_per_step": {...}, "prefetch_ms_per_step": {...}}.
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", default="1,16", help="comma list of concurrent requests")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (both modes)")
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                   help="masks computed ahead on a worker thread (on), on the spot (off), or this machine's default")
     p.add_argument("--out", default=None, help="write the full result as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -33,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxserve.bench import structured
 
     streams = [int(s) for s in args.streams.split(",") if s.strip()]
-    result = structured.run(args.model, streams, max_tokens=args.max_tokens, max_model_len=args.max_model_len)
+    prefetch = {"auto": None, "on": True, "off": False}[args.prefetch]
+    result = structured.run(args.model, streams, max_tokens=args.max_tokens, max_model_len=args.max_model_len,
+                            prefetch=prefetch)
     print(structured.format_table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,11 @@ PROMPTS = ["Answer:", "The result is", "x" * 5]
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint):
-    return LLM(str(tiny_checkpoint), **ENGINE)
+    llm = LLM(str(tiny_checkpoint), **ENGINE)
+    # NOTE: masks computed ahead on the worker thread here (the default on machines with cores to spare); the
+    # other engines of this module compute them on the spot (this 2-core machine's default), so both run.
+    llm.engine.structured.prefetch_enabled = True
+    return llm
 
 
 def valid_prefix(llm, so: SO, token_ids) -> bool:
@@ -65,6 +69,7 @@ def test_constrained_outputs_of_a_random_model_are_valid(llm, so):
     if so.choice is not None:  # short: every one finishes
         assert all(c.finish_reason == "stop" for o in outs[:2] for c in o.outputs)
     assert llm.engine.kv_cache.pool.num_used_pages == 0
+    assert llm.engine.structured.stats.prefetched_rows > 0
 
 
 def test_json_object_is_a_json_object(llm):
@@ -124,6 +129,12 @@ def test_bad_constraints_fail_before_any_compute(llm):
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
         llm.generate(PROMPTS, SamplingParams(allowed_token_ids=(10**6,)), use_tqdm=False)
     assert llm.engine.stats.steps == steps and not llm.engine.has_unfinished()
+    # A bad constraint on the second prompt: the first one, already submitted, is withdrawn.
+    with pytest.raises(SamplingParamsError, match="structured_outputs.regex is invalid"):
+        llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=4), SamplingParams(structured_outputs=SO(regex="("))],
+                     use_tqdm=False)
+    llm.engine.step()  # drains the withdrawal
+    assert not llm.engine.has_unfinished() and llm.engine.stats.steps == steps  # no model step ran
 
 
 def greedy_outputs(llm, prompts, so, max_tokens=30):
@@ -140,6 +151,7 @@ def test_chunked_prefill_prefix_caching_and_preemption_keep_the_same_constrained
     assert llm.engine.kv_cache.prefix_hits > hits
     assert [c.token_ids for c in again] == [c.token_ids for c in first]
     tiny = LLM(str(tiny_checkpoint), **{**ENGINE, "num_pages": 12})  # 4 requests need ~16 pages: preemption
+    tiny.engine.structured.prefetch_enabled = False
     squeezed = greedy_outputs(tiny, long_prompts, so)
     assert tiny.engine.scheduler.stats().num_preemptions > 0
     assert [c.token_ids for c in squeezed] == [c.token_ids for c in first]
@@ -163,6 +175,22 @@ def test_speculative_proposals_are_checked_against_the_grammar(llm, tiny_checkpo
     outs = spec.generate(PROMPTS[:1], SamplingParams(max_tokens=10, temperature=0.0, structured_outputs=req_so),
                          use_tqdm=False)
     assert outs[0].outputs[0].text == "ab ab ab"
+
+
+def test_a_draft_model_proposes_under_the_grammar_too(llm, tiny_checkpoint):
+    """The draft's own sampling gets the same masks: its proposals are valid, the target accepts them, and the
+    output is valid for greedy and sampled rows (the draft here is the target itself)."""
+    spec = LLM(str(tiny_checkpoint), speculative_model=str(tiny_checkpoint), num_speculative_tokens=2, **ENGINE)
+    so = SO(json=SCHEMA)
+    plain = greedy_outputs(llm, PROMPTS[:2], so, max_tokens=20)
+    assert [c.token_ids for c in greedy_outputs(spec, PROMPTS[:2], so, max_tokens=20)] == [
+        c.token_ids for c in plain]
+    sampled = spec.generate(PROMPTS[:2], SamplingParams(max_tokens=20, temperature=1.0, seed=2, structured_outputs=so),
+                            use_tqdm=False)
+    for out in sampled:
+        check(spec, so, out.outputs[0])
+    stats = spec.engine.spec.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
 
 
 # ---------------------------------------------------------------------------- the real model

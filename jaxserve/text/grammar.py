@@ -71,16 +71,34 @@ def llg_tokenizer(tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
 
 
 class _PieceTokenizer:
-    """The attributes llguidance.TokenizerWrapper reads, for a SentencePiece vocabulary."""
+    """The attributes llguidance.TokenizerWrapper reads, for a SentencePiece vocabulary.
+
+    NOTE: `__call__` tokenizes by greedy longest match over the pieces' bytes, not with SentencePiece: its
+    dummy "▁" prefix makes llguidance shift every token's text by that space (measured: the masks of regex
+    "fox" then allowed "▁fox"). llguidance needs a valid tokenization here, not the canonical one.
+    """
 
     def __init__(self, tokenizer, eos_id: int):
         self.eos_token_id, self.bos_token_id = eos_id, tokenizer.bos_id
         self.special_token_ids = [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) if i is not None]
         self.tokens = [_piece_bytes(tokenizer.id_to_piece(i)) for i in range(tokenizer.vocab_size)]
-        self._encode = tokenizer.encode
+        special = set(self.special_token_ids)
+        self._ids = {b: i for i, b in reversed(list(enumerate(self.tokens))) if b and i not in special}
+        self._longest = max(map(len, self._ids))
 
-    def __call__(self, text: str) -> list[int]:
-        return self._encode(text, add_special_tokens=False)
+    def __call__(self, text: str | bytes) -> list[int]:
+        data = text.encode() if isinstance(text, str) else text
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self._longest, len(data) - i), 0, -1):
+                token = self._ids.get(data[i:i + n])
+                if token is not None:
+                    out.append(token)
+                    i += n
+                    break
+            else:
+                i += 1  # a byte no piece spells (a vocabulary without byte fallback): skipped
+        return out
 
 
 def _piece_bytes(piece: str) -> bytes:

@@ -16,6 +16,11 @@ decoding constrained request's matcher and starts computing all their next masks
 step and schedules the next one. `bitmask` then finds the row ready (or waits for it); a row nobody prefetched,
 or one whose request has moved on since, is computed on the spot. Every other method waits for the worker
 first, so a matcher is never touched by two threads at once.
+
+NOTE: the hand-off only pays with a core to spare: on 2 cores shared with other work, waking the worker
+cost more than the rows themselves (16 rows: 0.26 ms of work, 1.8 ms waiting; docs/structured-output.md),
+so by default the worker is used only where the machine has at least `PREFETCH_MIN_CPUS` CPUs; otherwise
+every row is computed on the spot, on the engine thread.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ from jaxserve.core.request import Request
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.text.grammar import GrammarCompiler, GrammarMatcher, ids_to_bitmask
 
+# Rows a prefetch must hold before it goes to llguidance's parallel executor (fewer: one after another).
+PARALLEL_MIN_ROWS = 4
+# CPUs a machine needs before masks are computed ahead on a worker thread by default.
+PREFETCH_MIN_CPUS = 4
+
 
 @dataclasses.dataclass
 class StructuredOutputStats:
@@ -40,6 +50,7 @@ class StructuredOutputStats:
     prefetched_rows: int = 0  # of which computed ahead, on the worker thread
     # Engine-thread time the masks cost: advancing matchers, computing rows on the spot, waiting for the worker.
     mask_seconds: float = 0.0
+    wait_seconds: float = 0.0  # of which waiting for the worker thread to finish its rows
     prefetch_seconds: float = 0.0  # worker-thread time computing rows ahead (overlapped with the engine thread)
     compile_seconds: float = 0.0  # host time compiling constraints at submission (cache misses)
 
@@ -52,13 +63,20 @@ class _Entry:
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int, *, mask_threads: int | None = None):
+    def __init__(self, tokenizer, vocab_size: int, *, mask_threads: int | None = None,
+                 prefetch: bool | None = None):
+        """`prefetch`: compute the next masks ahead on a worker thread (None: where the machine has
+        PREFETCH_MIN_CPUS CPUs); `mask_threads`: llguidance's threads for filling many rows at once."""
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.width = self.compiler.width
         self.stats = StructuredOutputStats()
         self._entries: dict[str, _Entry] = {}
-        self._mask_threads = mask_threads or min(8, os.cpu_count() or 1)
+        # NOTE: llguidance's parallel executor pays a thread hand-off per call; on a 2-core machine shared with
+        # other work that costs more than filling 16 rows one after another (2.4 ms against 0.4 ms a step,
+        # measured), so it is used only with cores to spare.
+        self._mask_threads = mask_threads or min(8, (os.cpu_count() or 1) - 1)
+        self.prefetch_enabled = (os.cpu_count() or 1) >= PREFETCH_MIN_CPUS if prefetch is None else prefetch
         self._executor: llguidance.LLExecutor | None = None  # llguidance's thread pool, made on first use
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxserve-masks")
         self._pending: concurrent.futures.Future | None = None
@@ -129,6 +147,8 @@ class StructuredOutputManager:
     def prefetch(self, requests: Sequence[Request]) -> None:
         """Starts computing the next masks of the constrained requests among `requests` that decode next (their
         next step samples after their last token), on the worker thread; returns at once."""
+        if not self.prefetch_enabled:
+            return
         t0 = time.perf_counter()
         self._wait()
         todo = []
@@ -147,14 +167,15 @@ class StructuredOutputManager:
         t0 = time.perf_counter()
         rows = np.empty((len(todo), self.width), np.int32)  # [n, W]
         par = [(e.matcher.llg, i) for i, (_, e) in enumerate(todo) if not e.matcher.ended]
-        if par:
+        parallel = self._mask_threads > 1 and len(par) >= PARALLEL_MIN_ROWS
+        if parallel:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor(self._mask_threads)
             # NOTE: one call fills every row, in parallel on llguidance's threads, without the GIL.
             self._executor.unsafe_compute_mask_ptr(par, rows.ctypes.data, self.width * 4, len(todo))
         for i, (rid, entry) in enumerate(todo):
-            if entry.matcher.ended:
-                entry.matcher.fill(rows[i])
+            if entry.matcher.ended or not parallel:
+                entry.matcher.fill(rows[i])  # releases the GIL too
             if entry.allowed is not None:
                 rows[i] &= entry.allowed
             self._ready[rid] = (entry.matcher.num_consumed, rows[i])
@@ -162,8 +183,10 @@ class StructuredOutputManager:
 
     def _wait(self) -> None:
         if self._pending is not None:
+            t0 = time.perf_counter()
             pending, self._pending = self._pending, None
             pending.result()  # re-raises what the worker raised
+            self.stats.wait_seconds += time.perf_counter() - t0
 
     def grammar_done(self, request: Request) -> bool:
         """The grammar is complete and allows nothing but an end-of-generation token."""

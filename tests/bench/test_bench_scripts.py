@@ -403,7 +403,7 @@ def test_bench_structured_script_on_the_tiny_model(tiny_checkpoint, tmp_path, ca
     """Both modes generate max_tokens per stream, the constrained one computes its masks (most ahead of the step)."""
     script = load_script("bench_structured")
     out = tmp_path / "structured.json"
-    assert script.main(["--model", str(tiny_checkpoint), "--streams", "2", "--max-tokens", "6",
+    assert script.main(["--model", str(tiny_checkpoint), "--streams", "2", "--max-tokens", "6", "--prefetch", "on",
                         "--max-model-len", "128", "--out", str(out)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(line["output_tok_s"]) == {"2_free", "2_json"} and set(line["mask_ms_per_step"]) == {"2"}

@@ -139,3 +139,30 @@ def test_manager_combines_a_grammar_with_allowed_token_ids(tokenizer):
         manager.validate(SamplingParams(allowed_token_ids=(VOCAB,)))
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefetched_masks_equal_masks_computed_on_the_spot(tokenizer, threads):
+    """Sequential (1 thread) or llguidance's parallel executor: the same rows; a request that moved on since
+    its prefetch gets a fresh row."""
+    manager = StructuredOutputManager(tokenizer, VOCAB, mask_threads=threads, prefetch=True)
+    sos = [SO(json=SCHEMA), SO(regex="[0-9]{2}"), SO(choice=("yes", "no")), SO(json_object=True), SO(json=SCHEMA)]
+    texts = ['{"name": "A', "4", "", "{", '{"name": "B", "age": 1']
+    reqs = []
+    for i, (so, text) in enumerate(zip(sos, texts)):
+        req = Request(f"r{i}", [1, 2], SamplingParams(structured_outputs=so, allowed_token_ids=None))
+        req.output_token_ids = tokenizer.encode(text, add_special_tokens=False)
+        req.num_computed_tokens = req.num_tokens - 1  # decoding: its next step samples
+        manager.add(req)
+        reqs.append(req)
+    manager.prefetch(reqs)
+    got = [manager.bitmask(r) for r in reqs]
+    assert manager.stats.prefetched_rows == len(reqs)
+    for req, so, row in zip(reqs, sos, got):
+        fresh = manager.compiler.matcher(so)
+        assert fresh.sync(req.output_token_ids)
+        assert set(bitmask_to_ids(row, VOCAB).tolist()) == allowed(fresh, manager.width)
+    manager.prefetch(reqs)
+    reqs[1].output_token_ids = reqs[1].output_token_ids + tokenizer.encode("2", add_special_tokens=False)
+    assert set(bitmask_to_ids(manager.bitmask(reqs[1]), VOCAB).tolist()) == set(tokenizer.eog_ids)
+    assert manager.stats.prefetched_rows == len(reqs)  # that one was not the prefetched row

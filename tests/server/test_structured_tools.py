@@ -5,6 +5,7 @@ prompt format, and tool calls through the real app on the fake engine."""
 from __future__ import annotations
 
 import json
+import time
 
 import openai.types.chat.completion_create_params as chat_params
 import openai.types.completion_create_params as completion_params
@@ -403,3 +404,21 @@ async def test_unknown_field_is_a_400_over_http():
         err = error_of(await resp.json())
         assert resp.status == 400 and err["param"] == "response_format.json_schema.schema"
         assert "required" in err["message"]
+
+
+def test_batch_front_end_parses_tool_calls(tmp_path):
+    from jaxserve.server.batch import run_batch
+
+    engine = scripted_engine([WEATHER], "Checking. " + CALL)
+    engine.step = lambda: time.sleep(0.001) or True  # the fake steps on its own thread; the batch loop only polls
+    engine.start()
+    try:
+        (tmp_path / "in.jsonl").write_text(json.dumps({"custom_id": "a", "url": "/v1/chat/completions", "body": {
+            "messages": MESSAGES, "tools": [WEATHER], "max_tokens": 200}}) + "\n")
+        run_batch(engine, tmp_path / "in.jsonl", tmp_path / "out.jsonl", model="fake", progress=False)
+    finally:
+        engine.shutdown()
+    choice = json.loads((tmp_path / "out.jsonl").read_text())["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in
+            choice["message"]["tool_calls"]] == [("get_weather", {"city": "Paris"})]

@@ -422,3 +422,12 @@ def test_batch_front_end_parses_tool_calls(tmp_path):
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in
             choice["message"]["tool_calls"]] == [("get_weather", {"city": "Paris"})]
+
+
+def test_vllm_tool_flags(capsys):
+    from jaxserve.server.__main__ import configs_from_args, parse_args
+
+    configs_from_args(parse_args(["m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]))
+    with pytest.raises(SystemExit):
+        parse_args(["m", "--tool-call-parser", "mistral"])
+    assert "--tool-call-parser" in capsys.readouterr().err

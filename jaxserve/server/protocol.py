@@ -22,7 +22,7 @@ from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import bad_request, context_too_long
 from jaxserve.server.request_fields import check_fields
 from jaxserve.server.structured import parse_structured_outputs
-from jaxserve.server.tools import ToolRequest, check_message_tool_fields, parse_tools
+from jaxserve.server.tools import ToolRequest, check_message_tool_fields, parse_tools, with_tools
 from jaxserve.text.chat_template import render_chat
 from jaxserve.text.tool_calls import render_messages
 
@@ -177,19 +177,10 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
     allowed = body.get("allowed_token_ids")
     if allowed is not None and (not _int_list(allowed) or not allowed):
         raise bad_request("'allowed_token_ids' must be a non-empty array of token ids", param="allowed_token_ids")
-    constraint, constraint_field = parse_structured_outputs(body)
+    constraint, constraint_field = with_tools(*parse_structured_outputs(body), tool_request)
     stop = _stop(body)
     if tool_request is not None:
         stop += tuple(s for s in tool_request.stop() if s not in stop)
-        if tool_request.constraint() is not None:
-            if constraint is not None:
-                raise bad_request(f"'{constraint_field}' cannot be combined with a 'tool_choice' that forces a "
-                                  "call (the call is constrained to the tool's schema)", param=constraint_field)
-            constraint, constraint_field = tool_request.constraint(), "tool_choice"
-        elif constraint is not None:
-            raise bad_request(f"'{constraint_field}' cannot be combined with 'tools' under tool_choice \"auto\" "
-                              "(the constraint would rule the calls out); use tool_choice \"none\" or "
-                              "\"required\"", param=constraint_field)
     temperature = _field(body, "temperature", (float,), 1.0)
     if temperature > 2.0:  # OpenAI's range; beyond it sampling is noise
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")

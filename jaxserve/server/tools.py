@@ -69,6 +69,23 @@ def parse_tools(body: dict) -> ToolRequest | None:
     return ToolRequest(tuple(tools), choice, parallel is not False, named)
 
 
+def with_tools(constraint: StructuredOutputsParams | None, field: str | None, request: ToolRequest | None,
+               ) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's output constraint once its tools are counted: a forced call brings its own (and refuses
+    another); under "auto" a constraint would rule the calls out, so it is refused too."""
+    if request is None:
+        return constraint, field
+    if request.constraint() is not None:
+        if constraint is not None:
+            raise bad_request(f"'{field}' cannot be combined with a 'tool_choice' that forces a call (the call is "
+                              "constrained to the tool's schema)", param=field)
+        return request.constraint(), "tool_choice"
+    if constraint is not None:
+        raise bad_request(f"'{field}' cannot be combined with 'tools' under tool_choice \"auto\" (the constraint "
+                          "would rule the calls out); use tool_choice \"none\" or \"required\"", param=field)
+    return None, None
+
+
 def _tool(i: int, tool: Any) -> dict[str, Any]:
     param = f"tools[{i}]"
     if not isinstance(tool, dict) or tool.get("type") != "function":

@@ -15,7 +15,8 @@ Host/device overlap (docs/engine.md): `step()` dispatches step N without waiting
 then turns step N-1's tokens into text (`self._pending`: detokenization, stop strings, the stream puts)
 while the device computes, then collects step N and updates the scheduler. Scheduling reads token ids,
 never text, so this changes no token; deltas reach their streams one step later. Speculative steps stay
-serial.
+serial. Constrained requests' next grammar masks are computed on `self.structured`'s worker thread from the
+moment step N's tokens are known until step N + 1 is built (docs/structured-output.md).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from jaxserve.spec_decode.decoder import SpecDecoder
 from jaxserve.text.chat_template import load_chat_template
 from jaxserve.text.generation_config import sampling_defaults
 from jaxserve.text.output_processor import ChoiceText
+from jaxserve.text.structured_output_manager import StructuredOutputManager
 from jaxserve.text.tokenizer import load_tokenizer
 from jaxserve.worker import compilation_cache
 from jaxserve.worker.model_runner import ModelRunner
@@ -97,6 +99,8 @@ class LLMEngine:
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    max_model_len=self.max_model_len), self.kv_cache)
         self.eos_token_ids = frozenset(self.tokenizer.eog_ids)
+        # Grammars and allowed_token_ids: per-sequence matchers and the bitmask rows of their next steps.
+        self.structured = StructuredOutputManager(self.tokenizer, self.runner.vocab_size)
         self._choices: dict[str, _Choice] = {}  # sub-request id -> its choice state
         self._pending = None  # (updates, ModelRunnerOutput) of the last step, not yet turned into text
         self._inbox: queue.Queue = queue.Queue()
@@ -177,6 +181,9 @@ class LLMEngine:
             if value is not None and value > self.config.max_logprobs:
                 raise SamplingParamsError(field, f"{field} {value} is more than --max-logprobs "
                                                  f"{self.config.max_logprobs}")
+        # NOTE: compiles the constraint (cached) here, on the submitting thread: a bad schema is a 400 before
+        # any compute, and a slow compile never holds up the engine thread.
+        self.structured.validate(params)
         if params.prompt_logprobs is not None and self.spec is not None:
             # NOTE: verify steps compute logits of the sampled rows only; prompt logprobs would need them per token.
             raise SamplingParamsError("prompt_logprobs", "prompt_logprobs is not supported with speculative "
@@ -274,12 +281,16 @@ class LLMEngine:
             sampled = dict(zip(out.request_ids, out.emitted))
         updates = self.scheduler.update_from_output(sched, sampled)
         self._pending = (updates, out)
+        if self.spec is None:
+            # The next step's grammar masks, on a worker thread while this thread finishes and schedules.
+            self.structured.prefetch(self.scheduler.running)
         if self.spec is not None:
             # The proposer reads the running requests: stop strings must have ended theirs first.
             self._emit_pending()
             running = {r.request_id for r in self.scheduler.running}
             self.spec.release([c.request_id for c in sched.chunks if c.request_id not in running])
             self.spec.propose(self.scheduler.running)
+            self.structured.truncate_proposals(self.scheduler.running)
         self.stats.record_step(sched.num_scheduled_tokens, time.perf_counter() - t0, device_seconds=device_seconds)
         return True
 
@@ -348,6 +359,7 @@ class LLMEngine:
                 return
             if command == "add":
                 self._choices[arg.request.request_id] = arg
+                self.structured.add(arg.request)
                 self.scheduler.add_request(arg.request)
             else:
                 for sub_id, choice in list(self._choices.items()):
@@ -359,18 +371,31 @@ class LLMEngine:
         """The sampling of the token after `req`'s tokens and then `proposals` (speculative sub-rows)."""
         params = req.sampling_params
         banned = ()
-        if len(req.output_token_ids) + len(proposals) < params.min_tokens:
+        allowed = self.structured.bitmask(req, proposals)
+        # NOTE: a complete grammar allows only end-of-generation tokens: it wins over min_tokens.
+        if len(req.output_token_ids) + len(proposals) < params.min_tokens and not (
+                allowed is not None and self.structured.grammar_done(req) and not proposals):
             banned = tuple(self.eos_token_ids | set(params.stop_token_ids))
         output = req.output_token_ids if not proposals else req.output_token_ids + list(proposals)
         if params.bad_words:
             banned = tuple(set(banned) | self._bad_word_bans(params, output))
         return RowSampling(params=params, seed=req.seed, position=req.num_tokens + len(proposals),
                            prompt_token_ids=req.prompt_token_ids, output_token_ids=output,
-                           banned_ids=banned)
+                           banned_ids=banned, allowed=allowed)
 
     def _emit(self, choice: _Choice, update, logprobs) -> None:
         text, stopped = choice.text.add_tokens(update.new_token_ids, finishing=update.finished)
         finish_reason = update.finish_reason if update.finished else None
+        if not update.finished and not stopped and self.structured.is_constrained(update.request_id):
+            error = self.structured.error(choice.request)
+            if error is not None:  # a matcher past its step limits: the output can no longer be kept valid
+                choice.request.error = f"structured output: {error}"
+                self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_ERROR)
+                self._send(choice, update.new_token_ids, text, logprobs, "error", error=choice.request.error)
+                return
+            # The grammar is complete and its end-of-generation token came (min_tokens or ignore_eos kept the
+            # request going): nothing else can follow.
+            stopped = self.structured.grammar_ended(choice.request)
         if stopped and not update.finished:
             self.scheduler.finish_request(update.request_id, RequestStatus.FINISHED_STOPPED)
             finish_reason = "stop"
@@ -398,6 +423,7 @@ class LLMEngine:
             delta.prompt_logprobs, choice.prompt_logprobs = choice.prompt_logprobs, None
         if delta.finished:
             del self._choices[req.request_id]
+            self.structured.remove(req.request_id)
         if delta.finished or token_ids or text:
             choice.stream.put(delta)
 

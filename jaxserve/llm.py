@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig, speculative_fields
 from jaxserve.core.outputs import CompletionOutput, RequestOutput, ScoreOutput
 from jaxserve.core.sampling_params import SamplingParams
+from jaxserve.core.structured_outputs import StructuredOutputsParams
 from jaxserve.engine import LLMEngine
 from jaxserve.text.chat_template import load_chat_template, render_chat
+from jaxserve.text.tool_calls import CLOSE, ToolCallParser, call_schema, render_messages
 
 CASCADE_KEYS = {"small", "threshold", "signal", "small_options"}
 
@@ -60,7 +63,12 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         results, streams = [], []
         for prompt, params in zip(prompts, sampling_params):
-            stream = self.engine.add_request(prompt, params)
+            try:
+                stream = self.engine.add_request(prompt, params)
+            except Exception:
+                for earlier in streams:  # NOTE: all or nothing: the prompts before a refused one never run
+                    self.engine.abort(earlier.request_id)
+                raise
             streams.append(stream)
             results.append(RequestOutput(stream.request_id, prompt if isinstance(prompt, str) else None,
                                          stream.prompt_token_ids, [CompletionOutput(i) for i in range(params.n)],
@@ -114,20 +122,61 @@ class LLM:
         return whole, len(self.tokenizer.encode(context, add_special_tokens=False))
 
     def chat(self, conversations, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             tools: Sequence[dict[str, Any]] | None = None, tool_choice: str | dict = "auto",
+             parallel_tool_calls: bool = True) -> list[RequestOutput]:
         """Renders each conversation (a list of {"role", "content"} messages) with `chat_template` (a file or
-        an inline template; default: the model's) and generates."""
+        an inline template; default: the model's) and generates.
+
+        With `tools` (OpenAI's [{"type": "function", "function": {"name", "description", "parameters"}}]),
+        `tool_choice` and `parallel_tool_calls` work as on the server (docs/tools.md): each output's
+        `tool_calls` holds the calls read out of its text ([] when none), and under "required" or a named
+        function ({"type": "function", "function": {"name": ...}} or just the name) the text is constrained
+        to the call(s), so the arguments always validate against the function's parameters.
+        """
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         template = load_chat_template(chat_template) if chat_template is not None else None
-        prompts = [self.render_chat(messages, chat_template=template, add_generation_prompt=add_generation_prompt)
-                   for messages in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        choice, named = _tool_choice(tool_choice, tools)
+        offered = tools if tools and choice != "none" else None
+        prompts = [self.render_chat(messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                    tools=offered) for messages in conversations]
+        params = sampling_params or self.get_default_sampling_params()
+        if offered and choice != "auto":
+            chosen = [t for t in offered if named is None or t["function"]["name"] == named]
+            schema = call_schema(chosen, parallel=parallel_tool_calls and named is None)
+            params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+        elif offered and not parallel_tool_calls:
+            params = dataclasses.replace(params, stop=params.stop + (CLOSE,))
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        if offered:
+            names = [t["function"]["name"] for t in offered]
+            for out in (o for r in outputs for o in r.outputs):
+                parser = ToolCallParser(names, constrained=choice != "auto")
+                out.tool_calls = parser.feed(out.text)[1] + parser.finish()[1]
+        return outputs
 
-    def render_chat(self, messages, *, chat_template: str | None = None, add_generation_prompt: bool = True) -> str:
-        return render_chat(chat_template or self.tokenizer.chat_template, messages,
-                           add_generation_prompt=add_generation_prompt, bos_token=self.tokenizer.bos_token,
-                           eos_token=self.tokenizer.eos_token)
+    def render_chat(self, messages, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        template = chat_template or self.tokenizer.chat_template
+        messages, extra = render_messages([{"content": "", **m} for m in messages], tools, template)
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token, **extra)
+
+
+def _tool_choice(choice: str | dict, tools) -> tuple[str, str | None]:
+    """("none" | "auto" | "required" | "named", the named function)."""
+    names = [t["function"]["name"] for t in tools or ()]
+    if isinstance(choice, dict):
+        choice = choice.get("function", {}).get("name")
+    if choice in ("none", "auto", "required"):
+        if choice == "required" and not names:
+            raise ValueError('tool_choice "required" needs tools')
+        return choice, None
+    if choice not in names:
+        raise ValueError(f"tool_choice must be none, auto, required or one of the tools' names {names}, "
+                         f"got {choice!r}")
+    return "named", choice
 
 
 def _cascade(large: LLMEngine, spec: dict, engine_options: dict, warmup: bool):

@@ -41,8 +41,11 @@ def test_prompt_forms_tokenizer_and_truncation(llm):
     assert cut.outputs[0].token_ids == run(llm, ids[-2:], max_tokens=6).outputs[0].token_ids
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate({"tokens": ids}, use_tqdm=False)
+    # vLLM's allowed_token_ids: only those ids are sampled (a token bitmask; docs/structured-output.md)
+    only = run(llm, ids, max_tokens=4, allowed_token_ids=[ids[1], ids[2]], temperature=1.0, seed=0)
+    assert set(only.outputs[0].token_ids) <= {ids[1], ids[2]}
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
-        SamplingParams(allowed_token_ids=(1, 2))
+        SamplingParams(allowed_token_ids=())
 
 
 def test_stop_strings_stop_reason_and_cumulative_logprob(llm):

@@ -1,9 +1,11 @@
 """No valid request compiles a step after warm-up (issue 20, item 4): whatever its sampling parameters hold
 (the largest logit_bias OpenAI allows, min_tokens with every stop_token_id allowed, logprobs, prompt logprobs,
-bad_words, stop strings, truncation, penalties, n),
-every step it takes runs one of the executables warm-up compiled. On the tiny random model: a few seconds."""
+bad_words, stop strings, truncation, penalties, n, a grammar or allowed_token_ids: constrained rows beside free
+ones), every step it takes runs one of the executables warm-up compiled. On the tiny random model: a few seconds."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.core.sampling_params import SamplingParamsError
+from jaxserve.core.structured_outputs import StructuredOutputsParams as SO
 
 VOCAB = 256  # ids below this are valid in the tiny model (its vocabulary is SmolLM2's, 49,152)
 
@@ -42,6 +45,11 @@ PARAMS = st.builds(
     stop_token_ids=_ids(SamplingParams.MAX_STOP_TOKEN_IDS).map(tuple),
     ignore_eos=st.booleans(), max_tokens=st.integers(2, 4), min_tokens=st.integers(0, 2),
     logprobs=st.one_of(st.none(), st.integers(0, SamplingParams.MAX_LOGPROBS)))
+# Constrained rows: a grammar (the [R, ceil(V/32)] token bitmask input) or allowed_token_ids, or neither.
+CONSTRAINTS = st.sampled_from([{}, {"structured_outputs": SO(choice=("yes", "no"))},
+                               {"structured_outputs": SO(json={"type": "object"})},
+                               {"structured_outputs": SO(regex="[a-z]{1,4}")}, {"allowed_token_ids": (5, 9, 200)}])
+PARAMS = st.tuples(PARAMS, CONSTRAINTS).map(lambda pc: dataclasses.replace(pc[0], **pc[1]))
 
 
 def test_the_largest_bias_and_stop_tables_run_on_warm_up_executables(llm):
@@ -67,6 +75,17 @@ def test_no_valid_request_compiles_after_warm_up(llm, params, prompt_len):
     assert all(1 <= len(c.token_ids) <= p.max_tokens for o, p in zip(outs, params) for c in o.outputs)
     assert llm.engine.runner.num_compiled() == compiled
     assert llm.engine.kv_cache.pool.num_used_pages == 0  # every page back (cached pages count as free)
+
+
+def test_constrained_rows_beside_free_ones_run_on_warm_up_executables(llm):
+    compiled = llm.engine.runner.num_compiled()
+    so = SO(json={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    params = [SamplingParams(max_tokens=6, temperature=0.8, seed=1, n=2, structured_outputs=so),
+              SamplingParams(max_tokens=6), SamplingParams(max_tokens=6, allowed_token_ids=(3, 4)),
+              SamplingParams(max_tokens=6, temperature=0.0, structured_outputs=SO(choice=("a", "b")))]
+    out = llm.generate([[1, 2, 3], [4, 5], [6], list(range(40))], params, use_tqdm=False)
+    assert set(out[2].outputs[0].token_ids) <= {3, 4}
+    assert llm.engine.runner.num_compiled() == compiled
 
 
 def test_a_request_that_can_never_fit_the_kv_cache_is_refused_before_it_starts(tiny_checkpoint):

@@ -47,6 +47,7 @@ class CompletionOutput:
     error: str | None = None
     cumulative_logprob: float | None = None  # sum of the chosen tokens' log-probs (when logprobs were asked for)
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it (vLLM's field)
+    tool_calls: list | None = None  # LLM.chat with tools: text.tool_calls.ToolCall read out of `text` (else None)
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     bad_words: tuple[str, ...] = ()  # never generate these words (their last token is banned after the rest)
-    allowed_token_ids: tuple[int, ...] | None = None  # not supported yet: refused by __post_init__
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only these ids (a bitmask, like structured outputs)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (JSON schema, regex, ...)
 
@@ -55,6 +55,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -84,13 +86,11 @@ class SamplingParams:
              "bad words must be non-empty strings"),
             (self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens",
              f"must be at least 1, got {self.truncate_prompt_tokens}"),
-            # NOTE: a whitelist is a [R, V] mask or a vocabulary-wide bias; both would add a compiled shape.
             (self.structured_outputs is None or len(self.structured_outputs.kinds()) == 1, "structured_outputs",
              "must set exactly one of json, json_object, regex, choice, grammar; "
              f"got {self.structured_outputs and self.structured_outputs.kinds()}"),
-            (self.structured_outputs is None, "structured_outputs", "is not supported yet"),
-            (self.allowed_token_ids is None, "allowed_token_ids",
-             "allowed_token_ids is not supported yet; use logit_bias (up to 300 ids) to favour tokens"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+             "must hold at least one token id"),
         ]
         for ok, field, message in checks:
             if not ok:

@@ -66,6 +66,9 @@ class SamplingMetadata:
     bias_values: jax.Array  # [R, Kb] f32, ... and value 0; -inf bans a token
     history: jax.Array  # [R, S] i32, prompt then output token ids, padded with -1 (only rows with penalties)
     prompt_lens: jax.Array  # [R] i32, how many of `history` are prompt tokens
+    # [R, W] i32, W = ceil(V / 32): bit t % 32 of word t // 32 set = token t allowed (structured outputs,
+    # allowed_token_ids); all ones (-1) on free rows, so any mix of rows shares one compiled step
+    token_bitmask: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -162,6 +165,7 @@ class RowSampling:
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
     banned_ids: Sequence[int] = ()  # never sampled this step (e.g. EOS and stop tokens before min_tokens)
+    allowed: np.ndarray | None = None  # [W] i32 bitmask of the tokens allowed this step; None: all
 
 
 def _has_penalties(p: SamplingParams) -> bool:
@@ -241,8 +245,27 @@ def build_sampling_metadata(rows: list[RowSampling | None], num_rows: int, vocab
     for r, bias in biases.items():
         bias_ids[r, :len(bias)] = list(bias.keys())
         bias_values[r, :len(bias)] = list(bias.values())
+    constrained = [r for r in live if rows[r].allowed is not None]
+    if constrained:
+        token_bitmask = np.full((num_rows, bitmask_width(vocab_size)), -1, np.int32)
+        for r in constrained:
+            token_bitmask[r] = rows[r].allowed
+    else:
+        token_bitmask = _all_allowed(num_rows, bitmask_width(vocab_size))
     return SamplingMetadata(temperature, top_k, top_p, min_p, repetition, presence, frequency, seeds, positions,
-                            bias_ids, bias_values, history, prompt_lens)
+                            bias_ids, bias_values, history, prompt_lens, token_bitmask)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    """W: int32 words of a token bitmask row, ceil(V / 32)."""
+    return -(-vocab_size // 32)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_allowed(num_rows: int, width: int) -> np.ndarray:
+    mask = np.full((num_rows, width), -1, np.int32)
+    mask.flags.writeable = False
+    return mask
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,12 +320,32 @@ def _sample_rows(logits, md, num_logprobs, num_candidates):
 
 
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Logit bias and banned ids, then penalties: [R, V] f32 logits that greedy rows take the argmax of."""
+    """Token bitmask, logit bias and banned ids, then penalties: [R, V] f32 logits that greedy rows take the
+    argmax of."""
+    with jax.named_scope("token_bitmask"):
+        x = apply_token_bitmask(logits.astype(jnp.float32), md.token_bitmask)
     with jax.named_scope("logit_bias"):
-        x = apply_logit_bias(logits.astype(jnp.float32), md)
+        x = apply_logit_bias(x, md)
     with jax.named_scope("penalties"):
         any_penalty = jnp.any((md.repetition_penalty != 1) | (md.presence_penalty != 0) | (md.frequency_penalty != 0))
         return lax.cond(any_penalty, apply_penalties, lambda x, md: x, x, md)
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where a row's bitmask bit is clear; skipped when every row allows everything.
+
+    Args:
+      logits: [R, V] f32.
+      bitmask: [R, W] i32, W = ceil(V / 32), bit t % 32 of word t // 32 for token t.
+    """
+    def mask(x):
+        num_rows, vocab = x.shape
+        # NOTE: >> on int32 is arithmetic, but & 1 picks the shifted bit all the same.
+        bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [R, W, 32]
+        allowed = bits.reshape(num_rows, -1)[:, :vocab] != 0  # [R, V]
+        return jnp.where(allowed, x, -jnp.inf)
+
+    return lax.cond(jnp.any(bitmask != -1), mask, lambda x: x, logits)
 
 
 def apply_logit_bias(logits: jax.Array, md: SamplingMetadata) -> jax.Array:

@@ -48,6 +48,7 @@ from jaxserve.server.model_router import ModelRouter, ModelScope
 from jaxserve.server.openapi import openapi_spec
 from jaxserve.server.serving import Generation, serve_generation
 from jaxserve.text.chat_template import render_chat
+from jaxserve.text.tool_calls import render_messages
 
 logger = logging.getLogger(__name__)
 
@@ -355,10 +356,11 @@ async def tokenize(request: web.Request) -> web.Response:
             raise errors.bad_request(f"'{name}' must be a boolean", param=name)
     tok = engine.tokenizer
     if "messages" in body:
-        chat = protocol.parse_chat({"messages": body["messages"]})
+        chat = protocol.parse_chat({"messages": body["messages"], "tools": body.get("tools")})
         try:
-            text = render_chat(tok.chat_template, chat.messages, add_generation_prompt=flags["add_generation_prompt"],
-                               bos_token=tok.bos_token, eos_token=tok.eos_token)
+            messages, extra = render_messages(chat.messages, chat.tools and chat.tools.tools, tok.chat_template)
+            text = render_chat(tok.chat_template, messages, add_generation_prompt=flags["add_generation_prompt"],
+                               bos_token=tok.bos_token, eos_token=tok.eos_token, **extra)
         except ValueError as e:
             raise errors.bad_request(str(e), param="messages") from None
     elif isinstance(body.get("prompt"), str):

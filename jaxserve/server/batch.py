@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from jaxserve.engine_client import OfflineEngineClient
-from jaxserve.server import errors, protocol
+from jaxserve.server import errors, protocol, tools
 from jaxserve.server.errors import APIError
 
 URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -122,7 +122,7 @@ class _LineError(Exception):
 def _prepare(engine: OfflineEngineClient, job: _Job) -> list:
     """Prompt ids and per-prompt params, exactly as the server prepares them (its 400s included)."""
     job.prompt_texts, job.prompt_ids = protocol.tokenize_prompts(job.req, engine.tokenizer)
-    return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate)
+    return [protocol.params_for_prompt(job.req.params, ids, engine.max_model_len, engine.validate, job.req.param)
             for ids in job.prompt_ids]
 
 
@@ -144,9 +144,12 @@ def _body(engine: OfflineEngineClient, job: _Job, model: str) -> dict:
             elif req.logprobs is not None:
                 logprobs = (protocol.chat_logprobs(entries, token_text) if req.kind == "chat"
                             else protocol.completion_logprobs(entries, token_text, len(prefix)))
-            build = protocol.chat_choice if req.kind == "chat" else protocol.completion_choice
             text = prefix + ("" if req.score_only else job.texts.get((p, i), ""))
-            choices.append(build(p * n + i, text, logprobs, job.finish[(p, i)]))
+            if req.kind == "chat":
+                content, calls, finish = tools.parse_message(req.tools, text, job.finish[(p, i)])
+                choices.append(protocol.chat_choice(p * n + i, content, logprobs, finish, calls))
+            else:
+                choices.append(protocol.completion_choice(p * n + i, text, logprobs, job.finish[(p, i)]))
     completion = 0 if req.score_only else sum(job.num_tokens.values())
     usage = protocol.usage(sum(len(ids) for ids in job.prompt_ids), completion, job.cached)
     return protocol.response(req.kind, job.request_id, protocol.now(), model, choices, usage)

@@ -33,16 +33,19 @@ _SAMPLING = {
     "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
     "logit_bias": {"type": "object", "maxProperties": 300,
                    "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100}},
-    "seed": _INT,
+    "seed": _INT, "best_of": {**_INT, "description": "only equal to n"},
     "stop": {"oneOf": [{**_STR, "minLength": 1, "maxLength": 256},
                        {"type": "array", "maxItems": 32, "items": {**_STR, "minLength": 1, "maxLength": 256}}]},
     "stop_token_ids": {"type": "array", "maxItems": 128, "items": _INT, "description": "extra field"},
     "ignore_eos": {**_BOOL, "description": "extra field"},
+    "allowed_token_ids": {"type": "array", "minItems": 1, "items": _INT,
+                          "description": "sample only these token ids (extra field)"},
     "min_tokens": {**_INT, "minimum": 0, "description": "extra field"},
     "max_tokens": {**_INT, "minimum": 1},
     "user": {**_STR, "description": "accepted and ignored (never a rate-limit key: the client picks it)"},
     "stream": _BOOL,
-    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL},
+    "stream_options": {"type": "object", "additionalProperties": False,
+                       "properties": {"include_usage": _BOOL, "include_obfuscation": {"const": False}},
                        "description": "only with `stream: true` (else 400)"},
     "priority": {**_INT, "description": "lower runs first (extra field); other than 0 only where the operator "
                                         "allows it (--allow-priority, --priority-key), else 400"},
@@ -53,6 +56,41 @@ _SAMPLING = {
                                                                 "pattern": r"\S"},
                   "description": "words never generated"},
     "truncate_prompt_tokens": {**_INT, "minimum": 1, "description": "keep only the prompt's last k tokens"},
+    # output constraints (docs/tools.md): at most one of these per request
+    "response_format": {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        "json_schema": {"type": "object", "required": ["name"], "properties": {
+            "name": {**_STR, "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "schema": {"type": ["object", "boolean"]},
+            "strict": _BOOL, "description": _STR}}}},
+    "structured_outputs": {"type": "object", "minProperties": 1, "maxProperties": 1,
+                           "description": "vLLM's: exactly one of json, regex, choice, grammar, json_object",
+                           "properties": {"json": {"type": ["object", "boolean", "string"]}, "regex": _STR,
+                                          "choice": {"type": "array", "minItems": 1, "items": _STR},
+                                          "grammar": {**_STR, "description": "Lark (llguidance)"},
+                                          "json_object": {"const": True}}},
+    "guided_json": {"type": ["object", "boolean", "string"], "description": "older vLLM name"},
+    "guided_regex": {**_STR, "description": "older vLLM name"},
+    "guided_choice": {"type": "array", "minItems": 1, "items": _STR, "description": "older vLLM name"},
+    "guided_grammar": {**_STR, "description": "older vLLM name (Lark)"},
+}
+
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {**_STR, "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "description": _STR,
+        "parameters": {"type": "object", "description": "a JSON schema"}, "strict": _BOOL}}}}
+_TOOL_CALL = {"type": "object", "properties": {
+    "id": _STR, "type": {"const": "function"},
+    "function": {"type": "object", "properties": {"name": _STR, "arguments": {**_STR, "description": "JSON"}}}}}
+_CHAT_ONLY = {
+    "tools": {"type": "array", "maxItems": 128, "items": _TOOL},
+    "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object", "properties": {
+        "type": {"const": "function"}, "function": {"type": "object", "properties": {"name": _STR}}}}]},
+    "parallel_tool_calls": {**_BOOL, "default": True},
+    "store": {"const": False, "description": "accepted only as false (nothing is stored)"},
+    "metadata": {"type": "object", "maxProperties": 0, "description": "only empty (nothing is stored)"},
+    "modalities": {"const": ["text"]}, "service_tier": {"enum": ["auto", "default"]},
+    "safety_identifier": {**_STR, "description": "accepted and ignored, like user"},
+    "prompt_cache_key": {**_STR, "description": "accepted and ignored: prefix caching is automatic"},
 }
 
 def _nullable(schema: dict, *required: str) -> dict:
@@ -70,20 +108,26 @@ _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {**_INT, "minimum": 0}}
 _USAGE = {"type": "object", "properties": {
     "prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT,
     "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": _INT}}}}
-_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", "content_filter", None]}
+_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", "content_filter", "tool_calls", None]}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "properties": {
         "message": _STR, "type": _STR, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
-    "CompletionRequest": {"type": "object", "required": ["prompt"], "properties": _nullable({
+    "CompletionRequest": {"type": "object", "required": ["prompt"], "additionalProperties": False,
+                          "properties": _nullable({
         **_SAMPLING,
         "prompt": {"oneOf": [_PROMPT_STR, {"type": "array", "minItems": 1, "items": _PROMPT_STR}, _TOKEN_IDS,
                              {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]},
-        "logprobs": {**_INT, "minimum": 0, "maximum": 20}, "echo": _BOOL}, "prompt")},
-    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": _nullable({
-        **_SAMPLING,
+        "logprobs": {**_INT, "minimum": 0, "maximum": 20}, "echo": _BOOL,
+        "suffix": {"type": ["string", "null"], "maxLength": 0, "description": "only empty"}}, "prompt")},
+    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "additionalProperties": False,
+                              "properties": _nullable({
+        **_SAMPLING, **_CHAT_ONLY,
         "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
             "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+            "tool_calls": {"type": "array", "items": _TOOL_CALL, "description": "assistant turns"},
+            "tool_call_id": {**_STR, "description": "tool turns (required there)"},
+            "name": {**_STR, "description": "passed to the chat template"},
             "content": {"oneOf": [_STR, {"type": "null"}, {"type": "array", "items": {
                 "type": "object", "required": ["type", "text"], "properties": {
                     "type": {"const": "text"}, "text": _STR}}}]}}}},
@@ -97,14 +141,17 @@ SCHEMAS: dict[str, Any] = {
         "id": _STR, "object": {"const": "chat.completion"}, "created": _INT, "model": _STR, "usage": _USAGE,
         "choices": {"type": "array", "items": {"type": "object", "properties": {
             "index": _INT, "finish_reason": _FINISH, "logprobs": {"type": ["object", "null"]},
-            "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": _STR}}}}}}},
+            "message": {"type": "object", "properties": {
+                "role": {"const": "assistant"}, "content": {"type": ["string", "null"]},
+                "tool_calls": {"type": "array", "items": _TOOL_CALL}}}}}}}},
     "Model": {"type": "object", "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT,
                                                "owned_by": _STR, "root": _STR, "max_model_len": _INT}},
     "ModelList": {"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
         "$ref": "#/components/schemas/Model"}}}},
     "TokenizeRequest": {"type": "object", "anyOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
                         "properties": {
-        "model": _nullable(_STR), "prompt": _STR, "messages": {"type": "array"}, "add_special_tokens": _BOOL,
+        "model": _nullable(_STR), "prompt": _STR, "messages": {"type": "array"},
+        "tools": {"type": "array", "items": _TOOL}, "add_special_tokens": _BOOL,
         "add_generation_prompt": _BOOL}},
     "TokenizeResponse": {"type": "object", "properties": {
         "tokens": {"type": "array", "items": _INT}, "count": _INT, "max_model_len": _INT}},

@@ -1,8 +1,9 @@
 """OpenAI request parsing and validation (→ SamplingParams) and the response / chunk builders.
 
 Requests arrive as parsed JSON objects. Every field we know is type-checked and range-checked here or by
-`SamplingParams`, and a bad one raises a 400 `APIError` whose `param` names it. Unknown fields are
-ignored, as vLLM does, so clients that send extras keep working.
+`SamplingParams`, and a bad one raises a 400 `APIError` whose `param` names it. A field the endpoint does
+not serve is a 400 naming it too (`request_fields`), never silently ignored; the vLLM extras we implement
+are accepted. Output constraints are read by `structured`, tool fields by `tools`.
 
 The builders return plain dicts in exactly OpenAI's shapes; `json.dumps` is the caller's business.
 No JAX, no engine (the two prompt helpers take the tokenizer and the engine's `validate`): this module
@@ -19,7 +20,11 @@ from typing import Any, Callable, Sequence
 from jaxserve.core.outputs import TokenLogprob
 from jaxserve.core.sampling_params import SamplingParams, SamplingParamsError
 from jaxserve.server.errors import bad_request, context_too_long
+from jaxserve.server.request_fields import check_fields
+from jaxserve.server.structured import parse_structured_outputs
+from jaxserve.server.tools import ToolRequest, check_message_tool_fields, parse_tools, with_tools
 from jaxserve.text.chat_template import render_chat
+from jaxserve.text.tool_calls import render_messages
 
 MAX_N = 16  # choices per prompt; more is almost always a client bug, and each one holds KV pages
 MAX_PROMPTS = 64  # prompts in one /v1/completions batch
@@ -27,6 +32,9 @@ MAX_JSON_DEPTH = 64  # nesting of a request body (OpenAI bodies need about 6)
 MAX_STOP = 32  # stop strings per request (OpenAI allows 4); each is matched against every new piece of text
 MAX_STOP_LENGTH = 256  # characters per stop string
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")  # `name` goes to the template
+# What a client echoes back from an assistant message it received: accepted while null (they carry nothing).
+MESSAGE_ECHO_FIELDS = ("refusal", "audio", "function_call", "annotations", "reasoning_content")
 
 Prompt = str | list[int]
 
@@ -51,8 +59,15 @@ class GenerationRequest:
     # which is not returned)
     score_only: bool = False
     logprobs: int | None = None  # completions: top-n per token; chat: top_logprobs when logprobs is true
-    messages: list[dict[str, str]] | None = None  # chat only, normalised to {"role", "content": str}
+    # chat only, normalised to {"role", "content": str} (+ "tool_calls" on assistant, "tool_call_id" on tool turns)
+    messages: list[dict[str, Any]] | None = None
     priority: int = 0
+    tools: ToolRequest | None = None  # chat with tools the model may call (not tool_choice "none")
+    constraint_field: str | None = None  # the request field params.structured_outputs came from
+
+    def param(self, field: str) -> str:
+        """The request field to name for an error in SamplingParams' `field`."""
+        return self.constraint_field if field == "structured_outputs" and self.constraint_field else field
 
 
 # ---------------------------------------------------------------------------- field readers
@@ -147,7 +162,9 @@ def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                     tool_request: ToolRequest | None = None) -> tuple[SamplingParams, str | None]:
+    """The body's SamplingParams, and the request field its output constraint came from (errors name it)."""
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
@@ -157,6 +174,13 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
     stop_token_ids = body.get("stop_token_ids") or []
     if not _int_list(stop_token_ids):
         raise bad_request("'stop_token_ids' must be an array of token ids", param="stop_token_ids")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and (not _int_list(allowed) or not allowed):
+        raise bad_request("'allowed_token_ids' must be a non-empty array of token ids", param="allowed_token_ids")
+    constraint, constraint_field = with_tools(*parse_structured_outputs(body), tool_request)
+    stop = _stop(body)
+    if tool_request is not None:
+        stop += tuple(s for s in tool_request.stop() if s not in stop)
     temperature = _field(body, "temperature", (float,), 1.0)
     if temperature > 2.0:  # OpenAI's range; beyond it sampling is noise
         raise bad_request(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -167,12 +191,14 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -
             repetition_penalty=_field(body, "repetition_penalty", (float,), 1.0),
             presence_penalty=_field(body, "presence_penalty", (float,), 0.0),
             frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
-            logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=_stop(body),
+            logit_bias=_logit_bias(body), seed=_field(body, "seed", (int,)), stop=stop,
             stop_token_ids=tuple(stop_token_ids), ignore_eos=_field(body, "ignore_eos", (bool,), False),
             max_tokens=max_tokens, min_tokens=_field(body, "min_tokens", (int,), 0), logprobs=logprobs,
-            **_vllm_extras(body))
+            structured_outputs=constraint, allowed_token_ids=allowed, **_vllm_extras(body)), constraint_field
     except SamplingParamsError as e:
-        raise bad_request(str(e), param=e.field) from None
+        # the constraint's own field, not the engine's name for it
+        param = constraint_field if e.field == "structured_outputs" and constraint_field else e.field
+        raise bad_request(str(e), param=param) from None
 
 
 # vLLM's extra sampling fields that its OpenAI server takes over HTTP (SamplingParams has them all).
@@ -207,15 +233,22 @@ def _stream_options(body: dict, stream: bool) -> bool:
         return False
     if not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    for key in options:
+        if key not in ("include_usage", "include_obfuscation"):
+            raise bad_request(f"'stream_options.{key}' is not supported", param=f"stream_options.{key}")
+    if options.get("include_obfuscation") not in (None, False):  # OpenAI pads chunks against side channels; we do not
+        raise bad_request("'stream_options.include_obfuscation' may only be false: chunks are not padded",
+                          param="stream_options.include_obfuscation")
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", param="stream_options")
     return include
 
 
-def _common(body: Any) -> tuple[str | None, bool, bool, str | None, int]:
+def _common(body: Any, kind: str) -> tuple[str | None, bool, bool, str | None, int]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {json_type(body)}")
+    check_fields(body, kind)
     model = _field(body, "model", (str,))
     stream = _field(body, "stream", (bool,), False)
     include_usage = _stream_options(body, stream)
@@ -228,7 +261,7 @@ def _common(body: Any) -> tuple[str | None, bool, bool, str | None, int]:
 
 def parse_completion(body: Any) -> GenerationRequest:
     """Validates a /v1/completions body."""
-    model, stream, include_usage, user, priority = _common(body)
+    model, stream, include_usage, user, priority = _common(body, "completion")
     if "prompt" not in body:
         raise bad_request("'prompt' is required", param="prompt")
     prompt = body["prompt"]
@@ -258,12 +291,13 @@ def parse_completion(body: Any) -> GenerationRequest:
                           param="stream")
     if score_only and stream:
         raise bad_request("'max_tokens': 0 (scoring the prompt) is not supported with 'stream'", param="max_tokens")
-    params = _sampling_params(body, 1 if score_only else max_tokens, logprobs)
+    params, constraint_field = _sampling_params(body, 1 if score_only else max_tokens, logprobs)
     if echo and logprobs is not None:
         # echo with logprobs returns the prompt's log-probs ahead of the completion's (lm-evaluation-harness)
         params = dataclasses.replace(params, prompt_logprobs=logprobs)
     return GenerationRequest("completion", model, prompts, params, stream=stream, include_usage=include_usage,
-                             user=user, echo=echo, score_only=score_only, logprobs=logprobs, priority=priority)
+                             user=user, echo=echo, score_only=score_only, logprobs=logprobs, priority=priority,
+                             constraint_field=constraint_field)
 
 
 def _message_content(i: int, content: Any) -> str:
@@ -284,7 +318,7 @@ def _message_content(i: int, content: Any) -> str:
 
 def parse_chat(body: Any) -> GenerationRequest:
     """Validates a /v1/chat/completions body."""
-    model, stream, include_usage, user, priority = _common(body)
+    model, stream, include_usage, user, priority = _common(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array", param="messages")
@@ -294,9 +328,13 @@ def parse_chat(body: Any) -> GenerationRequest:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}",
                               param=f"messages[{i}].role")
         role = "system" if message["role"] == "developer" else message["role"]
-        normalised.append({"role": role, "content": _message_content(i, message.get("content"))})
-    if body.get("tools"):
-        raise bad_request("'tools' are not supported", param="tools")
+        for key, value in message.items():
+            if key not in MESSAGE_FIELDS and not (key in MESSAGE_ECHO_FIELDS and value is None):
+                raise bad_request(f"messages[{i}].{key} is not supported", param=f"messages[{i}].{key}")
+        name = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
+        normalised.append({"role": role, "content": _message_content(i, message.get("content")), **name,
+                           **check_message_tool_fields(i, message)})
+    tool_request = parse_tools(body)
     want_logprobs = _field(body, "logprobs", (bool,), False)
     top = _field(body, "top_logprobs", (int,))
     if top is not None and not want_logprobs:
@@ -306,10 +344,10 @@ def parse_chat(body: Any) -> GenerationRequest:
                           param="top_logprobs")
     logprobs = (top or 0) if want_logprobs else None
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
-    params = _sampling_params(body, max_tokens, logprobs)
+    params, constraint_field = _sampling_params(body, max_tokens, logprobs, tool_request)
     return GenerationRequest("chat", model, [], params, stream=stream,
                              include_usage=include_usage, user=user, logprobs=logprobs, messages=normalised,
-                             priority=priority)
+                             priority=priority, tools=tool_request, constraint_field=constraint_field)
 
 
 def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str], list[list[int]]]:
@@ -321,8 +359,9 @@ def tokenize_prompts(req: GenerationRequest, tokenizer: Any) -> tuple[list[str],
     tok = tokenizer
     if req.kind == "chat":
         try:
-            text = render_chat(tok.chat_template, req.messages, add_generation_prompt=True,
-                               bos_token=tok.bos_token, eos_token=tok.eos_token)
+            messages, extra = render_messages(req.messages, req.tools and req.tools.tools, tok.chat_template)
+            text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
+                               bos_token=tok.bos_token, eos_token=tok.eos_token, **extra)
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
         return [text], _truncated(req, [tok.encode(text)])
@@ -346,7 +385,8 @@ def _truncated(req: GenerationRequest, ids: list[list[int]]) -> list[list[int]]:
 
 
 def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_len: int,
-                      validate: Callable[[list[int], SamplingParams], None] | None) -> SamplingParams:
+                      validate: Callable[[list[int], SamplingParams], None] | None,
+                      param: Callable[[str], str] = str) -> SamplingParams:
     """`params` with max_tokens None made explicit (up to the context), checked by the engine's `validate`:
     a bad field is a 400 naming it, prompt + max_tokens over the context a 400 `context_length_exceeded`."""
     try:
@@ -355,7 +395,7 @@ def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_l
         if validate is not None:
             validate(prompt_ids, params)
     except SamplingParamsError as e:  # NOTE: replace() raises it too (min_tokens over what the context leaves)
-        raise bad_request(str(e), param=e.field) from None
+        raise bad_request(str(e), param=param(e.field)) from None
     except ValueError as e:  # RequestTooLongError: prompt + max_tokens over the context
         raise context_too_long(str(e)) from None
     return params
@@ -438,9 +478,12 @@ def completion_choice(index: int, text: str, logprobs: dict | None, finish_reaso
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None,
+                tool_calls: list[dict] | None = None) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_delta_choice(index: int, delta: dict[str, Any], logprobs: dict | None,

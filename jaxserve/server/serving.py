@@ -7,7 +7,8 @@
      sequences in the engine at once: later prompts go in as earlier ones finish, so a request's fan-out
      queues behind other requests instead of ahead of them. A `DeltaBridge` brings their deltas to
      this coroutine, each choice's `OutputMonitor` decides what may be sent, and the released text is
-     streamed as SSE chunks or collected into one JSON response.
+     streamed as SSE chunks or collected into one JSON response. Chat with tools: a `ToolCallParser` per
+     choice splits the released text into content and tool calls (`tools.py`, `text/tool_calls.py`).
   4. Finally, whatever happened (finished, client gone, timeout, error, shutdown): every engine request
      not yet finished is aborted, so its KV pages go back to the pool at the next step; the rate-limit
      reservation is settled with the real token count; metrics are recorded.
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from jaxserve.core.outputs import RequestDelta, TokenLogprob
 from jaxserve.core.sampling_params import SamplingParamsError
-from jaxserve.server import errors, protocol
+from jaxserve.server import errors, protocol, tools
 from jaxserve.server.errors import APIError
 from jaxserve.server.guardrails import Finding, OutputMonitor
 from jaxserve.server.limits import Reservation
@@ -36,6 +37,7 @@ from jaxserve.server.middleware import CLIENT_REQUEST_ID, USAGE
 from jaxserve.server.model_router import answered_by_field, answered_by_header, wait_decided
 from jaxserve.server.protocol import GenerationRequest
 from jaxserve.server.streaming import DeltaBridge, SSEWriter
+from jaxserve.text.tool_calls import ToolCallParser
 
 if TYPE_CHECKING:
     from jaxserve.server.app import ServerState
@@ -68,6 +70,8 @@ class Choice:
     first_token_time: float | None = None
     last_token_time: float | None = None
     queue_time: float | None = None
+    parser: ToolCallParser | None = None  # chat with tools, streaming: reads tool calls out of the text
+    num_calls_sent: int = 0
 
     def release_logprobs(self, final: bool) -> list[TokenLogprob]:
         """The entries whose text has been released (NOTE: held-back text must not leak through logprobs)."""
@@ -124,7 +128,7 @@ class Generation:
             self.state.metrics.guardrail_hits.labels(finding.stage, "input").inc()
             raise errors.content_policy(f"The request was blocked by the {finding.describe()} guardrail.",
                                         param="messages" if req.kind == "chat" else "prompt")
-        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, engine.validate)
+        self.params = [protocol.params_for_prompt(req.params, ids, engine.max_model_len, engine.validate, req.param)
                        for ids in self.prompt_ids]
 
     @property
@@ -166,7 +170,7 @@ class Generation:
             try:
                 stream = engine.add_request(ids, params, request_id=engine_id, priority=self.req.priority)
             except SamplingParamsError as e:
-                raise errors.bad_request(str(e), param=e.field) from None
+                raise errors.bad_request(str(e), param=self.req.param(e.field)) from None
             except ValueError as e:
                 raise errors.context_too_long(str(e)) from None
             self._num_submitted += 1
@@ -411,11 +415,14 @@ async def _collect(state: ServerState, gen: Generation) -> web.Response:
     choices = []
     for choice in sorted(gen.choices.values(), key=lambda c: c.index):
         logprobs = gen.logprobs_json(choice, choice.logprobs, len(choice.prefix))
-        build = protocol.chat_choice if gen.req.kind == "chat" else protocol.completion_choice
         text, finish = choice.prefix + choice.text, choice.finish_reason
         if gen.req.score_only:  # the one token sampled is not part of the answer: "length" as max_tokens 0 asked
             text, finish = choice.prefix, "length" if finish == "stop" else finish
-        choices.append(build(choice.index, text, logprobs, finish))
+        if gen.req.kind == "chat":
+            content, calls, finish = tools.parse_message(gen.req.tools, text, finish)
+            choices.append(protocol.chat_choice(choice.index, content, logprobs, finish, calls))
+        else:
+            choices.append(protocol.completion_choice(choice.index, text, logprobs, finish))
     body = protocol.response(gen.req.kind, gen.id, gen.created, state.config.served_model_name, choices, gen.usage())
     body.update(answered_by_field(gen.streams))
     return web.json_response(body, headers=_id_header(gen))
@@ -430,6 +437,8 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
                 **answered_by_field(gen.streams)}
 
     bridge = DeltaBridge(gen.streams, asyncio.get_running_loop())
+    for choice in gen.choices.values():
+        choice.parser = gen.req.tools.parser() if gen.req.tools is not None else None
     await sse.start()
     last_write = time.monotonic()
     for choice in sorted(gen.choices.values(), key=lambda c: c.index):  # the opening chunk of every choice
@@ -450,12 +459,12 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
                     logprobs = gen.logprobs_json(choice, entries, len(choice.prefix) + len(choice.text))
                     choice.text += text
                     if kind == "chat":
-                        body = {"content": text} if text or not finish else {}
-                        out = protocol.chat_delta_choice(choice.index, body, logprobs, finish)
+                        outs = _chat_deltas(choice, text, logprobs, finish)
                     else:
-                        out = protocol.completion_choice(choice.index, text, logprobs, finish)
-                    await sse.send(chunk([out]))
-                    last_write = time.monotonic()
+                        outs = [protocol.completion_choice(choice.index, text, logprobs, finish)]
+                    for out in outs:
+                        await sse.send(chunk([out]))
+                        last_write = time.monotonic()
                 if gen.failure is not None:
                     raise gen.failure
             bridge.add(gen.submit())
@@ -472,3 +481,25 @@ async def _stream(state: ServerState, gen: Generation) -> web.StreamResponse:
         await sse.send(chunk([], gen.usage()))
     await sse.done()
     return sse.response
+
+
+def _chat_deltas(choice: Choice, text: str, logprobs: dict | None, finish: str | None) -> list[dict]:
+    """The chunk choices for one update of a streamed chat choice: content, then tool-call deltas (OpenAI's
+    shape: id, type and name first, then the arguments), then the finish_reason on a chunk of its own."""
+    if choice.parser is None:
+        body = {"content": text} if text or not finish else {}
+        return [protocol.chat_delta_choice(choice.index, body, logprobs, finish)]
+    content, calls = choice.parser.feed(text)
+    if finish is not None:
+        rest, late = choice.parser.finish()
+        content, calls = content + rest, calls + late
+    out = []
+    if content or logprobs:
+        out.append(protocol.chat_delta_choice(choice.index, {"content": content} if content else {}, logprobs, None))
+    for delta in tools.tool_call_deltas(choice.num_calls_sent, calls):
+        out.append(protocol.chat_delta_choice(choice.index, delta, None, None))
+    choice.num_calls_sent += len(calls)
+    if finish is not None:
+        out.append(protocol.chat_delta_choice(choice.index, {}, None,
+                                              tools.finish_reason(choice.parser.calls, finish)))
+    return out

@@ -28,7 +28,11 @@ ACCEPTED: dict[str, tuple[bool, str]] = {
     "--max-log-len": (True, "prompts are never logged, so there is nothing to truncate"),
     "--response-role": (True, "the assistant role is always 'assistant'"),
     "--enable-server-load-tracking": (False, "the load is always in /metrics (num_requests_running/waiting)"),
+    "--enable-auto-tool-choice": (False, "tool_choice \"auto\" is always served (docs/tools.md)"),
+    "--tool-call-parser": (True, "only 'hermes': <tool_call> JSON blocks, the default tool format (docs/tools.md)"),
 }
+# accepted flags whose value is checked: any other value fails, naming the flag
+ACCEPTED_VALUES: dict[str, tuple[str, ...]] = {"--tool-call-parser": ("hermes",)}
 
 # flag -> what to use instead. Each makes the command fail with this advice.
 UNSUPPORTED: dict[str, str] = {
@@ -39,8 +43,6 @@ UNSUPPORTED: dict[str, str] = {
     "--lora-modules": "LoRA adapters are not supported; merge the adapter into the weights and serve that checkpoint",
     "--max-loras": "LoRA adapters are not supported",
     "--max-lora-rank": "LoRA adapters are not supported",
-    "--enable-auto-tool-choice": "tool calling is not supported yet; send tools in the prompt with --chat-template",
-    "--tool-call-parser": "tool calling is not supported yet; send tools in the prompt with --chat-template",
     "--reasoning-parser": "reasoning parsers are not supported; the reasoning text stays in the content",
     "--enforce-eager": "jaxserve always runs compiled step shapes; use --compilation-cache-dir to keep them",
     "--compilation-config": "XLA compiles every bucket at start-up; use --compilation-cache-dir to keep them",
@@ -60,7 +62,7 @@ UNSUPPORTED: dict[str, str] = {
     "--enable-expert-parallel": "mixture-of-experts models are not supported",
     "--rope-scaling": "RoPE scaling is read from the checkpoint's config",
     "--hf-overrides": "edit the checkpoint's config.json instead",
-    "--guided-decoding-backend": "structured outputs are not supported yet",
+    "--guided-decoding-backend": "structured outputs always use llguidance (docs/structured-output.md)",
     "--no-enable-chunked-prefill": "chunked prefill is always on; lower --max-num-batched-tokens to shorten chunks",
 }
 
@@ -106,7 +108,8 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     for flag, (takes_value, help_) in ACCEPTED.items():
         dest = "vllm_" + flag.lstrip("-").replace("-", "_")
         if takes_value:
-            group.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=help_)
+            group.add_argument(flag, dest=dest, default=None, choices=ACCEPTED_VALUES.get(flag),
+                               metavar=None if flag in ACCEPTED_VALUES else "VALUE", help=help_)
         else:
             group.add_argument(flag, dest=dest, nargs="?", action=_Accepted, default=None, metavar="BOOL", help=help_)
     for flag in UNSUPPORTED:

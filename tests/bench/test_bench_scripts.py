@@ -395,3 +395,20 @@ def test_bench_serving_end_to_end(small_server, tmp_path, capsys):
         "--no-progress"]) == 0
     r = json.loads(chat.read_text())["runs"][0]["result"]
     assert (r["completed"], r["total_output_tokens"]) == (2, 6) and r["total_input_tokens"] > 2 * 8
+
+
+# ---------------------------------------------------------------------------- structured outputs
+
+def test_bench_structured_script_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
+    """Both modes generate max_tokens per stream, the constrained one computes its masks (most ahead of the step)."""
+    script = load_script("bench_structured")
+    out = tmp_path / "structured.json"
+    assert script.main(["--model", str(tiny_checkpoint), "--streams", "2", "--max-tokens", "6", "--prefetch", "on",
+                        "--max-model-len", "128", "--out", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(line["output_tok_s"]) == {"2_free", "2_json"} and set(line["mask_ms_per_step"]) == {"2"}
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["output_tokens"] for c in cases] == [12, 12]
+    json_cases = [c for c in cases if c["mode"] == "json"]
+    assert all(c["mask_rows"] == c["output_tokens"] and c["prefetched_rows"] > 0 for c in json_cases)
+    assert all(c["mask_rows"] == 0 for c in cases if c["mode"] == "free")

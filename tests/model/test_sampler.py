@@ -6,6 +6,7 @@ significance ALPHA = 1e-4 (a correct sampler fails a given seed set with probabi
 """
 
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -334,3 +335,53 @@ def test_metadata_is_a_pytree():
     leaves, tree = jax.tree.flatten(md)
     assert len(leaves) == len(SamplingMetadata.__dataclass_fields__)
     assert isinstance(jax.tree.unflatten(tree, leaves), SamplingMetadata)
+
+
+# --- the token bitmask (structured outputs, allowed_token_ids) ------------------------------------------
+
+def bitmask(ids, vocab=V):
+    bits = np.zeros(-(-vocab // 32) * 32, np.uint8)
+    bits[list(ids)] = 1
+    return np.packbits(bits, bitorder="little").view(np.int32)
+
+
+def test_bitmask_rows_sample_only_allowed_tokens_and_free_rows_are_untouched():
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(R, V)).astype(np.float32) * 3
+    allowed = [sorted(rng.choice(V, size=k, replace=False).tolist()) for k in (1, 3, 40, 7)]
+    allowed[3] = [0, 31, 32, V - 1]  # word edges and the sign bit
+    free = [row(temperature=0.0), row(seed=7, temperature=1.0, top_p=0.9)]
+    rows = [dataclasses.replace(row(temperature=0.0), allowed=bitmask(allowed[0])),
+            dataclasses.replace(row(temperature=0.0), allowed=bitmask(allowed[3])),
+            dataclasses.replace(row(seed=1, temperature=1.5, top_k=2), allowed=bitmask(allowed[1])),
+            dataclasses.replace(row(seed=2, temperature=2.0, min_p=0.0), allowed=bitmask(allowed[2]))] + free
+    out = run(logits, rows)
+    assert out.token_ids[0] == allowed[0][0]
+    assert out.token_ids[1] == max(allowed[3], key=lambda t: logits[1, t])  # greedy over the allowed set
+    assert out.token_ids[2] in allowed[1] and out.token_ids[3] in allowed[2]
+    plain = run(logits, [None] * 4 + free)  # free rows sample the same with or without masked rows beside them
+    np.testing.assert_array_equal(out.token_ids[4:6], plain.token_ids[4:6])
+    # Log-probs stay under the raw distribution (before the mask): the top alternatives ignore it.
+    np.testing.assert_array_equal(out.top_ids[:4], np.argsort(-logits[:4], -1)[:, :N_LOGPROBS])
+    ref = np_log_softmax(logits.astype(np.float64))
+    np.testing.assert_allclose(out.logprobs, ref[np.arange(R), out.token_ids], atol=1e-5)
+
+
+def test_random_bitmask_rows_follow_the_masked_distribution():
+    one = np.random.default_rng(10).normal(size=V).astype(np.float32)
+    logits = np.tile(one, (R, 1))
+    allowed = [3, 64, 65, 500, 999]
+    rows = [dataclasses.replace(row(seed=s, position=p, temperature=1.0), allowed=bitmask(allowed))
+            for s in range(4) for p in range(50)]
+    tokens = [t for i in range(0, len(rows), R) for t in run(logits, rows[i:i + R]).token_ids.tolist()]
+    expected = np.zeros(V)
+    expected[allowed] = np.exp(one[allowed] - one[allowed].max())
+    assert_matches(np.array(tokens), expected / expected.sum(), V)
+
+
+def test_bitmask_rows_compile_nothing_new():
+    logits = np.zeros((R, V), np.float32)
+    run(logits, [])
+    compiled = sample_jit._cache_size()
+    run(logits, [dataclasses.replace(row(temperature=0.7, seed=1), allowed=bitmask([1, 2])), row()])
+    assert sample_jit._cache_size() == compiled

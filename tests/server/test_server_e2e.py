@@ -130,6 +130,11 @@ def test_completions_through_the_openai_client(server):
     stopped = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=20,
                                         temperature=0, stop=[","])
     assert "," not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    # vLLM's allowed_token_ids: every sampled token is one of them (a token bitmask in the sampler).
+    allowed = [29106, 504, 314]
+    only = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=4, temperature=1.0,
+                                     seed=1, logprobs=0, extra_body={"allowed_token_ids": allowed})
+    assert only.usage.completion_tokens == 4 and set(only.choices[0].logprobs.tokens) <= {" zebra", "The", " is"}
 
 
 def test_vllms_extra_sampling_fields_through_the_openai_client(server):

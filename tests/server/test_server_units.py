@@ -44,13 +44,16 @@ def test_completion_fields_map_to_sampling_params():
         "model": "m", "prompt": "hi", "max_tokens": 7, "temperature": 0, "top_p": 0.5, "n": 2, "stop": "\n",
         "seed": 3, "logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"12": -100},
         "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "ignore_eos": True, "min_tokens": 2, "user": "u",
-        "stream": True, "stream_options": {"include_usage": True}, "some_unknown_field": 1})
+        "stream": True, "stream_options": {"include_usage": True}})
     p = req.params
     assert (req.prompts, req.model, req.stream, req.include_usage, req.user, req.logprobs) == (["hi"], "m", True, True,
                                                                                                 "u", 2)
     assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stop, p.seed, p.logprobs) == (7, 0.0, 0.5, 2, ("\n",), 3, 2)
     assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (0.5, -0.5, {12: -100.0})
     assert (p.top_k, p.min_p, p.repetition_penalty, p.ignore_eos, p.min_tokens) == (5, 0.1, 1.2, True, 2)
+    err = bad(protocol.parse_completion, {"prompt": "hi", "some_unknown_field": 1})  # never silently ignored
+    assert err.param == "some_unknown_field" and "some_unknown_field" in err.message
+    assert protocol.parse_completion({"prompt": "a", "allowed_token_ids": [3, 9]}).params.allowed_token_ids == (3, 9)
 
 
 def test_prompt_forms():
@@ -80,6 +83,8 @@ def test_max_tokens_defaults():
     ({"prompt": "a", "stop": ""}, "stop"), ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "stream": "yes"}, "stream"),
     ({"prompt": "a", "logit_bias": {"1": 500}}, "logit_bias"), ({"prompt": "a", "user": 5}, "user"),
+    ({"prompt": "a", "allowed_token_ids": [1, "2"]}, "allowed_token_ids"),
+    ({"prompt": "a", "allowed_token_ids": []}, "allowed_token_ids"),
 ])
 def test_completion_validation_names_the_field(body, param):
     err = bad(protocol.parse_completion, body)
@@ -112,7 +117,7 @@ def test_echo_logprobs_put_the_prompt_first_with_a_null_first_entry():
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens"),
 ])
 def test_chat_validation_names_the_field(body, param):

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
@@ -326,3 +327,27 @@ def test_gpt2_style_gguf_splits_digits_by_pre(tmp_path, pre, digits):
     assert [tok.id_to_piece(i) for i in ids] == (["Ġ"] if pre != "gpt2" else []) + digits + ["<|eot_id|>"]
     assert tok.decode(ids) == " 12345" and tok.eog_ids == (259,)
     assert tok.add_bos == (pre == "llama-bpe")  # llama.cpp's default when the file does not say
+
+
+@pytest.mark.parametrize("source", ["sentencepiece", "gguf"])
+def test_a_sentencepiece_vocabulary_drives_a_grammar(sp_model, tmp_path, source):
+    """llguidance reads a SentencePiece vocabulary (the model file piece by piece: ▁ as a space, <0xNN> as a
+    byte; a "llama" GGUF vocabulary as the tokenizers JSON it is rebuilt as): walking the grammar by its masks
+    (the longest allowed piece each step) spells exactly the regex's text."""
+    from jaxserve.core.structured_outputs import StructuredOutputsParams
+    from jaxserve.text.grammar import GrammarCompiler, bitmask_to_ids
+
+    if source == "gguf":
+        _sp_to_gguf(spm.SentencePieceProcessor(model_file=str(sp_model)), tmp_path / "vocab.gguf")
+        tok = Tokenizer.from_gguf(tmp_path / "vocab.gguf")
+    else:
+        tok = Tokenizer.from_sentencepiece(sp_model)
+    compiler = GrammarCompiler(tok, tok.vocab_size)
+    matcher = compiler.matcher(StructuredOutputsParams(regex="the fox é"))  # é: not in the vocabulary, bytes only
+    out, ids = np.empty(compiler.width, np.int32), []
+    while not matcher.is_stopped:
+        matcher.fill(out)
+        allowed = [t for t in bitmask_to_ids(out, tok.vocab_size).tolist() if t not in tok.eog_ids]
+        ids.append(max(allowed, key=lambda t: len(tok.id_to_piece(t))))
+        assert matcher.sync(ids)
+    assert tok.decode(ids) == "the fox é"

@@ -72,6 +72,7 @@ class StructuredOutputManager:
         self.width = self.compiler.width
         self.stats = StructuredOutputStats()
         self._entries: dict[str, _Entry] = {}
+        self._eos_row = ids_to_bitmask(tokenizer.eog_ids, vocab_size)  # [W]
         # NOTE: llguidance's parallel executor pays a thread hand-off per call; on a 2-core machine shared with
         # other work that costs more than filling 16 rows one after another (2.4 ms against 0.4 ms a step,
         # measured), so it is used only with cores to spare.
@@ -139,10 +140,17 @@ class StructuredOutputManager:
             matcher.fill_after(proposals, out)
         else:
             matcher.fill(out)
-        if entry.allowed is not None:
-            out &= entry.allowed
+        self._combine(entry, out)
         self.stats.mask_seconds += time.perf_counter() - t0
         return out
+
+    def _combine(self, entry: _Entry, row: np.ndarray) -> None:
+        """ANDs allowed_token_ids into a grammar row. NOTE: where the two leave no token in common, the row
+        allows only end-of-generation tokens, so the request ends there rather than sample an arbitrary id."""
+        if entry.allowed is not None:
+            row &= entry.allowed
+            if not row.any():
+                row[:] = self._eos_row
 
     def prefetch(self, requests: Sequence[Request]) -> None:
         """Starts computing the next masks of the constrained requests among `requests` that decode next (their
@@ -176,8 +184,7 @@ class StructuredOutputManager:
         for i, (rid, entry) in enumerate(todo):
             if entry.matcher.ended or not parallel:
                 entry.matcher.fill(rows[i])  # releases the GIL too
-            if entry.allowed is not None:
-                rows[i] &= entry.allowed
+            self._combine(entry, rows[i])
             self._ready[rid] = (entry.matcher.num_consumed, rows[i])
         self.stats.prefetch_seconds += time.perf_counter() - t0
 

@@ -135,6 +135,10 @@ def test_manager_combines_a_grammar_with_allowed_token_ids(tokenizer):
     assert req.spec_token_ids == [digits[2]]
     req.output_token_ids = digits[:2]
     assert manager.grammar_done(req)
+    # Nothing in common: only end-of-generation tokens, so the request ends instead of sampling anything.
+    clash = Request("c", [1], SamplingParams(structured_outputs=SO(regex="[0-9]"), allowed_token_ids=(100,)))
+    manager.add(clash)
+    assert set(bitmask_to_ids(manager.bitmask(clash), VOCAB).tolist()) == set(tokenizer.eog_ids)
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
         manager.validate(SamplingParams(allowed_token_ids=(VOCAB,)))
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):

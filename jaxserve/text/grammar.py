@@ -170,6 +170,10 @@ class GrammarCompiler:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxserve-grammar")
         self._limits = llguidance.LLParserLimits(**PARSER_LIMITS)
 
+    def prepare(self) -> None:
+        """Builds llguidance's tokenizer in the background now, so the first constrained request does not wait."""
+        self._pool.submit(lambda: self.llg_tokenizer)
+
     @property
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:

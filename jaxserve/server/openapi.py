@@ -39,8 +39,6 @@ _SAMPLING = {
     "stop_token_ids": {"type": "array", "maxItems": 128, "items": _INT, "description": "extra field"},
     "ignore_eos": {**_BOOL, "description": "extra field"},
     "min_tokens": {**_INT, "minimum": 0, "description": "extra field"},
-    "allowed_token_ids": {"type": "array", "minItems": 1, "items": _INT,
-                          "description": "sample only these token ids (extra field)"},
     "max_tokens": {**_INT, "minimum": 1},
     "user": {**_STR, "description": "accepted and ignored (never a rate-limit key: the client picks it)"},
     "stream": _BOOL,

@@ -111,6 +111,8 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._progress_time = time.monotonic()  # the step loop's last finished iteration (liveness)
         self.spec = self._build_spec(config) if config.spec_tokens else None
+        if warmup:
+            self.structured.compiler.prepare()  # llguidance's view of the vocabulary, alongside the compiles
         self.warmup_seconds = self.runner.warmup() if warmup else 0.0
         if self.spec is not None and self.spec.method == "draft" and warmup:
             self.warmup_seconds += self.spec.proposer.warmup()

@@ -170,6 +170,10 @@ class GrammarCompiler:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="jaxserve-grammar")
         self._limits = llguidance.LLParserLimits(**PARSER_LIMITS)
 
+    def prepare(self) -> None:
+        """Builds llguidance's tokenizer in the background now, so the first constrained request does not wait."""
+        self._pool.submit(lambda: self.llg_tokenizer)
+
     @property
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -276,6 +280,20 @@ class GrammarMatcher:
         if n:
             self._m.rollback(n)
         return n == len(proposals)
+
+    def fill_each(self, proposals: Sequence[int], out: np.ndarray) -> None:
+        """out[j] ([k + 1, W]): the bitmask after the first j proposals, j = 0..k, leaving the state as it was;
+        rows past a proposal that breaks the grammar are all ones (never reached)."""
+        self.fill(out[0])
+        consumed = 0
+        for j, t in enumerate(proposals):
+            if self.ended or self._m.is_error() or not self._m.try_consume_tokens([int(t)]):
+                out[j + 1:] = -1
+                break
+            consumed += 1
+            self.fill(out[j + 1])
+        if consumed:
+            self._m.rollback(consumed)
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` (after the consumed ones) the grammar accepts in a row."""

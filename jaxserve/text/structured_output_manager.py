@@ -72,6 +72,7 @@ class StructuredOutputManager:
         self.width = self.compiler.width
         self.stats = StructuredOutputStats()
         self._entries: dict[str, _Entry] = {}
+        self._eos_row = ids_to_bitmask(tokenizer.eog_ids, vocab_size)  # [W]
         # NOTE: llguidance's parallel executor pays a thread hand-off per call; on a 2-core machine shared with
         # other work that costs more than filling 16 rows one after another (2.4 ms against 0.4 ms a step,
         # measured), so it is used only with cores to spare.
@@ -82,6 +83,8 @@ class StructuredOutputManager:
         self._pending: concurrent.futures.Future | None = None
         # request id -> (tokens its matcher had consumed, the [W] row), from the last prefetch
         self._ready: dict[str, tuple[int, np.ndarray]] = {}
+        # request id -> ((output length, proposals), [k + 1, W] rows) of its last verify step
+        self._verify_rows: dict[str, tuple[tuple, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ any thread
 
@@ -113,6 +116,7 @@ class StructuredOutputManager:
         self._wait()
         self._entries.pop(request_id, None)
         self._ready.pop(request_id, None)
+        self._verify_rows.pop(request_id, None)
 
     def is_constrained(self, request_id: str) -> bool:
         return request_id in self._entries
@@ -132,17 +136,37 @@ class StructuredOutputManager:
             self.stats.prefetched_rows += 1
             self.stats.mask_seconds += time.perf_counter() - t0
             return ready[1]
-        out = np.empty(self.width, np.int32)
         matcher = entry.matcher
         matcher.sync(request.output_token_ids)
+        spec = request.spec_token_ids
+        if spec and list(proposals) == spec[:len(proposals)]:
+            # A verify step asks for the rows after 0, 1, ..., k of the request's proposals: all in one pass.
+            key = (len(request.output_token_ids), tuple(spec))
+            cached = self._verify_rows.get(request.request_id)
+            if cached is None or cached[0] != key:
+                rows = np.empty((len(spec) + 1, self.width), np.int32)  # [k + 1, W]
+                matcher.fill_each(spec, rows)
+                for row in rows:
+                    self._combine(entry, row)
+                cached = self._verify_rows[request.request_id] = (key, rows)
+            self.stats.mask_seconds += time.perf_counter() - t0
+            return cached[1][len(proposals)]
+        out = np.empty(self.width, np.int32)
         if proposals:
             matcher.fill_after(proposals, out)
         else:
             matcher.fill(out)
-        if entry.allowed is not None:
-            out &= entry.allowed
+        self._combine(entry, out)
         self.stats.mask_seconds += time.perf_counter() - t0
         return out
+
+    def _combine(self, entry: _Entry, row: np.ndarray) -> None:
+        """ANDs allowed_token_ids into a grammar row. NOTE: where the two leave no token in common, the row
+        allows only end-of-generation tokens, so the request ends there rather than sample an arbitrary id."""
+        if entry.allowed is not None:
+            row &= entry.allowed
+            if not row.any():
+                row[:] = self._eos_row
 
     def prefetch(self, requests: Sequence[Request]) -> None:
         """Starts computing the next masks of the constrained requests among `requests` that decode next (their
@@ -176,8 +200,7 @@ class StructuredOutputManager:
         for i, (rid, entry) in enumerate(todo):
             if entry.matcher.ended or not parallel:
                 entry.matcher.fill(rows[i])  # releases the GIL too
-            if entry.allowed is not None:
-                rows[i] &= entry.allowed
+            self._combine(entry, rows[i])
             self._ready[rid] = (entry.matcher.num_consumed, rows[i])
         self.stats.prefetch_seconds += time.perf_counter() - t0
 

@@ -111,6 +111,26 @@ def test_proposals_are_checked_and_rolled_back(compiler, tokenizer):
     assert allowed(m, compiler.width) == before
 
 
+def test_verify_rows_in_one_pass_equal_rows_one_by_one(tokenizer):
+    """A verify step's rows (after 0..k proposals) come from one pass over the proposals, as one by one would."""
+    manager = StructuredOutputManager(tokenizer, VOCAB)
+    so = SO(json=SCHEMA)
+    req = Request("v", [1], SamplingParams(structured_outputs=so))
+    manager.add(req)
+    req.output_token_ids = tokenizer.encode('{"name": "', add_special_tokens=False)
+    req.spec_token_ids = tokenizer.encode('Al", "age', add_special_tokens=False) + tokenizer.encode(
+        "}", add_special_tokens=False)  # the last one breaks the grammar
+    rows = [manager.bitmask(req, req.spec_token_ids[:j]).copy() for j in range(len(req.spec_token_ids) + 1)]
+    reference = manager.compiler.matcher(so)
+    reference.sync(req.output_token_ids)
+    out = np.empty(manager.width, np.int32)
+    for j, row in enumerate(rows):
+        reference.fill_after(req.spec_token_ids[:j], out)
+        np.testing.assert_array_equal(row, out)
+    assert (rows[-1] == -1).all() and not (rows[-2] == -1).all()
+    assert set(bitmask_to_ids(manager.bitmask(req), VOCAB).tolist()) == set(bitmask_to_ids(rows[0], VOCAB).tolist())
+
+
 def test_choice_allows_exactly_the_choices(compiler, tokenizer):
     m = compiler.matcher(SO(choice=('say "hi"', "no")))
     ids = tokenizer.encode('say "hi"', add_special_tokens=False)
@@ -135,6 +155,10 @@ def test_manager_combines_a_grammar_with_allowed_token_ids(tokenizer):
     assert req.spec_token_ids == [digits[2]]
     req.output_token_ids = digits[:2]
     assert manager.grammar_done(req)
+    # Nothing in common: only end-of-generation tokens, so the request ends instead of sampling anything.
+    clash = Request("c", [1], SamplingParams(structured_outputs=SO(regex="[0-9]"), allowed_token_ids=(100,)))
+    manager.add(clash)
+    assert set(bitmask_to_ids(manager.bitmask(clash), VOCAB).tolist()) == set(tokenizer.eog_ids)
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):
         manager.validate(SamplingParams(allowed_token_ids=(VOCAB,)))
     with pytest.raises(SamplingParamsError, match="allowed_token_ids"):

@@ -401,13 +401,6 @@ def params_for_prompt(params: SamplingParams, prompt_ids: list[int], max_model_l
     return params
 
 
-def last_user_message(messages: Sequence[dict[str, str]]) -> str:
-    for message in reversed(messages):
-        if message["role"] == "user":
-            return message["content"]
-    return ""
-
-
 # ---------------------------------------------------------------------------- responses
 
 def new_id(kind: str) -> str:

@@ -211,32 +211,29 @@ class StructuredOutputManager:
             pending.result()  # re-raises what the worker raised
             self.stats.wait_seconds += time.perf_counter() - t0
 
-    def grammar_done(self, request: Request) -> bool:
-        """The grammar is complete and allows nothing but an end-of-generation token."""
-        entry = self._entries.get(request.request_id)
-        if entry is None or entry.matcher is None:
-            return False
-        self._wait()
-        entry.matcher.sync(request.output_token_ids)
-        return entry.matcher.is_stopped
-
-    def grammar_ended(self, request: Request) -> bool:
-        """An end-of-generation token came after the grammar was complete."""
-        entry = self._entries.get(request.request_id)
-        if entry is None or entry.matcher is None:
-            return False
-        self._wait()
-        entry.matcher.sync(request.output_token_ids)
-        return entry.matcher.ended
-
-    def error(self, request: Request) -> str | None:
-        """Why the request's output broke its grammar (a matcher past its step limits), else None."""
+    def _synced_matcher(self, request: Request):
+        """The request's matcher, caught up with its output tokens; None for a free request."""
         entry = self._entries.get(request.request_id)
         if entry is None or entry.matcher is None:
             return None
         self._wait()
         entry.matcher.sync(request.output_token_ids)
-        return entry.matcher.error
+        return entry.matcher
+
+    def grammar_done(self, request: Request) -> bool:
+        """The grammar is complete and allows nothing but an end-of-generation token."""
+        matcher = self._synced_matcher(request)
+        return matcher is not None and matcher.is_stopped
+
+    def grammar_ended(self, request: Request) -> bool:
+        """An end-of-generation token came after the grammar was complete."""
+        matcher = self._synced_matcher(request)
+        return matcher is not None and matcher.ended
+
+    def error(self, request: Request) -> str | None:
+        """Why the request's output broke its grammar (a matcher past its step limits), else None."""
+        matcher = self._synced_matcher(request)
+        return None if matcher is None else matcher.error
 
     def truncate_proposals(self, requests: Sequence[Request]) -> None:
         """Cuts each constrained request's speculative proposals at the first token its grammar rejects."""

@@ -248,11 +248,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
     quantization: str = "auto"  # weights: auto (as stored; a Q4_x / Q8_0 GGUF in its own blocks), none, int8, int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
-    # matmul of quantized weights: auto (native on CPU when it builds, else xla), native (the C++ CPU kernel),
-    # xla (qdot), or pallas (interpret mode on CPU)
-    quantized_matmul: str = "auto"
-    # int8: activations in int8 too (native: int8 blocks of 32 x the int4 weights; xla: W8A8 per-token x per-channel)
-    activation_quantization: str = "none"
+    quantized_matmul: str = "auto"  # quantized weights' matmul: auto (native on CPU, else xla), native, xla, pallas
+    activation_quantization: str = "none"  # int8: int8 activations too (native: blocks of 32; xla: W8A8 per token)
     # Speculative decoding (server-wide; see docs/speculative.md).
     speculative_method: str = "none"  # none, ngram, or draft (implied by --speculative-model)
     speculative_model: str | None = None  # draft checkpoint (same tokenizer as the model)

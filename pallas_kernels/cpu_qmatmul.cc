@@ -48,6 +48,7 @@ namespace {
 
 constexpr int kTile = 32;  // output columns per work item: two zmm registers
 constexpr int kMaxRows = 4;  // rows per register block
+constexpr int kPrefetchRows = 8;  // weight rows to prefetch ahead
 
 // ------------------------------------------------------------------------------------ scale loading
 
@@ -104,6 +105,8 @@ void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
     const uint8_t* wrow = p.w + gi * p.R * p.O + o0;
     const float* xg = p.x + m0 * p.I + gi * g;
     for (int64_t b = 0; b < p.R; ++b, wrow += p.O) {
+      // NOTE: rows are O bytes apart (often another page): prefetch ahead, the hardware prefetcher will not.
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + kPrefetchRows * p.O), _MM_HINT_T0);
       __m512i q0 = load_bytes<kInt4>(wrow, k0);
       __m512i q1 = load_bytes<kInt4>(wrow + 16, k1);
       if constexpr (kInt4) {
@@ -148,6 +151,76 @@ void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
   for (int m = 0; m < MR; ++m) {
     _mm512_mask_storeu_ps(p.y + (m0 + m) * p.O + o0, k0, acc[m][0]);
     _mm512_mask_storeu_ps(p.y + (m0 + m) * p.O + o0 + 16, k1, acc[m][1]);
+  }
+}
+
+// Few rows, wide weights (the LM head): a work item is kWide columns, so each weight row is read as one
+// contiguous run of kWide (or kWide / 2) bytes the hardware prefetcher follows, not 576 rows 49 KB apart, one
+// cache line each. Partial sums live in L1 instead of registers.
+constexpr int64_t kWide = 512;
+constexpr int64_t kWideMinColumns = 4096;  // below this a row stride is short enough for the stride prefetcher
+
+template <int MR, bool kInt4, ScaleType S>
+void exact_wide(const Problem& p, int64_t m0, int64_t o0) {
+  const int64_t width = std::min(kWide, p.O - o0), nvec = (width + 15) / 16;
+  const __mmask16 last = width % 16 ? static_cast<__mmask16>((1u << (width % 16)) - 1) : __mmask16(0xFFFF);
+  const int64_t g = kInt4 ? 2 * p.R : p.R;
+  alignas(64) float part[MR][kWide];
+  float* y[MR];
+  for (int m = 0; m < MR; ++m) {
+    y[m] = p.y + (m0 + m) * p.O + o0;
+    std::memset(y[m], 0, width * sizeof(float));
+  }
+  const __m512i nib = _mm512_set1_epi32(0xF);
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    std::memset(part, 0, sizeof(part));
+    for (int64_t b = 0; b < p.R; ++b) {
+      const uint8_t* wrow = p.w + (gi * p.R + b) * p.O + o0;
+      __m512 xl[MR], xh[MR];
+      for (int m = 0; m < MR; ++m) {
+        xl[m] = _mm512_set1_ps(p.x[(m0 + m) * p.I + gi * g + b]);
+        xh[m] = kInt4 ? _mm512_set1_ps(p.x[(m0 + m) * p.I + gi * g + p.R + b]) : xl[m];
+      }
+      for (int64_t v = 0; v < nvec; ++v) {
+        const __mmask16 k = v == nvec - 1 ? last : __mmask16(0xFFFF);
+        const __m512i q = load_bytes<kInt4>(wrow + 16 * v, k);
+        if constexpr (kInt4) {
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, nib));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+          for (int m = 0; m < MR; ++m) {
+            __m512 a = _mm512_load_ps(part[m] + 16 * v);
+            a = _mm512_fmadd_ps(hi, xh[m], _mm512_fmadd_ps(lo, xl[m], a));
+            _mm512_store_ps(part[m] + 16 * v, a);
+          }
+        } else {
+          const __m512 wv = _mm512_cvtepi32_ps(q);
+          for (int m = 0; m < MR; ++m) {
+            _mm512_store_ps(part[m] + 16 * v, _mm512_fmadd_ps(wv, xl[m], _mm512_load_ps(part[m] + 16 * v)));
+          }
+        }
+      }
+    }
+    for (int64_t v = 0; v < nvec; ++v) {
+      const __mmask16 k = v == nvec - 1 ? last : __mmask16(0xFFFF);
+      const __m512 sc = load_scales<S>(p.scales, gi * p.O + o0 + 16 * v, k);
+      const __m512 mn = kInt4 ? load_scales<S>(p.mins, gi * p.O + o0 + 16 * v, k) : _mm512_setzero_ps();
+      for (int m = 0; m < MR; ++m) {
+        __m512 acc = _mm512_maskz_loadu_ps(k, y[m] + 16 * v);
+        if constexpr (kInt4) acc = _mm512_fmadd_ps(_mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]), mn, acc);
+        _mm512_mask_storeu_ps(y[m] + 16 * v, k, _mm512_fmadd_ps(_mm512_load_ps(part[m] + 16 * v), sc, acc));
+      }
+    }
+  }
+}
+
+template <bool kInt4, ScaleType S>
+void exact_wide_columns(const Problem& p, int64_t o0) {
+  switch (p.M) {
+    case 4: exact_wide<4, kInt4, S>(p, 0, o0); break;
+    case 3: exact_wide<3, kInt4, S>(p, 0, o0); break;
+    case 2: exact_wide<2, kInt4, S>(p, 0, o0); break;
+    case 1: exact_wide<1, kInt4, S>(p, 0, o0); break;
+    default: break;
   }
 }
 
@@ -368,9 +441,21 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
 
 // ------------------------------------------------------------------------------------ the handler
 
+// Runs fn(o0) for every 32-column tile, in work items of up to 4 neighbouring tiles.
+// NOTE: neighbouring tiles share the cache lines of each weight row (a tile reads 16 or 32 bytes of a row of O);
+// run by one thread one after another they hit L1 / L2, run by two threads both fetch the lines from memory.
+template <typename Fn>
+void for_tiles(ffi::ThreadPool& pool, int64_t O, Fn&& fn) {
+  const int64_t tiles = (O + kTile - 1) / kTile;
+  const int64_t per_item = std::clamp<int64_t>(tiles / 16, 1, 4);
+  const int64_t items = (tiles + per_item - 1) / per_item;
+  parallel_for(pool, items, [&](int64_t it) {
+    for (int64_t t = it * per_item; t < std::min(tiles, (it + 1) * per_item); ++t) fn(t * kTile);
+  });
+}
+
 template <bool kInt4, ScaleType S>
 void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
-  const int64_t tiles = (p.O + kTile - 1) / kTile;
   std::vector<float> xsum, dx, sx;
   std::vector<int8_t> xq;
   if (q8) {
@@ -382,11 +467,11 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
     p.xq = xq.data();
     p.dx = dx.data();
     p.sx = sx.data();
-    parallel_for(pool, tiles, [&p](int64_t t) { q8_columns<S>(p, t * kTile); });
+    for_tiles(pool, p.O, [&p](int64_t o0) { q8_columns<S>(p, o0); });
     return;
   }
   if (p.M > kMaxRows) {
-    parallel_for(pool, tiles, [&p](int64_t t) { f32_columns<kInt4, S>(p, t * kTile); });
+    for_tiles(pool, p.O, [&p](int64_t o0) { f32_columns<kInt4, S>(p, o0); });
     return;
   }
   if (kInt4) {
@@ -400,7 +485,11 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
       }
     p.xsum = xsum.data();
   }
-  parallel_for(pool, tiles, [&p](int64_t t) { exact_columns<kInt4, S>(p, t * kTile); });
+  if (p.O >= kWideMinColumns) {
+    parallel_for(pool, (p.O + kWide - 1) / kWide, [&p](int64_t i) { exact_wide_columns<kInt4, S>(p, i * kWide); });
+    return;
+  }
+  for_tiles(pool, p.O, [&p](int64_t o0) { exact_columns<kInt4, S>(p, o0); });
 }
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scales,

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import QUANTIZED_MATMULS, cache_dir
-from jaxserve.model.quantization import qdot, qdot_w8a8
+from jaxserve.model.quantization import qdot, qdot_w8a8, quantize_int8
 from pallas_kernels import cpu_qmatmul
-from pallas_kernels.quantized_weights import COMPONENTS, Int4Weight, QuantizedWeight, is_quantized
+from pallas_kernels.quantized_weights import COMPONENTS, Int4Weight, QuantizedWeight, dequantize_weight, is_quantized
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -100,3 +101,24 @@ def qdot_native_q8(spec: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
 # `llama.forward` keeps quantized weights stacked for these (see the module docstring).
 qdot_native.indexes_layers = True
 qdot_native_q8.indexes_layers = True
+
+
+def lossless_int8_head(weights, infos):
+    """The dense embedding (and untied LM head) as int8 in groups of 32 where that represents it exactly, so the
+    LM head reads a quarter of the bytes through the kernel. A GGUF Q8_0 table is such a case: each of its values
+    is q * d with q an int8 and one float16 d per 32, and absmax requantizing finds the same q and d (127 * d
+    and (127 * d) / 127 are exact in float32). Any other table stays as it is (checked bit for bit).
+
+    Args:
+      weights: the `LlamaWeights` tree; infos: its dense description (`llama.weight_info`).
+    """
+    changes = {}
+    for name in ("embed", "lm_head"):
+        w, info = getattr(weights, name), getattr(infos, name)
+        if w is None or is_quantized(w) or w.dtype != jnp.float32:
+            continue
+        dense = w.T if info.transpose else w  # [D, V]
+        q = quantize_int8(dense, info.contract, group_size=32)
+        if bool(jnp.array_equal(dequantize_weight(q, jnp.float32), dense)):
+            changes[name] = q
+    return dataclasses.replace(weights, **changes)

@@ -131,6 +131,8 @@ class ModelRunner:
         if config.activation_quantization == "int8" and self.quantized_matmul == "xla":
             # W8A8 through XLA: int8 per-channel weights for its int8 dots (the native kernel reads int4 as stored)
             weights = quantization.w8a8_weights(weights, dense, self.dtype, config.quantize_embeddings)
+        if self.quantized_matmul == "native":  # exact: only a table that int8 blocks of 32 represent bit for bit
+            weights = native_matmul.lossless_int8_head(weights, dense)
         self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
         self.weights = sharding.place_weights(weights, self.weight_info, self.plan)

@@ -21,7 +21,7 @@ from jaxserve.model import quantization as qz
 from pallas_kernels import cpu_qmatmul as k
 from pallas_kernels.quantized_weights import Int4Weight
 
-pytestmark = pytest.mark.skipif(not nm.available(), reason="native CPU kernel unavailable here")
+needs_kernel = pytest.mark.skipif(not nm.available(), reason="native CPU kernel unavailable here")
 
 # Float32 tolerance: accumulation order only (the kernel sums q * x per group, then scales); observed max
 # relative error ~1e-6 of max |y|.
@@ -53,6 +53,7 @@ def np_dense(w, layer: int) -> np.ndarray:
     return dense.reshape(-1, dense.shape[-1])
 
 
+@needs_kernel
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_exact_mode_matches_reference_and_numpy(case):
     M, I, O, g, int4, sd = CASES[case]
@@ -68,6 +69,7 @@ def test_exact_mode_matches_reference_and_numpy(case):
         np.testing.assert_allclose(got, np.asarray(k.cpu_qmatmul_reference(x, w, layer)), rtol=0, atol=RTOL * scale)
 
 
+@needs_kernel
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][4] and CASES[c][3] % 32 == 0])
 def test_q8_mode_matches_its_reference_and_stays_near_exact(case):
     """q8 equals the reference that rounds x through llama.cpp's Q8 blocks first, and (being lossy) stays within
@@ -83,6 +85,7 @@ def test_q8_mode_matches_its_reference_and_stays_near_exact(case):
     assert 0 < np.abs(got - exact).max() < 0.03 * np.abs(exact).max()
 
 
+@needs_kernel
 def test_q8_block_quantization_is_llama_cpp_q8():
     x = jnp.asarray(np.random.default_rng().standard_normal((3, 64)), jnp.float32)
     q, d = k.quantize_q8_reference(x)
@@ -91,6 +94,7 @@ def test_q8_block_quantization_is_llama_cpp_q8():
                                np.asarray(x).reshape(3, 2, 32), atol=float(np.asarray(d).max()) / 2 + 1e-7)
 
 
+@needs_kernel
 def test_bad_shapes_raise():
     rng = np.random.default_rng(0)
     w = k.random_weight(rng, 1, 64, 16, 32)
@@ -111,6 +115,7 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+@needs_kernel
 @pytest.mark.parametrize("spec", [qz.QuantSpec("int4", int4_group_size=32),
                                   qz.QuantSpec("int4", "int4", int4_group_size=32), qz.QuantSpec("int8", "int8")],
                          ids=["int4_g32", "int4_g32_head", "int8_head"])
@@ -127,6 +132,7 @@ def test_forward_with_the_native_matmul_matches_qdot(spec):
         assert 0 < np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()
 
 
+@needs_kernel
 def test_the_layer_scan_passes_whole_stacks_to_the_kernel():
     """One custom call per projection inside the scan, reading the stacked [L, ...] weight (no sliced copy)."""
     cfg = tiny_config()
@@ -140,6 +146,7 @@ def test_the_layer_scan_passes_whole_stacks_to_the_kernel():
     assert all(f"tensor<{L}x" in line for line in calls), calls
 
 
+@needs_kernel
 def test_lossless_int8_head_only_when_exact():
     cfg = tiny_config()
     infos = llama.weight_info(cfg)
@@ -153,6 +160,7 @@ def test_lossless_int8_head_only_when_exact():
     np.testing.assert_array_equal(np.asarray(qz.dequantize_weight(got, jnp.float32)).T, np.asarray(table))
 
 
+@needs_kernel
 def test_flags_reach_the_kernel_through_the_server_entry_point(tmp_path):
     """`--quantized-matmul` / `--activation-quantization` parsed by the server's CLI pick the runner's matmul,
     and its steps run the kernel: native equals xla (exact), native + int8 runs q8 (differs, close)."""
@@ -183,3 +191,18 @@ def test_flags_reach_the_kernel_through_the_server_entry_point(tmp_path):
     np.testing.assert_allclose(native.top_logprobs, exact.top_logprobs, rtol=1e-4, atol=1e-4)
     assert not np.array_equal(q8.top_logprobs, exact.top_logprobs)  # int8 activations: lossy, so it did run
     np.testing.assert_allclose(q8.top_logprobs, exact.top_logprobs, atol=0.1)
+
+
+def test_missing_isa_falls_back_to_xla_with_one_warning(tmp_path, monkeypatch, caplog):
+    """No AVX512-VNNI (or no compiler): `available` says why once, and `auto` / `native` resolve to xla."""
+    monkeypatch.setattr(k, "_cpu_flags", lambda: {"avx512f", "fma"})
+    with caplog.at_level("WARNING"):
+        assert not k.available(tmp_path / "nobuild") and not k.available(tmp_path / "nobuild")
+    warnings = [r for r in caplog.records if "native CPU quantized matmul unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "avx512_vnni" in warnings[0].getMessage()
+    assert not (tmp_path / "nobuild").exists()  # nothing was compiled
+    monkeypatch.setattr(nm, "available", lambda: False)
+    assert nm.resolve("auto", 1) == "xla" and nm.resolve("native", 1) == "xla"
+    assert nm.resolve("auto", 4) == "xla" and nm.resolve("xla", 1) == "xla"
+    with pytest.raises(ValueError, match="quantized_matmul must be one of"):
+        nm.resolve("triton", 1)

@@ -15,9 +15,10 @@
 //   y       float32 [M, O]
 //
 // Two modes:
-//   exact: per group, part[m, o] = sum_b q[b, o] * x[m, b] in float32 FMA, then
-//          y += part * scale + sum_b x[m, b] * min. Matches the dequantize-then-dot reference to float32
-//          rounding (the sum is regrouped, nothing is rounded to fewer bits).
+//   exact: float32 FMA. Up to 16 rows each weight row is dequantized in registers (q * scale + min) and
+//          multiplied by 8-row blocks; more rows unpack a tile of columns once into L1/L2; wide heads at few
+//          rows sum per group, y += part * scale + sum_b x[m, b] * min. Matches the dequantize-then-dot
+//          reference to float32 rounding.
 //   q8:    (int4 weights only, g = 32k) activations quantized per block of 32 inputs to int8 (symmetric, one
 //          float scale a block: llama.cpp's Q8_1), then per block an integer dot of the 4-bit weights
 //          (unsigned) by the int8 activations on AVX512-VNNI (vpdpbusd), scaled once:
@@ -47,7 +48,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kTile = 32;  // output columns per work item: two zmm registers
-constexpr int kMaxRows = 4;  // rows per register block
+constexpr int kTileRows = 8;  // rows per register block of the direct path (16 accumulators)
+constexpr int kMaxDirectRows = 16;  // above, a work item unpacks its columns once (see f32_columns)
+constexpr int kMaxWideRows = 4;  // rows of the wide (LM head) path
 constexpr int kPrefetchRows = 8;  // weight rows to prefetch ahead
 
 // ------------------------------------------------------------------------------------ scale loading
@@ -84,12 +87,13 @@ struct Problem {
   const int8_t* xq = nullptr;  // [M, I]
   const float* dx = nullptr;   // [M, I / 32] block scales
   const float* sx = nullptr;   // [M, I / 32] dx * sum of the block's int8 values
-  const float* xsum = nullptr; // exact mode: [M, G] sums of each group's inputs
+  const float* xsum = nullptr; // wide path: [M, G] sums of each group's inputs
 };
 
 // ------------------------------------------------------------------------------------ exact mode
 
-// One tile: rows [m0, m0 + MR), outputs [o0, o0 + 32) masked at the edge.
+// One tile: rows [m0, m0 + MR), outputs [o0, o0 + 32) masked at the edge. Each weight row is dequantized in
+// registers (q * scale + min: one FMA per 16 weights, shared by the MR rows) and never stored.
 template <int MR, bool kInt4, ScaleType S>
 void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
   const int64_t rem = p.O - o0;
@@ -100,57 +104,58 @@ void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m512 part[MR][2];
-    for (int m = 0; m < MR; ++m) part[m][0] = part[m][1] = _mm512_setzero_ps();
+    const __m512 s0 = load_scales<S>(p.scales, gi * p.O + o0, k0);
+    const __m512 s1 = load_scales<S>(p.scales, gi * p.O + o0 + 16, k1);
+    const __m512 n0 = kInt4 ? load_scales<S>(p.mins, gi * p.O + o0, k0) : _mm512_setzero_ps();
+    const __m512 n1 = kInt4 ? load_scales<S>(p.mins, gi * p.O + o0 + 16, k1) : _mm512_setzero_ps();
     const uint8_t* wrow = p.w + gi * p.R * p.O + o0;
     const float* xg = p.x + m0 * p.I + gi * g;
     for (int64_t b = 0; b < p.R; ++b, wrow += p.O) {
-      // NOTE: rows are O bytes apart (often another page): prefetch ahead, the hardware prefetcher will not.
+      // NOTE: rows are O bytes apart (often another page): prefetch ahead, the hardware prefetcher may not.
       _mm_prefetch(reinterpret_cast<const char*>(wrow + kPrefetchRows * p.O), _MM_HINT_T0);
-      __m512i q0 = load_bytes<kInt4>(wrow, k0);
-      __m512i q1 = load_bytes<kInt4>(wrow + 16, k1);
+      const __m512i q0 = load_bytes<kInt4>(wrow, k0);
+      const __m512i q1 = load_bytes<kInt4>(wrow + 16, k1);
       if constexpr (kInt4) {
-        __m512 lo0 = _mm512_cvtepi32_ps(_mm512_and_si512(q0, nib));
-        __m512 lo1 = _mm512_cvtepi32_ps(_mm512_and_si512(q1, nib));
-        __m512 hi0 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4));
-        __m512 hi1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4));
+        const __m512 lo0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q0, nib)), s0, n0);
+        const __m512 lo1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q1, nib)), s1, n1);
+        const __m512 hi0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q0, 4)), s0, n0);
+        const __m512 hi1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q1, 4)), s1, n1);
         for (int m = 0; m < MR; ++m) {
-          __m512 xl = _mm512_set1_ps(xg[m * p.I + b]);
-          __m512 xh = _mm512_set1_ps(xg[m * p.I + b + p.R]);
-          part[m][0] = _mm512_fmadd_ps(lo0, xl, part[m][0]);
-          part[m][1] = _mm512_fmadd_ps(lo1, xl, part[m][1]);
-          part[m][0] = _mm512_fmadd_ps(hi0, xh, part[m][0]);
-          part[m][1] = _mm512_fmadd_ps(hi1, xh, part[m][1]);
+          const __m512 xl = _mm512_set1_ps(xg[m * p.I + b]);
+          const __m512 xh = _mm512_set1_ps(xg[m * p.I + b + p.R]);
+          acc[m][0] = _mm512_fmadd_ps(hi0, xh, _mm512_fmadd_ps(lo0, xl, acc[m][0]));
+          acc[m][1] = _mm512_fmadd_ps(hi1, xh, _mm512_fmadd_ps(lo1, xl, acc[m][1]));
         }
       } else {
-        __m512 w0 = _mm512_cvtepi32_ps(q0), w1 = _mm512_cvtepi32_ps(q1);
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), s0);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), s1);
         for (int m = 0; m < MR; ++m) {
-          __m512 xb = _mm512_set1_ps(xg[m * p.I + b]);
-          part[m][0] = _mm512_fmadd_ps(w0, xb, part[m][0]);
-          part[m][1] = _mm512_fmadd_ps(w1, xb, part[m][1]);
+          const __m512 xb = _mm512_set1_ps(xg[m * p.I + b]);
+          acc[m][0] = _mm512_fmadd_ps(w0, xb, acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(w1, xb, acc[m][1]);
         }
-      }
-    }
-    const __m512 s0 = load_scales<S>(p.scales, gi * p.O + o0, k0);
-    const __m512 s1 = load_scales<S>(p.scales, gi * p.O + o0 + 16, k1);
-    if constexpr (kInt4) {
-      const __m512 n0 = load_scales<S>(p.mins, gi * p.O + o0, k0);
-      const __m512 n1 = load_scales<S>(p.mins, gi * p.O + o0 + 16, k1);
-      for (int m = 0; m < MR; ++m) {
-        const __m512 xs = _mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]);
-        acc[m][0] = _mm512_fmadd_ps(part[m][0], s0, _mm512_fmadd_ps(xs, n0, acc[m][0]));
-        acc[m][1] = _mm512_fmadd_ps(part[m][1], s1, _mm512_fmadd_ps(xs, n1, acc[m][1]));
-      }
-    } else {
-      for (int m = 0; m < MR; ++m) {
-        acc[m][0] = _mm512_fmadd_ps(part[m][0], s0, acc[m][0]);
-        acc[m][1] = _mm512_fmadd_ps(part[m][1], s1, acc[m][1]);
       }
     }
   }
   for (int m = 0; m < MR; ++m) {
     _mm512_mask_storeu_ps(p.y + (m0 + m) * p.O + o0, k0, acc[m][0]);
     _mm512_mask_storeu_ps(p.y + (m0 + m) * p.O + o0 + 16, k1, acc[m][1]);
+  }
+}
+
+template <bool kInt4, ScaleType S>
+void exact_columns(const Problem& p, int64_t o0) {
+  int64_t m = 0;
+  for (; m + kTileRows <= p.M; m += kTileRows) exact_tile<kTileRows, kInt4, S>(p, m, o0);
+  switch (p.M - m) {
+    case 7: exact_tile<7, kInt4, S>(p, m, o0); break;
+    case 6: exact_tile<6, kInt4, S>(p, m, o0); break;
+    case 5: exact_tile<5, kInt4, S>(p, m, o0); break;
+    case 4: exact_tile<4, kInt4, S>(p, m, o0); break;
+    case 3: exact_tile<3, kInt4, S>(p, m, o0); break;
+    case 2: exact_tile<2, kInt4, S>(p, m, o0); break;
+    case 1: exact_tile<1, kInt4, S>(p, m, o0); break;
+    default: break;
   }
 }
 
@@ -220,18 +225,6 @@ void exact_wide_columns(const Problem& p, int64_t o0) {
     case 3: exact_wide<3, kInt4, S>(p, 0, o0); break;
     case 2: exact_wide<2, kInt4, S>(p, 0, o0); break;
     case 1: exact_wide<1, kInt4, S>(p, 0, o0); break;
-    default: break;
-  }
-}
-
-template <bool kInt4, ScaleType S>
-void exact_columns(const Problem& p, int64_t o0) {
-  int64_t m = 0;
-  for (; m + kMaxRows <= p.M; m += kMaxRows) exact_tile<kMaxRows, kInt4, S>(p, m, o0);
-  switch (p.M - m) {
-    case 3: exact_tile<3, kInt4, S>(p, m, o0); break;
-    case 2: exact_tile<2, kInt4, S>(p, m, o0); break;
-    case 1: exact_tile<1, kInt4, S>(p, m, o0); break;
     default: break;
   }
 }
@@ -470,22 +463,22 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
     for_tiles(pool, p.O, [&p](int64_t o0) { q8_columns<S>(p, o0); });
     return;
   }
-  if (p.M > kMaxRows) {
+  if (p.M > kMaxDirectRows) {
     for_tiles(pool, p.O, [&p](int64_t o0) { f32_columns<kInt4, S>(p, o0); });
     return;
   }
-  if (kInt4) {
-    const int64_t g = p.I / p.G;
-    xsum.resize(p.M * p.G);
-    for (int64_t m = 0; m < p.M; ++m)
-      for (int64_t gi = 0; gi < p.G; ++gi) {
-        float s = 0;
-        for (int64_t i = 0; i < g; ++i) s += p.x[m * p.I + gi * g + i];
-        xsum[m * p.G + gi] = s;
-      }
-    p.xsum = xsum.data();
-  }
-  if (p.O >= kWideMinColumns) {
+  if (p.O >= kWideMinColumns && p.M <= kMaxWideRows) {
+    if (kInt4) {  // the wide path scales per group: y += part * scale + sum(x) * min
+      const int64_t g = p.I / p.G;
+      xsum.resize(p.M * p.G);
+      for (int64_t m = 0; m < p.M; ++m)
+        for (int64_t gi = 0; gi < p.G; ++gi) {
+          float s = 0;
+          for (int64_t i = 0; i < g; ++i) s += p.x[m * p.I + gi * g + i];
+          xsum[m * p.G + gi] = s;
+        }
+      p.xsum = xsum.data();
+    }
     parallel_for(pool, (p.O + kWide - 1) / kWide, [&p](int64_t i) { exact_wide_columns<kInt4, S>(p, i * kWide); });
     return;
   }

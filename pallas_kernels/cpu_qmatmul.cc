@@ -50,7 +50,6 @@ namespace {
 constexpr int kTile = 32;  // output columns per work item: two zmm registers
 constexpr int kTileRows = 8;  // rows per register block of the direct path (16 accumulators)
 constexpr int kMaxDirectRows = 16;  // above, a work item unpacks its columns once (see f32_columns)
-constexpr int kMaxWideRows = 4;  // rows of the wide (LM head) path
 constexpr int kPrefetchRows = 8;  // weight rows to prefetch ahead
 
 // ------------------------------------------------------------------------------------ scale loading
@@ -220,11 +219,16 @@ void exact_wide(const Problem& p, int64_t m0, int64_t o0) {
 
 template <bool kInt4, ScaleType S>
 void exact_wide_columns(const Problem& p, int64_t o0) {
-  switch (p.M) {
-    case 4: exact_wide<4, kInt4, S>(p, 0, o0); break;
-    case 3: exact_wide<3, kInt4, S>(p, 0, o0); break;
-    case 2: exact_wide<2, kInt4, S>(p, 0, o0); break;
-    case 1: exact_wide<1, kInt4, S>(p, 0, o0); break;
+  int64_t m = 0;
+  for (; m + kTileRows <= p.M; m += kTileRows) exact_wide<kTileRows, kInt4, S>(p, m, o0);
+  switch (p.M - m) {
+    case 7: exact_wide<7, kInt4, S>(p, m, o0); break;
+    case 6: exact_wide<6, kInt4, S>(p, m, o0); break;
+    case 5: exact_wide<5, kInt4, S>(p, m, o0); break;
+    case 4: exact_wide<4, kInt4, S>(p, m, o0); break;
+    case 3: exact_wide<3, kInt4, S>(p, m, o0); break;
+    case 2: exact_wide<2, kInt4, S>(p, m, o0); break;
+    case 1: exact_wide<1, kInt4, S>(p, m, o0); break;
     default: break;
   }
 }
@@ -463,11 +467,7 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
     for_tiles(pool, p.O, [&p](int64_t o0) { q8_columns<S>(p, o0); });
     return;
   }
-  if (p.M > kMaxDirectRows) {
-    for_tiles(pool, p.O, [&p](int64_t o0) { f32_columns<kInt4, S>(p, o0); });
-    return;
-  }
-  if (p.O >= kWideMinColumns && p.M <= kMaxWideRows) {
+  if (p.O >= kWideMinColumns && p.M <= kMaxDirectRows) {
     if (kInt4) {  // the wide path scales per group: y += part * scale + sum(x) * min
       const int64_t g = p.I / p.G;
       xsum.resize(p.M * p.G);
@@ -480,6 +480,10 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
       p.xsum = xsum.data();
     }
     parallel_for(pool, (p.O + kWide - 1) / kWide, [&p](int64_t i) { exact_wide_columns<kInt4, S>(p, i * kWide); });
+    return;
+  }
+  if (p.M > kMaxDirectRows) {
+    for_tiles(pool, p.O, [&p](int64_t o0) { f32_columns<kInt4, S>(p, o0); });
     return;
   }
   for_tiles(pool, p.O, [&p](int64_t o0) { exact_columns<kInt4, S>(p, o0); });

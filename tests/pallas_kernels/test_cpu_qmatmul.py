@@ -38,6 +38,7 @@ CASES = {
     "int8_per_channel": (2, 80, 33, 80, False, jnp.float32),
     "wide_head_ragged": (2, 64, 4100, 32, False, jnp.float32),  # the LM head path (O >= 4096), last item 4 wide
     "wide_head_int4": (1, 64, 5000, 32, True, jnp.float16),
+    "wide_head_rows11": (11, 64, 4100, 32, True, jnp.float32),  # two row blocks (8 + 3) of the wide path
 }
 
 

@@ -163,6 +163,7 @@ void exact_columns(const Problem& p, int64_t o0) {
 // cache line each. Partial sums live in L1 instead of registers.
 constexpr int64_t kWide = 512;
 constexpr int64_t kWideMinColumns = 4096;  // below this a row stride is short enough for the stride prefetcher
+constexpr int64_t kMaxWideRows = 4;  // above, the unpacked tile (f32_columns) is cheaper
 
 template <int MR, bool kInt4, ScaleType S>
 void exact_wide(const Problem& p, int64_t m0, int64_t o0) {
@@ -467,7 +468,7 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
     for_tiles(pool, p.O, [&p](int64_t o0) { q8_columns<S>(p, o0); });
     return;
   }
-  if (p.O >= kWideMinColumns && p.M <= kMaxDirectRows) {
+  if (p.O >= kWideMinColumns && p.M <= kMaxWideRows) {
     if (kInt4) {  // the wide path scales per group: y += part * scale + sum(x) * min
       const int64_t g = p.I / p.G;
       xsum.resize(p.M * p.G);
@@ -482,7 +483,7 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
     parallel_for(pool, (p.O + kWide - 1) / kWide, [&p](int64_t i) { exact_wide_columns<kInt4, S>(p, i * kWide); });
     return;
   }
-  if (p.M > kMaxDirectRows) {
+  if (p.M > kMaxDirectRows || p.O >= kWideMinColumns) {
     for_tiles(pool, p.O, [&p](int64_t o0) { f32_columns<kInt4, S>(p, o0); });
     return;
   }

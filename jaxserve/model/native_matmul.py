@@ -122,3 +122,18 @@ def lossless_int8_head(weights, infos):
         if bool(jnp.array_equal(dequantize_weight(q, jnp.float32), dense)):
             changes[name] = q
     return dataclasses.replace(weights, **changes)
+
+
+def prepare(choice: str, num_devices: int, weights, infos):
+    """`resolve` plus the lossless int8 head, for loaded weights: returns (matmul as it will run, weights).
+
+    NOTE: builds the kernel only when some weight would use it, so a float model on CPU neither compiles nor
+    writes anything under the cache folder.
+    """
+    if choice not in ("auto", "native") or jax.default_backend() != "cpu" or num_devices > 1:
+        return resolve(choice, num_devices), weights
+    candidate = lossless_int8_head(weights, infos)
+    if not any(is_quantized(w) for w in jax.tree.leaves(candidate, is_leaf=is_quantized)):
+        return "xla", weights
+    resolved = resolve(choice, num_devices)
+    return resolved, candidate if resolved == "native" else weights

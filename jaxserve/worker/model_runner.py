@@ -126,13 +126,13 @@ class ModelRunner:
         dense = llama.weight_info(cfg, self.dtype)
         weights = quantization.engine_quantization(weights, dense, config.quantization, config.quantize_embeddings,
                                                    self.dtype)
-        # NOTE: resolved once here: auto is the native CPU kernel where it builds (one device), else XLA.
-        self.quantized_matmul = native_matmul.resolve(config.quantized_matmul, self.plan.mesh.size)
+        # NOTE: resolved once here: auto is the native CPU kernel where it builds (one device, some quantized
+        # weight), else XLA; with native, an embedding that int8 blocks of 32 represent bit for bit becomes one.
+        self.quantized_matmul, weights = native_matmul.prepare(config.quantized_matmul, self.plan.mesh.size,
+                                                               weights, dense)
         if config.activation_quantization == "int8" and self.quantized_matmul == "xla":
             # W8A8 through XLA: int8 per-channel weights for its int8 dots (the native kernel reads int4 as stored)
             weights = quantization.w8a8_weights(weights, dense, self.dtype, config.quantize_embeddings)
-        if self.quantized_matmul == "native":  # exact: only a table that int8 blocks of 32 represent bit for bit
-            weights = native_matmul.lossless_int8_head(weights, dense)
         self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
         self.weights = sharding.place_weights(weights, self.weight_info, self.plan)

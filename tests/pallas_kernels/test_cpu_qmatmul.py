@@ -153,10 +153,14 @@ def test_lossless_int8_head_only_when_exact():
     infos = llama.weight_info(cfg)
     w = llama.init_weights(cfg, jax.random.key(2))
     assert not qz.is_quantized(nm.lossless_int8_head(w, infos).embed)  # random floats: not int8 blocks
+    assert nm.prepare("auto", 1, w, infos) == ("xla", w)  # nothing quantized: no kernel built or used
     # A table that is int8 blocks of 32 with float16 scales (what a GGUF Q8_0 dequantizes to) becomes int8.
     q8 = qz.quantize_int8(w.embed.T, 1, group_size=32, scale_dtype=jnp.float16)
     table = qz.dequantize_weight(q8, jnp.float32).T  # [V, D]
-    got = nm.lossless_int8_head(llama.LlamaWeights(table, w.layers, w.final_norm), infos).embed
+    tabled = llama.LlamaWeights(table, w.layers, w.final_norm)
+    got = nm.lossless_int8_head(tabled, infos).embed
+    resolved, prepared = nm.prepare("auto", 1, tabled, infos)
+    assert resolved == "native" and qz.is_quantized(prepared.embed)
     assert qz.is_quantized(got) and got.group_size == 32
     np.testing.assert_array_equal(np.asarray(qz.dequantize_weight(got, jnp.float32)).T, np.asarray(table))
 

@@ -184,7 +184,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 ATTENTION_BACKENDS = ("auto", "xla", "pallas")  # the names; the registry is jaxserve.model.attention_backends
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")
-QUANTIZED_MATMULS = ("xla", "pallas")
+QUANTIZED_MATMULS = ("auto", "xla", "pallas", "native")
 ACTIVATION_QUANTIZATIONS = ("none", "int8")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 
@@ -248,8 +248,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # KV pages: auto (the model dtype), bf16, fp32, or int8 with per-token-head scales
     quantization: str = "auto"  # weights: auto (as stored; a Q4_x / Q8_0 GGUF in its own blocks), none, int8, int4
     quantize_embeddings: bool = False  # with --quantization int8/int4, quantize embed and lm_head too
-    quantized_matmul: str = "xla"  # matmul of quantized weights: xla (qdot), or pallas (interpret mode on CPU)
-    activation_quantization: str = "none"  # int8: W8A8, int8 per-channel weights x int8 per-token activations
+    quantized_matmul: str = "auto"  # quantized weights' matmul: auto (native on CPU, else xla), native, xla, pallas
+    activation_quantization: str = "none"  # int8: int8 activations too (native: blocks of 32; xla: W8A8 per token)
     # Speculative decoding (server-wide; see docs/speculative.md).
     speculative_method: str = "none"  # none, ngram, or draft (implied by --speculative-model)
     speculative_model: str | None = None  # draft checkpoint (same tokenizer as the model)
@@ -278,9 +278,9 @@ class EngineConfig:
         if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
             raise ValueError(f"activation_quantization must be one of {ACTIVATION_QUANTIZATIONS}; "
                              f"got {self.activation_quantization!r}")
-        if self.activation_quantization != "none" and self.quantized_matmul != "xla":
-            raise ValueError("activation_quantization int8 runs XLA's int8 dots; it does not combine with "
-                             "quantized_matmul pallas")
+        if self.activation_quantization != "none" and self.quantized_matmul == "pallas":
+            raise ValueError("activation_quantization int8 runs the native kernel's or XLA's int8 dots; it does not "
+                             "combine with quantized_matmul pallas")
         if self.quantized_matmul not in QUANTIZED_MATMULS:
             raise ValueError(f"quantized_matmul must be one of {QUANTIZED_MATMULS}; got {self.quantized_matmul!r}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:

@@ -10,6 +10,7 @@ first token is not predicted. Perplexity = exp(mean negative log-likelihood over
 with N = context / 2 (every counted token then has at least N tokens before it):
 
     python scripts/perplexity.py tests/data/perplexity_text.txt --context 512 --score-from 256
+    python scripts/perplexity.py tests/data/perplexity_text.txt --activation-quantization int8   # int8 activations
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def main() -> None:
                         help="count positions N and later of each window (llama-perplexity: context / 2)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--quantized-matmul", default="auto", help="auto, native, xla or pallas (as the server's)")
+    parser.add_argument("--activation-quantization", default="none", help="none or int8 (as the server's)")
     args = parser.parse_args()
 
-    options = dict(max_num_batched_tokens=args.max_num_batched_tokens)
+    options = dict(max_num_batched_tokens=args.max_num_batched_tokens, quantized_matmul=args.quantized_matmul,
+                   activation_quantization=args.activation_quantization)
     if args.max_model_len:
         options["max_model_len"] = args.max_model_len
     llm = LLM(args.model, **options) if args.model else LLM(**options)

@@ -20,11 +20,13 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention import AttentionFn
+from jaxserve.model.native_matmul import LayerOf
 from jaxserve.model.quantization import embedding_lookup, qdot, tied_head
 from jaxserve.model.sharding import ShardingPlan
 from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
 from jaxserve.model.weight_info import ArrayInfo, init_arrays
 from pallas_kernels.kv_cache import write_kv
+from pallas_kernels.quantized_weights import is_quantized
 
 MatmulFn = Callable[..., jax.Array]  # qdot's signature: (spec, x, w, **einsum_kwargs) -> y
 
@@ -147,8 +149,9 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
       attention: the paged-attention implementation (`jaxserve.model.attention_backends.select_attention`).
       plan: the mesh and sharding rules under tensor parallelism (None: one device). It only adds
         `with_sharding_constraint`s by logical axis; XLA derives the collectives from them.
-      matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA) or `quantization.qdot_pallas` (the Pallas
-        dequantize-in-the-matmul kernel for quantized weights, `--quantized-matmul pallas`).
+      matmul: every projection's `qdot(spec, x, w)`: `qdot` (XLA), `quantization.qdot_pallas` (the Pallas
+        dequantize-in-the-matmul kernel, `--quantized-matmul pallas`) or `native_matmul.qdot_native[_q8]` (the
+        native CPU kernel, `--quantized-matmul native`, the default on CPU).
       return_hidden: also return the last layer's output x [T, D] for every token (before the final norm),
         for `lm_head` at other tokens (prompt logprobs).
     Returns:
@@ -161,9 +164,19 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     shard = (lambda a, axes: a) if plan is None else plan.constrain
     x = shard(embedding_lookup(weights.embed, step.token_ids, dtype), ("batch", "embed"))  # [T, D]
 
+    # NOTE: a matmul that `indexes_layers` (the native CPU kernel) gets each quantized weight's whole layer stack
+    # and the index (`native_matmul.LayerOf`): a scan slice handed to a custom call would be copied every layer.
+    scanned, stacked = weights.layers, {}
+    if getattr(matmul, "indexes_layers", False):
+        stacked = {f.name: getattr(scanned, f.name) for f in dataclasses.fields(scanned)
+                   if is_quantized(getattr(scanned, f.name))}
+        scanned = dataclasses.replace(scanned, **dict.fromkeys(stacked))
+
     def layer(carry, layer_in):
         x, kv_pages = carry
         w, layer_idx = layer_in
+        if stacked:
+            w = dataclasses.replace(w, **{n: LayerOf(a, layer_idx) for n, a in stacked.items()})
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
             q = matmul("TD,DNH->TNH", h, w.wq)
@@ -188,7 +201,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
         return (x, kv_pages), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, kv_pages), _ = jax.lax.scan(layer, (x, kv_pages), (weights.layers, layer_ids))
+    (x, kv_pages), _ = jax.lax.scan(layer, (x, kv_pages), (scanned, layer_ids))
     logits = shard(lm_head(weights, x[step.logits_indices], cfg, matmul), ("batch", "vocab"))
     return (logits, kv_pages, x) if return_hidden else (logits, kv_pages)
 

@@ -30,7 +30,7 @@ from jaxserve.config import (
     ModelConfig,
     kv_budget_bytes,
 )
-from jaxserve.model import attention_backends, llama, quantization, sharding
+from jaxserve.model import attention_backends, llama, native_matmul, quantization, sharding
 from jaxserve.model.checkpoint import load_checkpoint, read_config, stored_info
 from jaxserve.model.rejection_sampler import RejectionOutput, rejection_sample
 from jaxserve.model.sampler import (
@@ -126,7 +126,12 @@ class ModelRunner:
         dense = llama.weight_info(cfg, self.dtype)
         weights = quantization.engine_quantization(weights, dense, config.quantization, config.quantize_embeddings,
                                                    self.dtype)
-        if config.activation_quantization == "int8":  # W8A8: int8 per-channel weights for the int8 dots
+        # NOTE: resolved once here: auto is the native CPU kernel where it builds (one device, some quantized
+        # weight), else XLA; with native, an embedding that int8 blocks of 32 represent bit for bit becomes one.
+        self.quantized_matmul, weights = native_matmul.prepare(config.quantized_matmul, self.plan.mesh.size,
+                                                               weights, dense)
+        if config.activation_quantization == "int8" and self.quantized_matmul == "xla":
+            # W8A8 through XLA: int8 per-channel weights for its int8 dots (the native kernel reads int4 as stored)
             weights = quantization.w8a8_weights(weights, dense, self.dtype, config.quantize_embeddings)
         self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
@@ -150,11 +155,12 @@ class ModelRunner:
                 cfg, self.page_size, self.kv_dtype, self.plan.tensor_parallel_size))
         self.attention = sharding.shard_attention(attention, self.plan)
         weight_shardings = self.plan.shardings(self.weight_info)
-        # NOTE: --quantized-matmul pallas routes quantized projections to the Pallas kernel (interpreted on CPU);
-        # dense weights take qdot either way.
-        self.matmul = quantization.qdot_pallas if config.quantized_matmul == "pallas" else quantization.qdot
-        if config.activation_quantization == "int8":
-            self.matmul = quantization.qdot_w8a8
+        # NOTE: --quantized-matmul pallas / native route quantized projections to the Pallas kernel (interpreted on
+        # CPU) / the native CPU kernel; dense weights take qdot either way.
+        int8 = config.activation_quantization == "int8"
+        self.matmul = {"pallas": quantization.qdot_pallas,
+                       "native": native_matmul.qdot_native_q8 if int8 else native_matmul.qdot_native,
+                       "xla": quantization.qdot_w8a8 if int8 else quantization.qdot}[self.quantized_matmul]
         self._step = BucketExecutables(jit_step(cfg, self.attention, self.plan, self.matmul, weight_shardings,
                                                 kv_sharding))
         self._verify = BucketExecutables(jit_verify_step(cfg, self.attention, self.plan, self.matmul, kv_sharding))

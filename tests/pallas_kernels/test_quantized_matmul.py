@@ -187,7 +187,7 @@ def test_forward_with_the_pallas_matmul_matches_qdot(spec):
 def test_engine_option_and_server_flag():
     from jaxserve.server.__main__ import build_parser, configs_from_args
 
-    assert EngineConfig().quantized_matmul == "xla"
+    assert EngineConfig().quantized_matmul == "auto"
     with pytest.raises(ValueError, match="quantized_matmul must be one of"):
         EngineConfig(quantized_matmul="triton")
     engine_cfg, _ = configs_from_args(build_parser().parse_args(["--quantized-matmul", "pallas"]))

@@ -1,0 +1,139 @@
+"""The model's quantized projections through the native CPU kernel (`pallas_kernels.cpu_qmatmul`).
+
+`--quantized-matmul` picks the matmul every projection calls (`llama.forward(matmul=...)`):
+
+    auto    (default) native on the CPU backend with one device when the kernel builds, else xla
+    native  the kernel (falls back to xla, logged once, where it cannot build or the CPU lacks AVX512-VNNI)
+    xla     `quantization.qdot`: XLA dequantizes (on CPU it writes float32 weights every step) and dots
+    pallas  `quantization.qdot_pallas` (GPU; interpret mode on CPU)
+
+With `--activation-quantization int8` the native kernel runs its q8 mode on the int4 weights as stored
+(activations in int8 blocks of 32, llama.cpp's Q8_1) instead of the XLA W8A8 path (per-channel int8 weights,
+per-token activations).
+
+The layer scan: a custom call's operand that is a dynamic slice of the stacked weights would be copied every
+layer, so `llama.forward` keeps quantized weights stacked when the matmul asks for it (`indexes_layers`) and
+passes `LayerOf(stack, layer)`; the kernel reads the layer in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import QUANTIZED_MATMULS, cache_dir
+from jaxserve.model.quantization import qdot, qdot_w8a8, quantize_int8
+from pallas_kernels import cpu_qmatmul
+from pallas_kernels.quantized_weights import COMPONENTS, Int4Weight, QuantizedWeight, dequantize_weight, is_quantized
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerOf:
+    """Layer `layer` of a quantized weight stacked over layers, not sliced (the kernel indexes it)."""
+
+    stack: QuantizedWeight  # [L, G, R, *out] (scales [L, G, *out])
+    layer: jax.Array  # int32 []
+
+    def take(self) -> QuantizedWeight:
+        return dataclasses.replace(self.stack, **{c: getattr(self.stack, c)[self.layer]
+                                                 for c in COMPONENTS[type(self.stack)]})
+
+
+def available() -> bool:
+    """The kernel builds and loads here, on the CPU backend (logs why not, once)."""
+    return jax.default_backend() == "cpu" and cpu_qmatmul.available(cache_dir() / "kernels")
+
+
+def resolve(choice: str, num_devices: int) -> str:
+    """`--quantized-matmul` as it will run: auto → native or xla; native → xla where the kernel cannot run."""
+    if choice not in QUANTIZED_MATMULS:
+        raise ValueError(f"quantized_matmul must be one of {QUANTIZED_MATMULS}; got {choice!r}")
+    if choice == "native" and jax.default_backend() != "cpu":
+        raise ValueError(f"--quantized-matmul native is a CPU kernel; this backend is {jax.default_backend()}")
+    if choice == "native" and num_devices > 1:  # NOTE: XLA does not partition a custom call
+        raise ValueError("--quantized-matmul native runs on one device only")
+    if choice in ("auto", "native"):
+        return "native" if num_devices == 1 and available() else "xla"
+    return choice
+
+
+def _native(spec: str, x: jax.Array, w, q8: bool, **einsum_kwargs) -> jax.Array:
+    """x [*batch, *in] times one layer's quantized weight → [*batch, *out], through the kernel when it applies."""
+    stack, layer = (w.stack, w.layer) if isinstance(w, LayerOf) else (w, None)
+    plain = w.take() if isinstance(w, LayerOf) else w
+    fallback = qdot_w8a8 if q8 else qdot
+    if not is_quantized(stack) or set(einsum_kwargs) - {"preferred_element_type"} or x.dtype != jnp.float32:
+        return fallback(spec, x, plain, **einsum_kwargs)
+    first = stack.packed if isinstance(stack, Int4Weight) else stack.values
+    lead = first.ndim - stack.out_ndim - 2  # 1 for a stack, 0 for one weight (the LM head)
+    in_shape = tuple(stack.in_shape)
+    if lead != (0 if layer is None else 1) or tuple(x.shape[x.ndim - len(in_shape):]) != in_shape:
+        return fallback(spec, x, plain, **einsum_kwargs)
+    use_q8 = q8 and isinstance(stack, Int4Weight) and stack.group_size % 32 == 0
+    out_shape = first.shape[first.ndim - stack.out_ndim:]
+    # [L, G, R, *out] → [L, G, R, O], scales [L, G, O]: reshapes of contiguous arrays (no copies); one weight
+    # (the LM head) gets a layer axis of 1.
+    def flat(a: jax.Array) -> jax.Array:
+        a = a.reshape(*a.shape[:a.ndim - stack.out_ndim], -1)
+        return a if lead else a[None]
+
+    arrays = {c: flat(getattr(stack, c)) for c in COMPONENTS[type(stack)]}
+    w2 = dataclasses.replace(stack, **arrays, in_shape=(math.prod(in_shape),), out_ndim=1)
+    batch = x.shape[:x.ndim - len(in_shape)]
+    y = cpu_qmatmul.cpu_qmatmul(x.reshape(-1, math.prod(in_shape)), w2, 0 if layer is None else layer, q8=use_q8)
+    return y.reshape(*batch, *out_shape).astype(einsum_kwargs.get("preferred_element_type") or x.dtype)
+
+
+def qdot_native(spec: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
+    """`qdot` with quantized weights through the native kernel's exact mode (float32 activations)."""
+    return _native(spec, x, w, False, **einsum_kwargs)
+
+
+def qdot_native_q8(spec: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
+    """`qdot_w8a8` with int4 weights (groups of 32k) through the kernel's q8 mode (int8 activation blocks)."""
+    return _native(spec, x, w, True, **einsum_kwargs)
+
+
+# `llama.forward` keeps quantized weights stacked for these (see the module docstring).
+qdot_native.indexes_layers = True
+qdot_native_q8.indexes_layers = True
+
+
+def lossless_int8_head(weights, infos):
+    """The dense embedding (and untied LM head) as int8 in groups of 32 where that represents it exactly, so the
+    LM head reads a quarter of the bytes through the kernel. A GGUF Q8_0 table is such a case: each of its values
+    is q * d with q an int8 and one float16 d per 32, and absmax requantizing finds the same q and d (127 * d
+    and (127 * d) / 127 are exact in float32). Any other table stays as it is (checked bit for bit).
+
+    Args:
+      weights: the `LlamaWeights` tree; infos: its dense description (`llama.weight_info`).
+    """
+    changes = {}
+    for name in ("embed", "lm_head"):
+        w, info = getattr(weights, name), getattr(infos, name)
+        if w is None or is_quantized(w) or w.dtype != jnp.float32:
+            continue
+        dense = w.T if info.transpose else w  # [D, V]
+        q = quantize_int8(dense, info.contract, group_size=32)
+        if bool(jnp.array_equal(dequantize_weight(q, jnp.float32), dense)):
+            changes[name] = q
+    return dataclasses.replace(weights, **changes)
+
+
+def prepare(choice: str, num_devices: int, weights, infos):
+    """`resolve` plus the lossless int8 head, for loaded weights: returns (matmul as it will run, weights).
+
+    NOTE: builds the kernel only when some weight would use it, so a float model on CPU neither compiles nor
+    writes anything under the cache folder.
+    """
+    if choice not in ("auto", "native") or jax.default_backend() != "cpu" or num_devices > 1:
+        return resolve(choice, num_devices), weights
+    candidate = lossless_int8_head(weights, infos)
+    if not any(is_quantized(w) for w in jax.tree.leaves(candidate, is_leaf=is_quantized)):
+        return "xla", weights
+    resolved = resolve(choice, num_devices)
+    return resolved, candidate if resolved == "native" else weights

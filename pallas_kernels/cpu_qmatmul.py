@@ -1,0 +1,180 @@
+"""A native CPU matmul of float32 activations by int4 / int8 group-quantized weights (XLA FFI custom call).
+
+XLA:CPU does not fuse int4 dequantization into its dot: it writes every projection's float32 weights each step,
+which made int4 slower than float32 here (docs/performance.md). `cpu_qmatmul.cc` dequantizes in registers
+instead and never writes the weights, threads over output columns on XLA's intra-op pool, and has two modes:
+
+* exact (default): float32 FMA; equals `cpu_qmatmul_reference` to float32 rounding.
+* q8 (int4 weights, groups of 32k): activations quantized per 32 inputs to int8 (llama.cpp's Q8_1 blocks) and
+  multiplied by the 4-bit weights with AVX512-VNNI integer dots; lossy, faster at many rows.
+
+The shared library is compiled from the .cc on first use (g++, a few seconds) into a folder keyed by the
+source's hash, so a changed source rebuilds and an unchanged one loads at once. `available()` says False (the
+caller falls back to XLA) where the compiler, the ISA (AVX512F/BW/VL/DQ + VNNI) or the backend is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.quantized_weights import Int4Weight, Int8Weight, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
+TARGET = "jaxserve_cpu_qmatmul"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+             "-mavx512vnni", "-mf16c", "-mfma")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build(build_dir: Path) -> Path:
+    """Compiles the .cc into build_dir/<hash>/ (atomically: concurrent processes may race) and returns the .so."""
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXX_FLAGS).encode() + include.encode()).hexdigest()[:16]
+    lib = build_dir / key / "libcpu_qmatmul.so"
+    if lib.exists():
+        return lib
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        proc = subprocess.run([cxx, *CXX_FLAGS, "-isystem", include, str(SOURCE), "-o", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stderr[-2000:]}")
+        os.replace(out, lib)
+    return lib
+
+
+@functools.cache
+def load(build_dir: str) -> str | None:
+    """Builds (once per source hash) and registers the kernel; returns None if it is usable, else why not."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64, not {platform.machine()}"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build(Path(build_dir))))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxserveQMatmul), platform="cpu")
+    except Exception as e:  # noqa: BLE001 (any build or load failure means: use XLA)
+        return f"build or load failed: {e}"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def available(build_dir: str | os.PathLike) -> bool:
+    """True if the kernel is built and registered for the CPU backend; logs why not, once."""
+    why = load(str(build_dir))
+    if why is not None and why not in _warned:
+        _warned.add(why)
+        log.warning("native CPU quantized matmul unavailable (%s); quantized matmuls use XLA", why)
+    return why is None
+
+
+def _check(x: jax.Array, w: QuantizedWeight, layer) -> tuple[int, int, int, int]:
+    first = w.packed if isinstance(w, Int4Weight) else w.values  # [L, G, R, O]
+    if first.ndim != 4 or w.scales.shape != (first.shape[0], first.shape[1], first.shape[3]):
+        raise ValueError(f"cpu_qmatmul: want a [L, G, R, O] weight with [L, G, O] scales; got {first.shape} "
+                         f"and {w.scales.shape}")
+    L, G, R, O = first.shape
+    g = 2 * R if isinstance(w, Int4Weight) else R
+    if x.ndim != 2 or x.shape[1] != G * g:
+        raise ValueError(f"cpu_qmatmul: x {x.shape} is not [M, {G * g}] (G {G} x g {g})")
+    return L, G, R, O
+
+
+def cpu_qmatmul(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *, q8: bool = False) -> jax.Array:
+    """x @ dequantize(w[layer]) with the weight dequantized in registers (load() must have succeeded).
+
+    Args:
+      x: float32 [M, I].
+      w: `Int4Weight` (packed uint8 [L, G, g/2, O], scales and mins [L, G, O]) or `Int8Weight` (values int8
+        [L, G, g, O], scales [L, G, O]); scales float32, float16 or bfloat16. A layer stack is passed whole
+        with the index `layer`, so a scan over layers copies no weight slice.
+      layer: int32 scalar index into L.
+      q8: quantize x per 32 inputs to int8 and use VNNI dots (int4 with g % 32 == 0 only).
+    Returns:
+      float32 [M, O].
+    """
+    L, G, R, O = _check(x, w, layer)
+    int4 = isinstance(w, Int4Weight)
+    if q8 and not (int4 and (2 * R) % 32 == 0):
+        raise ValueError(f"cpu_qmatmul: q8 needs int4 weights in groups of a multiple of 32; got {type(w).__name__} "
+                         f"g {2 * R if int4 else R}")
+    if x.dtype != jnp.float32:
+        raise ValueError(f"cpu_qmatmul: x must be float32, got {x.dtype}")
+    data = w.packed if int4 else w.values
+    mins = w.mins if int4 else w.scales
+    if w.scales.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16) or mins.dtype != w.scales.dtype:
+        raise ValueError(f"cpu_qmatmul: scales/mins must share float32, float16 or bfloat16; got {w.scales.dtype}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], O), jnp.float32))
+    return call(x, data, w.scales, mins, jnp.asarray(layer, jnp.int32), int4=int4, q8=q8)
+
+
+def quantize_q8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x float32 [M, I] → (int8 values [M, I], float32 block scales [M, I / 32]), llama.cpp's Q8 blocks."""
+    M, I = x.shape
+    xb = x.reshape(M, I // 32, 32)
+    d = jnp.max(jnp.abs(xb), axis=-1) / 127.0
+    inv = jnp.where(d > 0, 1.0 / d, 0.0)
+    q = jnp.clip(jnp.round(xb * inv[..., None]), -127, 127).astype(jnp.int8)
+    return q.reshape(M, I), d
+
+
+def cpu_qmatmul_reference(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *,
+                          q8: bool = False) -> jax.Array:
+    """Plain-jnp `cpu_qmatmul`: dequantize the layer in float32 and multiply at HIGHEST precision (q8: x first
+    rounded through its Q8 blocks)."""
+    _check(x, w, layer)
+    if q8:
+        q, d = quantize_q8_reference(x)
+        x = (q.astype(jnp.float32).reshape(x.shape[0], -1, 32) * d[..., None]).reshape(x.shape)
+    if isinstance(w, Int4Weight):
+        p = w.packed[layer]  # [G, R, O]
+        q = jnp.concatenate([p & 0xF, p >> 4], axis=1).astype(jnp.float32)  # [G, g, O]: low nibbles first
+        dense = q * w.scales[layer].astype(jnp.float32)[:, None] + w.mins[layer].astype(jnp.float32)[:, None]
+    else:
+        dense = w.values[layer].astype(jnp.float32) * w.scales[layer].astype(jnp.float32)[:, None]
+    return jnp.dot(x, dense.reshape(-1, dense.shape[-1]), precision=jax.lax.Precision.HIGHEST)
+
+
+def random_weight(rng: np.random.Generator, L: int, I: int, O: int, g: int, *, int4: bool = True,
+                  scale_dtype=jnp.float32) -> QuantizedWeight:
+    """A random stacked weight of the kernel's layout (tests and benchmarks)."""
+    G = I // g
+    scales = jnp.asarray(rng.uniform(0.001, 0.02, (L, G, O)), scale_dtype)
+    if int4:
+        packed = jnp.asarray(rng.integers(0, 256, (L, G, g // 2, O)), jnp.uint8)
+        mins = jnp.asarray(rng.uniform(-0.15, 0.0, (L, G, O)), scale_dtype)
+        return Int4Weight(packed, scales, mins, (I,), 1)
+    return Int8Weight(jnp.asarray(rng.integers(-127, 128, (L, G, g, O)), jnp.int8), scales, (I,), 1)

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from jaxserve import SamplingParams
-from jaxserve.config import EngineConfig
-from jaxserve.engine import LLMEngine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # NOTE: this checkout, not an installed jaxserve
+
+from jaxserve import SamplingParams  # noqa: E402
+from jaxserve.config import EngineConfig  # noqa: E402
+from jaxserve.engine import LLMEngine  # noqa: E402
 
 PASSAGE = ("The Apollo 11 mission launched on July 16, 1969, from Kennedy Space Center. Neil Armstrong and Buzz "
            "Aldrin landed the lunar module Eagle on July 20, while Michael Collins orbited the Moon in the command "

@@ -21,15 +21,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxserve import LLMEngine, SamplingParams
-from jaxserve.bench import roofline
-from jaxserve.config import EngineConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # NOTE: this checkout, not an installed jaxserve
+
+from jaxserve import LLMEngine, SamplingParams  # noqa: E402
+from jaxserve.bench import roofline  # noqa: E402
+from jaxserve.config import EngineConfig  # noqa: E402
 
 
 def make_workload(num_requests: int, seed: int, vocab_size: int, prompt_range, output_range):

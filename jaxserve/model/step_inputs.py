@@ -31,9 +31,19 @@ class SeqChunk:
     num_spec: int = 0  # the last num_spec tokens are speculative proposals to verify
 
 
-def query_block_for(num_tokens: int, num_rows: int) -> int:
-    """Blocks of one query for decode-shaped steps, larger blocks when prefill chunks dominate."""
-    return 1 if num_tokens <= num_rows else PREFILL_QUERY_BLOCK
+def query_block_for(num_tokens: int, num_rows: int, tokens_per_row: int = 1) -> int:
+    """Blocks of one query for decode-shaped steps, one block a row for verify-shaped steps (R rows of up to L =
+    `tokens_per_row` tokens: the next power of two >= L), larger blocks when prefill chunks dominate.
+
+    NOTE: a verify row's 1 + K queries read the same KV, so one block gathers it once; a prefill-sized block
+    would compute 16 query slots for 5 (K = 4: the verify step's attention cost about 3x its need, 15% of
+    a single-stream verify step on the CPU; docs/performance.md, "Speculative verify").
+    """
+    if num_tokens <= num_rows:
+        return 1
+    if 1 < tokens_per_row and num_tokens <= num_rows * tokens_per_row:
+        return min(PREFILL_QUERY_BLOCK, 1 << (tokens_per_row - 1).bit_length())
+    return PREFILL_QUERY_BLOCK
 
 
 def num_query_blocks(num_tokens: int, num_rows: int, query_block: int) -> int:
@@ -59,7 +69,7 @@ def build_step_inputs(chunks: Sequence[SeqChunk], *, num_tokens: int, num_rows: 
     if total > num_tokens or n_rows > num_rows:
         raise ValueError(f"step of {total} tokens / {n_rows} rows exceeds bucket {num_tokens} / {num_rows}")
     p_max = -(-max_pages_per_seq // kv_block_pages) * kv_block_pages
-    qb = query_block_for(num_tokens, num_rows)
+    qb = query_block_for(num_tokens, num_rows, logits_per_row)
     nb = num_query_blocks(num_tokens, num_rows, qb)
 
     token_ids = np.zeros(num_tokens, np.int32)
@@ -158,6 +168,12 @@ def attention_work_list(block_chunks: np.ndarray, max_chunks: int) -> tuple[np.n
     return blocks, chunks, np.asarray(it, np.int32)
 
 
+# Mixed-step token buckets grow by powers of two up to max(MIN_MIXED_TOKEN_STEP, budget / MIXED_TOKEN_STEPS),
+# then in steps of that size: at most about MIXED_TOKEN_STEPS + log2(step) shapes whatever the budget.
+MIXED_TOKEN_STEPS = 8
+MIN_MIXED_TOKEN_STEP = 64
+
+
 def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
     sizes, n = [], start
     while n < limit:
@@ -185,10 +201,24 @@ class StepBuckets:
 
     @property
     def mixed_tokens(self) -> list[int]:
+        """Powers of two above max_num_seqs up to `mixed_token_step`, then its multiples up to the budget.
+
+        NOTE: a step costs about its padded token count, and a mixed step usually holds one prompt beside the
+        decodes; power-of-two buckets waste a quarter of such a step on average, steps of a budget's eighth
+        about a tenth (`bench_throughput.py`: docs/performance.md, "Scheduler policy"). Small budgets keep
+        their powers of two (vLLM's TPU runner pads the same way: powers of two, then a fixed gap).
+        """
         start = 1 << self.max_num_seqs.bit_length()  # the smallest power of two above max_num_seqs
         if start >= self.max_num_batched_tokens:
             return [self.max_num_batched_tokens]
-        return _powers_of_two_up_to(self.max_num_batched_tokens, start)
+        gap = self.mixed_token_step
+        sizes = [t for t in _powers_of_two_up_to(self.max_num_batched_tokens, start) if t <= gap]
+        sizes += range(sizes[-1] + gap, self.max_num_batched_tokens, gap)
+        return sorted(set(sizes) | {self.max_num_batched_tokens})
+
+    @property
+    def mixed_token_step(self) -> int:
+        return max(MIN_MIXED_TOKEN_STEP, self.max_num_batched_tokens // MIXED_TOKEN_STEPS)
 
     def shapes(self) -> list[tuple[int, int]]:
         mixed = [(t, self.max_num_seqs) for t in self.mixed_tokens if t > self.max_num_seqs]

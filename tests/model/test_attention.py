@@ -13,7 +13,8 @@ from pallas_kernels.reference import ragged_paged_attention_reference
 PAGE = 4
 
 
-def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_rows, num_pages=64):
+def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_rows, num_pages=64,
+                logits_per_row=1):
     """chunks_spec: (start_pos, num_new_tokens) per sequence. Pages are a random permutation; every page a
     sequence does not own is NaN, so any read outside its own pages poisons its output."""
     order = rng.permutation(np.arange(1, num_pages))
@@ -25,7 +26,7 @@ def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_
         owned.update(table)
         chunks.append(SeqChunk([0] * n, start, table))
     step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=num_rows, page_size=PAGE,
-                             max_pages_per_seq=32, kv_block_pages=2)
+                             max_pages_per_seq=32, kv_block_pages=2, logits_per_row=logits_per_row)
     kv = rng.standard_normal((1, num_pages, PAGE, 2 * kv_heads, head_dim)).astype(np.float32)
     for p in range(num_pages):
         if p not in owned:
@@ -35,20 +36,22 @@ def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_
 
 
 CASES = {
-    # name: (kv_heads, group, head_dim, [(start_pos, new_tokens), ...], T, R)
+    # name: (kv_heads, group, head_dim, [(start_pos, new_tokens), ...], T, R[, L: tokens per verify row])
     "decode_ragged": (2, 4, 16, [(0, 1), (PAGE - 1, 1), (PAGE, 1), (PAGE + 1, 1), (37, 1)], 8, 8),
     "prefill_one": (1, 3, 8, [(0, 23)], 32, 4),
     "chunked_prefill_mix": (2, 1, 8, [(9, 1), (16, 17), (3, 1), (0, 5)], 32, 4),
     "gqa8_long": (1, 8, 16, [(70, 1), (0, 40), (51, 9)], 64, 4),
+    # a verify-shaped step (rows of 1 + K = 5 tokens, query blocks of 8), one row short of its proposals
+    "verify_rows": (2, 3, 8, [(30, 5), (3, 5), (0, 5), (12, 3)], 20, 4, 5),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_xla_matches_reference(name):
-    kv_heads, group, head_dim, spec, T, R = CASES[name]
+    kv_heads, group, head_dim, spec, T, R, *L = CASES[name]
     rng = np.random.default_rng()
     q, kv, step = random_step(rng, kv_heads=kv_heads, group=group, head_dim=head_dim, chunks_spec=spec,
-                              num_tokens=T, num_rows=R)
+                              num_tokens=T, num_rows=R, logits_per_row=L[0] if L else 1)
     layer = jnp.int32(0)
     ref = ragged_paged_attention_reference(q, kv, layer, step, scale=0.3)
     out = jax.jit(paged_attention_xla, static_argnames="scale")(q, kv, layer, step, scale=0.3)

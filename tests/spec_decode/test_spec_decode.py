@@ -43,6 +43,14 @@ def test_verify_rows_get_their_proposals_logits_and_small_buckets():
     buckets = StepBuckets(8, 64, tokens_per_row=5)
     assert buckets.choose(5, 1) == (5, 1) and buckets.choose(9, 2) == (10, 2) and buckets.choose(3, 3) == (4, 4)
     assert set(StepBuckets(8, 64).shapes()) < set(buckets.shapes())  # the plain shapes are all still there
+    # A verify-shaped bucket gives each row one query block of the next power of two >= L (its KV gathered
+    # once for its 1 + K queries); the same rows padded into a mixed bucket keep prefill-sized blocks.
+    chunks = [SeqChunk([1] * 5, 20, [1, 2, 3, 4, 5, 6, 7], num_spec=4), SeqChunk([2, 3], 9, [8, 9, 10])]
+    verify = build_step_inputs(chunks, num_tokens=10, num_rows=2, page_size=4, max_pages_per_seq=8,
+                               logits_per_row=5)
+    assert verify.query_block == 8 and np.asarray(verify.qblock_lens)[:2].tolist() == [5, 2]
+    mixed = build_step_inputs(chunks, num_tokens=32, num_rows=4, page_size=4, max_pages_per_seq=8, logits_per_row=5)
+    assert mixed.query_block == 16
 
 
 def test_stats_count_proposed_accepted_and_emitted_tokens():

@@ -286,7 +286,7 @@ class LLMEngine:
         if self.spec is None:
             # The next step's grammar masks, on a worker thread while this thread finishes and schedules.
             self.structured.prefetch(self.scheduler.running)
-        if self.spec is not None:
+        else:
             # The proposer reads the running requests: stop strings must have ended theirs first.
             self._emit_pending()
             running = {r.request_id for r in self.scheduler.running}

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from pallas_kernels.quantized_weights import Int4Weight, Int8Weight, QuantizedWeight
+from pallas_kernels.quantized_weights import Int4Weight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +165,3 @@ def cpu_qmatmul_reference(x: jax.Array, w: QuantizedWeight, layer: jax.Array | i
     else:
         dense = w.values[layer].astype(jnp.float32) * w.scales[layer].astype(jnp.float32)[:, None]
     return jnp.dot(x, dense.reshape(-1, dense.shape[-1]), precision=jax.lax.Precision.HIGHEST)
-
-
-def random_weight(rng: np.random.Generator, L: int, I: int, O: int, g: int, *, int4: bool = True,
-                  scale_dtype=jnp.float32) -> QuantizedWeight:
-    """A random stacked weight of the kernel's layout (tests and benchmarks)."""
-    G = I // g
-    scales = jnp.asarray(rng.uniform(0.001, 0.02, (L, G, O)), scale_dtype)
-    if int4:
-        packed = jnp.asarray(rng.integers(0, 256, (L, G, g // 2, O)), jnp.uint8)
-        mins = jnp.asarray(rng.uniform(-0.15, 0.0, (L, G, O)), scale_dtype)
-        return Int4Weight(packed, scales, mins, (I,), 1)
-    return Int8Weight(jnp.asarray(rng.integers(-127, 128, (L, G, g, O)), jnp.int8), scales, (I,), 1)

@@ -19,9 +19,21 @@ from jaxserve.model import llama
 from jaxserve.model import native_matmul as nm
 from jaxserve.model import quantization as qz
 from pallas_kernels import cpu_qmatmul as k
-from pallas_kernels.quantized_weights import Int4Weight
+from pallas_kernels.quantized_weights import Int4Weight, Int8Weight, QuantizedWeight
 
 needs_kernel = pytest.mark.skipif(not nm.available(), reason="native CPU kernel unavailable here")
+
+def random_weight(rng: np.random.Generator, L: int, I: int, O: int, g: int, *, int4: bool = True,
+                  scale_dtype=jnp.float32) -> QuantizedWeight:
+    """A random stacked weight of the kernel's layout."""
+    G = I // g
+    scales = jnp.asarray(rng.uniform(0.001, 0.02, (L, G, O)), scale_dtype)
+    if int4:
+        packed = jnp.asarray(rng.integers(0, 256, (L, G, g // 2, O)), jnp.uint8)
+        mins = jnp.asarray(rng.uniform(-0.15, 0.0, (L, G, O)), scale_dtype)
+        return Int4Weight(packed, scales, mins, (I,), 1)
+    return Int8Weight(jnp.asarray(rng.integers(-127, 128, (L, G, g, O)), jnp.int8), scales, (I,), 1)
+
 
 # Float32 tolerance: accumulation order only (the kernel sums q * x per group, then scales); observed max
 # relative error ~1e-6 of max |y|.
@@ -59,7 +71,7 @@ def np_dense(w, layer: int) -> np.ndarray:
 def test_exact_mode_matches_reference_and_numpy(case):
     M, I, O, g, int4, sd = CASES[case]
     rng = np.random.default_rng()
-    w = k.random_weight(rng, 3, I, O, g, int4=int4, scale_dtype=sd)
+    w = random_weight(rng, 3, I, O, g, int4=int4, scale_dtype=sd)
     x = jnp.asarray(rng.standard_normal((M, I)), jnp.float32)
     fn = jax.jit(k.cpu_qmatmul)
     for layer in (0, 2):
@@ -77,7 +89,7 @@ def test_q8_mode_matches_its_reference_and_stays_near_exact(case):
     a percent-level bound of the exact product."""
     M, I, O, g, _, sd = CASES[case]
     rng = np.random.default_rng()
-    w = k.random_weight(rng, 2, I, O, g, scale_dtype=sd)
+    w = random_weight(rng, 2, I, O, g, scale_dtype=sd)
     x = jnp.asarray(rng.standard_normal((M, I)), jnp.float32)
     got = np.asarray(jax.jit(lambda x, w: k.cpu_qmatmul(x, w, 1, q8=True))(x, w))
     want = np.asarray(k.cpu_qmatmul_reference(x, w, 1, q8=True))
@@ -98,13 +110,13 @@ def test_q8_block_quantization_is_llama_cpp_q8():
 @needs_kernel
 def test_bad_shapes_raise():
     rng = np.random.default_rng(0)
-    w = k.random_weight(rng, 1, 64, 16, 32)
+    w = random_weight(rng, 1, 64, 16, 32)
     with pytest.raises(ValueError, match="is not \\[M, 64\\]"):
         k.cpu_qmatmul(jnp.zeros((2, 63), jnp.float32), w)
     with pytest.raises(ValueError, match="must be float32"):
         k.cpu_qmatmul(jnp.zeros((2, 64), jnp.bfloat16), w)
     with pytest.raises(ValueError, match="q8 needs int4 weights in groups of a multiple of 32"):
-        k.cpu_qmatmul(jnp.zeros((2, 64), jnp.float32), k.random_weight(rng, 1, 64, 16, 16), q8=True)
+        k.cpu_qmatmul(jnp.zeros((2, 64), jnp.float32), random_weight(rng, 1, 64, 16, 16), q8=True)
 
 
 # ------------------------------------------------------------------------------------------ the model

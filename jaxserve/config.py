@@ -181,7 +181,7 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return math.ceil(num_tokens / page_size)
 
 
-ATTENTION_BACKENDS = ("auto", "xla", "pallas")  # the names; the registry is jaxserve.model.attention_backends
+ATTENTION_BACKENDS = ("auto", "xla", "pallas", "native")  # the names; the registry is jaxserve.model.attention_backends
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp32", "int8")
 QUANTIZED_MATMULS = ("auto", "xla", "pallas", "native")
@@ -226,7 +226,7 @@ class EngineConfig:
 
     model: str = "SmolLM2-135M-Instruct"  # a registered name, a converted checkpoint, a HF folder or a GGUF file
     dtype: str = "auto"  # auto: float32 on CPU (XLA's CPU bf16 matmuls are slow), bfloat16 on accelerators
-    attention_backend: str = "auto"  # auto (Pallas on GPU/TPU if the start-up probe passes, else XLA), xla, pallas
+    attention_backend: str = "auto"  # auto (Pallas on GPU/TPU if the probe passes; native on CPU), xla, pallas, native
     max_num_seqs: int = 16  # the most sequences in one step (the decode batch buckets go up to it)
     max_num_batched_tokens: int = 512  # the most tokens (prompt chunks + decodes) in one step
     max_model_len: int | None = None  # None: min(the model's context, 4096)

@@ -8,96 +8,26 @@ instead and never writes the weights, threads over output columns on XLA's intra
 * q8 (int4 weights, groups of 32k): activations quantized per 32 inputs to int8 (llama.cpp's Q8_1 blocks) and
   multiplied by the 4-bit weights with AVX512-VNNI integer dots; lossy, faster at many rows.
 
-The shared library is compiled from the .cc on first use (g++, a few seconds) into a folder keyed by the
-source's hash, so a changed source rebuilds and an unchanged one loads at once. `available()` says False (the
-caller falls back to XLA) where the compiler, the ISA (AVX512F/BW/VL/DQ + VNNI) or the backend is missing.
+`cpu_build` compiles the .cc on first use; `available()` says False (the caller falls back to XLA) where the
+compiler, the ISA (AVX512F/BW/VL/DQ + VNNI) or the backend is missing.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import cpu_build
 from pallas_kernels.quantized_weights import Int4Weight, QuantizedWeight
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_qmatmul.cc")
 TARGET = "jaxserve_cpu_qmatmul"
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-             "-mavx512vnni", "-mf16c", "-mfma")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _build(build_dir: Path) -> Path:
-    """Compiles the .cc into build_dir/<hash>/ (atomically: concurrent processes may race) and returns the .so."""
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXX_FLAGS).encode() + include.encode()).hexdigest()[:16]
-    lib = build_dir / key / "libcpu_qmatmul.so"
-    if lib.exists():
-        return lib
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / lib.name
-        proc = subprocess.run([cxx, *CXX_FLAGS, "-isystem", include, str(SOURCE), "-o", str(out)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr[-2000:]}")
-        os.replace(out, lib)
-    return lib
-
-
-@functools.cache
-def load(build_dir: str) -> str | None:
-    """Builds (once per source hash) and registers the kernel; returns None if it is usable, else why not."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs x86-64, not {platform.machine()}"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(Path(build_dir))))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxserveQMatmul), platform="cpu")
-    except Exception as e:  # noqa: BLE001 (any build or load failure means: use XLA)
-        return f"build or load failed: {e}"
-    return None
-
-
-_warned: set[str] = set()
 
 
 def available(build_dir: str | os.PathLike) -> bool:
     """True if the kernel is built and registered for the CPU backend; logs why not, once."""
-    why = load(str(build_dir))
-    if why is not None and why not in _warned:
-        _warned.add(why)
-        log.warning("native CPU quantized matmul unavailable (%s); quantized matmuls use XLA", why)
-    return why is None
+    return cpu_build.available("cpu_qmatmul.cc", "JaxserveQMatmul", TARGET, build_dir, "quantized matmul")
 
 
 def _check(x: jax.Array, w: QuantizedWeight, layer) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""Paged attention behind one small interface, and the XLA implementation that is the CPU default.
+"""Paged attention behind one small interface, and the XLA implementation every platform can run.
 
 An attention function has the signature
 
@@ -7,7 +7,7 @@ An attention function has the signature
 and must have seen this step's K/V written by `pallas_kernels.kv_cache.write_kv` first (a token attends to
 itself). Pallas kernels (`pallas_kernels/`) implement the same signature; `pallas_kernels.reference` is the dense
 float32 reference every implementation is tested against. Which implementation serves a step is chosen in
-one place, the registry `jaxserve.model.attention_backends.BACKENDS` (`--attention-backend auto|xla|pallas`).
+one place, the registry `jaxserve.model.attention_backends.BACKENDS` (`--attention-backend auto|xla|pallas|native`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The attention backend registry: `--attention-backend auto|xla|pallas` -> one attention function.
+"""The attention backend registry: `--attention-backend auto|xla|pallas|native` -> one attention function.
 
 `BACKENDS` is the one table: a backend name -> a factory that builds the attention function for a
 platform ("cpu", "gpu" or "tpu"). Every function it returns has the signature of
@@ -15,9 +15,11 @@ per device on its own heads (XLA does not partition a `pallas_call`).
         (one token per query block) whose longest context reaches `SPLIT_K_MIN_KV_TOKENS`, the split-K
         `paged_decode_attention`, with enough splits to give the GPU ~`TARGET_PROGRAMS` programs;
       - CPU: the GPU kernels in interpret mode (correct but slow: tests, and `--attention-backend pallas`).
+  * native (CPU only): `pallas_kernels.cpu_attention`, an XLA FFI custom call compiled on first use; steps it
+    cannot take (int8 KV pages, other head sizes) run the XLA path, decided per bucket at trace time.
   * auto: Pallas on GPU and TPU if the start-up probe (this platform's kernels, on a tiny step at the
     model's head shapes and KV dtype) compiles and runs; else XLA, with a warning naming the error. On
-    CPU, XLA.
+    CPU, native where the kernel builds (AVX512 + VNNI and a C++ compiler), else XLA.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ATTENTION_BACKENDS as BACKEND_NAMES
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, cache_dir
 from jaxserve.model.attention import AttentionFn, paged_attention_xla
 from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
+from pallas_kernels import cpu_attention
 from pallas_kernels.decode_attention import paged_decode_attention
 from pallas_kernels.kv_cache import KVPages, allocate_kv_pages
 from pallas_kernels.ragged_attention import default_pages_per_block, ragged_paged_attention
@@ -94,9 +97,23 @@ def make_pallas_attention(*, platform: str | None = None, interpret: bool | None
                              sliding_window=sliding_window, soft_cap=soft_cap)
 
 
+def paged_attention_native(q: jax.Array, kv_pages: KVPages, layer: jax.Array, step: StepInputs, *,
+                           scale: float) -> jax.Array:
+    """The native CPU kernel where it takes these inputs (decided at trace time), else the XLA path."""
+    if cpu_attention.unsupported(q, kv_pages):
+        return paged_attention_xla(q, kv_pages, layer, step, scale=scale)
+    return cpu_attention.cpu_paged_attention(q, kv_pages, layer, step, scale=scale)
+
+
+def native_available() -> bool:
+    """The native CPU attention builds and loads here (logs why not, once)."""
+    return cpu_attention.available(cache_dir() / "kernels")
+
+
 BACKENDS: dict[str, Callable[[str], AttentionFn]] = {
     "xla": lambda platform: paged_attention_xla,
     "pallas": lambda platform: make_pallas_attention(platform=platform),
+    "native": lambda platform: paged_attention_native,
 }
 if set(BACKEND_NAMES) != {"auto", *BACKENDS}:  # config.py (no JAX) validates the names the flag accepts
     raise ImportError(f"config.ATTENTION_BACKENDS {BACKEND_NAMES} and the registry {sorted(BACKENDS)} disagree")
@@ -154,10 +171,15 @@ def pallas_available(platform: str | None = None, shape: ProbeShape = ProbeShape
 
 
 def resolve_attention_backend(name: str, platform: str | None = None, shape: ProbeShape = ProbeShape()) -> str:
-    """`auto|xla|pallas` -> `xla` or `pallas` for this machine; `auto` falls back to XLA with a warning."""
+    """`auto|xla|pallas|native` -> the backend for this machine; `auto` falls back to XLA with a warning, and so
+    does `native` where the kernel cannot build."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"attention backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
     platform = kernel_platform(platform)
+    if name == "native" and platform != "cpu":
+        raise ValueError(f"--attention-backend native is a CPU kernel; this platform is {platform}")
+    if name in ("auto", "native") and platform == "cpu":
+        return "native" if native_available() else "xla"
     if name != "auto":
         return name
     if platform not in ("gpu", "tpu"):

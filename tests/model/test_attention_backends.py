@@ -26,13 +26,17 @@ TINY_ENGINE = dict(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64, 
 
 def test_registry_matches_the_flag_and_resolves_per_platform():
     assert ATTENTION_BACKENDS == ("auto", *backends.BACKENDS)
-    assert backends.resolve_attention_backend("auto", "cpu") == "xla"
+    native = "native" if backends.native_available() else "xla"
+    assert backends.resolve_attention_backend("auto", "cpu") == native
+    assert backends.resolve_attention_backend("native", "cpu") == native
     assert backends.resolve_attention_backend("pallas", "cpu") == "pallas"
+    with pytest.raises(ValueError, match="native is a CPU kernel"):
+        backends.resolve_attention_backend("native", "tpu")
     assert backends.select_attention("xla", "tpu") == ("xla", paged_attention_xla)
     name, fn = backends.select_attention("pallas", "cuda")
     assert name == "pallas" and fn is backends.make_pallas_attention(platform="gpu")  # stable: jit caches hit
     assert fn.keywords["platform"] == "gpu"
-    with pytest.raises(ValueError, match="auto, xla, pallas"):
+    with pytest.raises(ValueError, match="auto, xla, pallas, native"):
         backends.resolve_attention_backend("triton")
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EngineConfig(attention_backend="triton")
@@ -65,6 +69,12 @@ def test_auto_falls_back_to_xla_naming_the_error(tiny_checkpoint, monkeypatch, c
     assert "falling back to XLA" in warning.getMessage() and "Error" in warning.getMessage()
 
 
+def test_native_falls_back_to_xla_where_the_kernel_cannot_build(monkeypatch):
+    monkeypatch.setattr(backends, "native_available", lambda: False)
+    assert backends.resolve_attention_backend("auto", "cpu") == "xla"
+    assert backends.resolve_attention_backend("native", "cpu") == "xla"
+
+
 @pytest.fixture(scope="module")
 def xla_tp1_tokens(tiny_checkpoint):
     out = {}
@@ -93,3 +103,24 @@ def test_pallas_under_tp2_matches_xla_tp1_and_compiles_nothing_after_warmup(tiny
     assert runner.num_compiled() == compiled  # every shape, verify steps included, was compiled at warm-up
     if speculative:
         assert llm.engine.spec.stats.num_draft_tokens > 0  # verify steps really ran
+
+
+@pytest.mark.parametrize("kv_cache_dtype,tensor_parallel_size", [("auto", 1), ("bf16", 2)])
+def test_native_matches_xla_through_llm(tiny_checkpoint, xla_tp1_tokens, kv_cache_dtype, tensor_parallel_size):
+    """`LLM(attention_backend="native")`, the CPU default: chunked prefill and decode give the XLA path's greedy
+    tokens (float32 pages exactly; bfloat16 pages under TP = 2, the kernel per device in shard_map, within a
+    tolerance of the float32 run's tokens), and nothing compiles after warm-up."""
+    if not backends.native_available():
+        pytest.skip("the native CPU attention does not build here")
+    llm = LLM(str(tiny_checkpoint), attention_backend="native", kv_cache_dtype=kv_cache_dtype,
+              tensor_parallel_size=tensor_parallel_size, dtype="float32", **TINY_ENGINE)
+    runner = llm.engine.runner
+    assert runner.attention_backend == "native"
+    compiled = runner.num_compiled()
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    want = xla_tp1_tokens["auto"]
+    if kv_cache_dtype == "auto":
+        assert got == want
+    else:  # bfloat16 pages round K/V; the first tokens must still agree
+        assert [g[:4] for g in got] == [w[:4] for w in want]
+    assert runner.num_compiled() == compiled

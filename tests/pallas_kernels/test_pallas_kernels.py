@@ -21,7 +21,7 @@ import pytest
 from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.attention import paged_attention_xla
-from jaxserve.model.attention_backends import select_attention
+from jaxserve.model.attention_backends import native_available, paged_attention_native, select_attention
 from jaxserve.model.step_inputs import SeqChunk, build_step_inputs
 from pallas_kernels.decode_attention import paged_decode_attention
 from pallas_kernels.kv_cache import QuantizedKV, dequantize_kv, quantize_kv, write_kv
@@ -32,13 +32,13 @@ from pallas_kernels.tpu_ragged_attention import tpu_ragged_paged_attention
 PAGE = 4
 SCALE = 0.3
 # Stated tolerances (max abs and rel error against the float32 reference on the same stored pages).
-TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 1e-5}
+TOLERANCE = {"float32": 1e-5, "float16": 1e-5, "bfloat16": 2e-2, "int8": 1e-5}
 # int8 pages against the unquantized float32 cache: the quantization error itself (unit-normal K/V).
 INT8_VS_FLOAT_ATOL = 6e-2  # observed max 0.033 over 200 random steps (H = 64, GQA 8)
 
 
 def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_rows, kv_dtype="float32",
-                num_pages=48, num_layers=1, poison=True):
+                num_pages=48, num_layers=1, poison=True, page=PAGE):
     """chunks_spec: (start_pos, new_tokens) per sequence, pages a random permutation.
 
     Returns q [T, N, H] (NaN on padding tokens), kv pages (plain or QuantizedKV), the float32 pages before
@@ -46,17 +46,17 @@ def random_step(rng, *, kv_heads, group, head_dim, chunks_spec, num_tokens, num_
     scale), else finite garbage.
     """
     order = rng.permutation(np.arange(1, num_pages))
-    chunks, readable, used = [], np.zeros((num_pages, PAGE), bool), 0
+    chunks, readable, used = [], np.zeros((num_pages, page), bool), 0
     for start, n in chunks_spec:
-        need = -(-(start + n) // PAGE)
+        need = -(-(start + n) // page)
         table = [int(p) for p in order[used:used + need]]
         used += need
         for pos in range(start + n):
-            readable[table[pos // PAGE], pos % PAGE] = True
+            readable[table[pos // page], pos % page] = True
         chunks.append(SeqChunk([0] * n, start, table))
-    step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=num_rows, page_size=PAGE,
+    step = build_step_inputs(chunks, num_tokens=num_tokens, num_rows=num_rows, page_size=page,
                              max_pages_per_seq=32, kv_block_pages=2)
-    kv = rng.standard_normal((num_layers, num_pages, PAGE, 2 * kv_heads, head_dim)).astype(np.float32)
+    kv = rng.standard_normal((num_layers, num_pages, page, 2 * kv_heads, head_dim)).astype(np.float32)
     bad = np.nan if poison else 1e3
     n_valid = int(step.query_starts[-1])
     q = rng.standard_normal((num_tokens, kv_heads * group, head_dim)).astype(np.float32)
@@ -178,6 +178,50 @@ class TestTpuRaggedAttention(KernelTest):
 
 class TestTpuRaggedAttentionInterpret(TestTpuRaggedAttention):
     INTERPRET = True
+
+
+class TestNativeCpuAttention(KernelTest):
+    """`--attention-backend native` (the CPU default): the FFI kernel, and the XLA path for int8 pages."""
+
+    PLATFORM = "cpu"
+
+    @pytest.fixture(autouse=True)
+    def _needs_kernel(self):
+        if not native_available():
+            pytest.skip("the native CPU attention does not build here (needs AVX512 + VNNI and g++)")
+
+    def attention(self, q, kv, layer, step, **options):
+        if options:
+            pytest.skip("the engine passes no sliding window or soft cap; the native kernel has neither")
+        return paged_attention_native(q, kv, layer, step, scale=SCALE)
+
+    @pytest.mark.parametrize("seed", range(4))
+    def test_random_steps(self, seed):
+        """Fresh random ragged steps: decodes and prefill chunks of random lengths at random positions, pages of
+        4 or 16 tokens (so blocks of 16 KV tokens cross pages or not), every head size and dtype the kernel takes."""
+        rng = np.random.default_rng()
+        for _ in range(6):
+            head_dim = int(rng.choice([8, 16, 64, 128]))
+            kv_heads, group = int(rng.integers(1, 4)), int(rng.choice([1, 3, 4, 8]))
+            kv_dtype = str(rng.choice(["float32", "float16", "bfloat16"]))
+            page = int(rng.choice([4, 16]))
+            spec = [(int(rng.integers(0, 90)), 1 if rng.random() < 0.5 else int(rng.integers(2, 40)))
+                    for _ in range(int(rng.integers(1, 6)))]
+            total = sum(n for _, n in spec)
+            num_tokens = 1 << (total + int(rng.integers(0, 3))).bit_length()
+            q, kv, _, step = random_step(rng, kv_heads=kv_heads, group=group, head_dim=head_dim, chunks_spec=spec,
+                                         num_tokens=num_tokens, num_rows=len(spec) + int(rng.integers(0, 3)),
+                                         kv_dtype=kv_dtype, page=page, num_pages=2 + sum(-(-(a + b) // page)
+                                                                                         for a, b in spec))
+            out = self.attention(q, kv, jnp.int32(0), step)
+            check(out, ragged_paged_attention_reference(q, kv, jnp.int32(0), step, scale=SCALE), step, kv_dtype)
+
+    def test_bad_page_id_is_an_error_not_a_wild_read(self):
+        q, kv, _, step = random_step(np.random.default_rng(), kv_heads=1, group=2, head_dim=16,
+                                     chunks_spec=[(5, 1)], num_tokens=1, num_rows=1)
+        step.page_tables = step.page_tables.at[0, 0].set(10_000)
+        with pytest.raises(Exception, match="page id out of range"):
+            np.asarray(self.attention(q, kv, jnp.int32(0), step))
 
 
 # ------------------------------------------------------------------------------------ references, int8
@@ -352,6 +396,7 @@ REAL_MODEL_KERNELS = {
     "gpu_ragged": functools.partial(ragged_paged_attention, interpret=True),
     "gpu_splitk": functools.partial(paged_decode_attention, num_splits=2, pages_per_block=1, interpret=True),
     "tpu_ragged": functools.partial(tpu_ragged_paged_attention, pages_per_block=2, interpret=True),
+    "cpu_native": paged_attention_native,
 }
 
 

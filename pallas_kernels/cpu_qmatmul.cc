@@ -12,6 +12,8 @@
 //   scales  f32/f16/bf16 [L, G, O]      w = q * scale + min (int4), q * scale (int8)
 //   mins    like scales                 (int4 only; int8 passes scales again)
 //   layer   int32 []                    which of the L layers
+//   rows    int32 []                    rows of x that are real; y is zero past them (a step's padding tokens
+//                                       cost nothing)
 //   y       float32 [M, O]
 //
 // Two modes:
@@ -469,8 +471,8 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
 }
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::AnyBuffer scales,
-                   ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, bool int4,
-                   bool q8) {
+                   ffi::AnyBuffer mins, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                   ffi::ResultBuffer<ffi::F32> y, bool int4, bool q8) {
   auto xd = x.dimensions(), wd = w.dimensions(), sd = scales.dimensions();
   if (xd.size() != 2 || wd.size() != 4 || sd.size() != 3) {
     return ffi::Error::InvalidArgument("qmatmul: want x [M, I], w [L, G, R, O], scales [L, G, O]");
@@ -499,6 +501,10 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   p.scales = static_cast<const char*>(scales.untyped_data()) + static_cast<int64_t>(l) * p.G * p.O * ssize;
   p.mins = static_cast<const char*>(mins.untyped_data()) + static_cast<int64_t>(l) * p.G * p.O * ssize;
   p.y = y->typed_data();
+  // Rows past `rows` are a step's padding: computed as zeros, never multiplied.
+  const int64_t valid = std::clamp<int64_t>(*rows.typed_data(), 0, p.M);
+  if (valid < p.M) std::memset(p.y + valid * p.O, 0, (p.M - valid) * p.O * sizeof(float));
+  p.M = valid;
   if (p.M == 0 || p.O == 0) return ffi::Error::Success();
   switch (scales.element_type()) {
     case ffi::F32:
@@ -526,6 +532,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveQMatmul, qmatmul,
                                   .Arg<ffi::AnyBuffer>()          // scales
                                   .Arg<ffi::AnyBuffer>()          // mins
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // rows: x's rows past it are padding
                                   .Ret<ffi::Buffer<ffi::F32>>()   // y
                                   .Attr<bool>("int4")
                                   .Attr<bool>("q8"));

@@ -42,7 +42,8 @@ def _check(x: jax.Array, w: QuantizedWeight, layer) -> tuple[int, int, int, int]
     return L, G, R, O
 
 
-def cpu_qmatmul(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *, q8: bool = False) -> jax.Array:
+def cpu_qmatmul(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *, q8: bool = False,
+                rows: jax.Array | int | None = None) -> jax.Array:
     """x @ dequantize(w[layer]) with the weight dequantized in registers (load() must have succeeded).
 
     Args:
@@ -52,6 +53,8 @@ def cpu_qmatmul(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *,
         with the index `layer`, so a scan over layers copies no weight slice.
       layer: int32 scalar index into L.
       q8: quantize x per 32 inputs to int8 and use VNNI dots (int4 with g % 32 == 0 only).
+      rows: int32 scalar (may be traced): only x's first `rows` rows are multiplied, the rest of the output is
+        zero (a step's padding tokens); default all M.
     Returns:
       float32 [M, O].
     """
@@ -67,7 +70,9 @@ def cpu_qmatmul(x: jax.Array, w: QuantizedWeight, layer: jax.Array | int = 0, *,
     if w.scales.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16) or mins.dtype != w.scales.dtype:
         raise ValueError(f"cpu_qmatmul: scales/mins must share float32, float16 or bfloat16; got {w.scales.dtype}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], O), jnp.float32))
-    return call(x, data, w.scales, mins, jnp.asarray(layer, jnp.int32), int4=int4, q8=q8)
+    rows = x.shape[0] if rows is None else rows
+    return call(x, data, w.scales, mins, jnp.asarray(layer, jnp.int32), jnp.asarray(rows, jnp.int32), int4=int4,
+                q8=q8)
 
 
 def quantize_q8_reference(x: jax.Array) -> tuple[jax.Array, jax.Array]:

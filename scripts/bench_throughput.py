@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # NOTE: this check
 
 from jaxserve import LLMEngine, SamplingParams  # noqa: E402
 from jaxserve.bench import roofline  # noqa: E402
-from jaxserve.config import EngineConfig  # noqa: E402
+from jaxserve.config import ACTIVATION_QUANTIZATIONS, ATTENTION_BACKENDS, EngineConfig  # noqa: E402
 
 
 def make_workload(num_requests: int, seed: int, vocab_size: int, prompt_range, output_range):
@@ -113,13 +113,18 @@ def main() -> None:
                         help="rounds of both modes, the first mode alternating by round (medians reported)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--activation-quantization", default=EngineConfig.activation_quantization,
+                        choices=ACTIVATION_QUANTIZATIONS, help="as the server's flag (int8: llama.cpp's q8 numerics)")
+    parser.add_argument("--attention-backend", default=EngineConfig.attention_backend, choices=ATTENTION_BACKENDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="skip the static-batching run and the TPOT probes")
     parser.add_argument("--out", default="bench_results/throughput.json")
     args = parser.parse_args()
 
     engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_num_batched_tokens))
+                                    max_num_batched_tokens=args.max_num_batched_tokens,
+                                    activation_quantization=args.activation_quantization,
+                                    attention_backend=args.attention_backend))
     cfg, runner = engine.runner.model_config, engine.runner
     prompts, outputs = make_workload(args.num_requests, args.seed, cfg.vocab_size, args.prompt_len, args.output_len)
     report = dict(machine=dict(platform=platform.platform(), processor=platform.processor(),

@@ -11,6 +11,7 @@ Shapes use the alphabet of `jaxserve.config`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -172,6 +173,12 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
                    if is_quantized(getattr(scanned, f.name))}
         scanned = dataclasses.replace(scanned, **dict.fromkeys(stacked))
 
+    # NOTE: a matmul that `skips_padding` (the native CPU kernel) multiplies only the step's real tokens; padding
+    # tokens' projections come back as zeros (their K/V go to the null page, their logits are never read).
+    layer_matmul = matmul
+    if getattr(matmul, "skips_padding", False):
+        layer_matmul = functools.partial(matmul, valid_rows=step.query_starts[-1])
+
     def layer(carry, layer_in):
         x, kv_pages = carry
         w, layer_idx = layer_in
@@ -179,9 +186,9 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             w = dataclasses.replace(w, **{n: LayerOf(a, layer_idx) for n, a in stacked.items()})
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, cfg.rms_norm_eps)
-            q = matmul("TD,DNH->TNH", h, w.wq)
-            k = matmul("TD,DKH->TKH", h, w.wk)
-            v = matmul("TD,DKH->TKH", h, w.wv)
+            q = layer_matmul("TD,DNH->TNH", h, w.wq)
+            k = layer_matmul("TD,DKH->TKH", h, w.wk)
+            v = layer_matmul("TD,DKH->TKH", h, w.wv)
             if w.bq is not None:
                 q, k, v = q + w.bq, k + w.bk, v + w.bv
             q = shard(q, ("batch", "heads", None))
@@ -191,13 +198,13 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
             attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
             attn = shard(attn, ("batch", "heads", None))
-            x = shard(x + matmul("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
+            x = shard(x + layer_matmul("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, cfg.rms_norm_eps)
-            gate = matmul("TD,DF->TF", h, w.w_gate)
-            up = matmul("TD,DF->TF", h, w.w_up)
+            gate = layer_matmul("TD,DF->TF", h, w.w_gate)
+            up = layer_matmul("TD,DF->TF", h, w.w_up)
             act = shard(jax.nn.silu(gate) * up, ("batch", "ffw"))
-            x = shard(x + matmul("TF,FD->TD", act, w.w_down), ("batch", "embed"))
+            x = shard(x + layer_matmul("TF,FD->TD", act, w.w_down), ("batch", "embed"))
         return (x, kv_pages), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)

@@ -61,8 +61,11 @@ def resolve(choice: str, num_devices: int) -> str:
     return choice
 
 
-def _native(spec: str, x: jax.Array, w, q8: bool, **einsum_kwargs) -> jax.Array:
-    """x [*batch, *in] times one layer's quantized weight → [*batch, *out], through the kernel when it applies."""
+def _native(spec: str, x: jax.Array, w, q8: bool, valid_rows=None, **einsum_kwargs) -> jax.Array:
+    """x [*batch, *in] times one layer's quantized weight → [*batch, *out], through the kernel when it applies.
+
+    `valid_rows` (int32 scalar, traced): with one batch axis, only its first `valid_rows` entries are real (a
+    step's tokens before its padding); the kernel skips the rest and returns zeros there."""
     stack, layer = (w.stack, w.layer) if isinstance(w, LayerOf) else (w, None)
     plain = w.take() if isinstance(w, LayerOf) else w
     fallback = qdot_w8a8 if q8 else qdot
@@ -84,23 +87,27 @@ def _native(spec: str, x: jax.Array, w, q8: bool, **einsum_kwargs) -> jax.Array:
     arrays = {c: flat(getattr(stack, c)) for c in COMPONENTS[type(stack)]}
     w2 = dataclasses.replace(stack, **arrays, in_shape=(math.prod(in_shape),), out_ndim=1)
     batch = x.shape[:x.ndim - len(in_shape)]
-    y = cpu_qmatmul.cpu_qmatmul(x.reshape(-1, math.prod(in_shape)), w2, 0 if layer is None else layer, q8=use_q8)
+    rows = valid_rows if len(batch) == 1 else None
+    y = cpu_qmatmul.cpu_qmatmul(x.reshape(-1, math.prod(in_shape)), w2, 0 if layer is None else layer, q8=use_q8,
+                                rows=rows)
     return y.reshape(*batch, *out_shape).astype(einsum_kwargs.get("preferred_element_type") or x.dtype)
 
 
-def qdot_native(spec: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
+def qdot_native(spec: str, x: jax.Array, w, valid_rows=None, **einsum_kwargs) -> jax.Array:
     """`qdot` with quantized weights through the native kernel's exact mode (float32 activations)."""
-    return _native(spec, x, w, False, **einsum_kwargs)
+    return _native(spec, x, w, False, valid_rows, **einsum_kwargs)
 
 
-def qdot_native_q8(spec: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
+def qdot_native_q8(spec: str, x: jax.Array, w, valid_rows=None, **einsum_kwargs) -> jax.Array:
     """`qdot_w8a8` with int4 weights (groups of 32k) through the kernel's q8 mode (int8 activation blocks)."""
-    return _native(spec, x, w, True, **einsum_kwargs)
+    return _native(spec, x, w, True, valid_rows, **einsum_kwargs)
 
 
-# `llama.forward` keeps quantized weights stacked for these (see the module docstring).
-qdot_native.indexes_layers = True
-qdot_native_q8.indexes_layers = True
+# `llama.forward` keeps quantized weights stacked for these (see the module docstring), and passes the step's
+# real token count as `valid_rows` to the layers' projections (padding tokens are not multiplied).
+for _fn in (qdot_native, qdot_native_q8):
+    _fn.indexes_layers = True
+    _fn.skips_padding = True
 
 
 def lossless_int8_head(weights, infos):

@@ -100,6 +100,23 @@ def test_q8_mode_matches_its_reference_and_stays_near_exact(case):
 
 
 @needs_kernel
+@pytest.mark.parametrize("q8", [False, True])
+def test_padding_rows_are_skipped_and_zero(q8):
+    """`rows` (a step's real token count, traced) multiplies only the first rows; the rest come back zero, even
+    where x holds NaN (a padding token's activations are never read)."""
+    rng = np.random.default_rng()
+    w = random_weight(rng, 2, 256, 96, 32)
+    x = np.asarray(rng.standard_normal((40, 256)), np.float32)
+    for rows in (0, 1, 9, 17, 40):
+        xp = x.copy()
+        xp[rows:] = np.nan
+        got = np.asarray(jax.jit(lambda x, r: k.cpu_qmatmul(x, w, 1, q8=q8, rows=r))(jnp.asarray(xp), rows))
+        want = np.asarray(k.cpu_qmatmul_reference(jnp.asarray(x), w, 1, q8=q8))
+        np.testing.assert_allclose(got[:rows], want[:rows], rtol=0, atol=RTOL * np.abs(want).max())
+        np.testing.assert_array_equal(got[rows:], 0.0)
+
+
+@needs_kernel
 def test_q8_block_quantization_is_llama_cpp_q8():
     x = jnp.asarray(np.random.default_rng().standard_normal((3, 64)), jnp.float32)
     q, d = k.quantize_q8_reference(x)

@@ -9,7 +9,6 @@ the callers fall back to XLA.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -62,21 +61,30 @@ def _build(source: Path, build_dir: Path) -> Path:
     return lib
 
 
-@functools.cache
+_registered: dict[str, str | None] = {}  # FFI target -> None (registered) or why it cannot be
+
+
 def load(source_name: str, symbol: str, target: str, build_dir: str) -> str | None:
     """Builds (once per source hash) `source_name` and registers its handler `symbol` as the CPU FFI target
-    `target`; returns None if it is usable, else why not."""
+    `target`; returns None if it is usable, else why not.
+
+    NOTE: once per process and target, whatever `build_dir` later calls name: XLA refuses a second handler for
+    a registered target, and the first one keeps serving."""
+    if target in _registered:
+        return _registered[target]
+    why = None
     if platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs x86-64, not {platform.machine()}"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(_build(HERE / source_name, Path(build_dir))))
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    except Exception as e:  # noqa: BLE001 (any build or load failure means: use XLA)
-        return f"build or load failed: {e}"
-    return None
+        why = f"needs x86-64, not {platform.machine()}"
+    elif missing := [f for f in CPU_FLAGS if f not in _cpu_flags()]:
+        why = f"the CPU lacks {', '.join(missing)}"
+    else:
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(_build(HERE / source_name, Path(build_dir))))
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        except Exception as e:  # noqa: BLE001 (any build or load failure means: use XLA)
+            why = f"build or load failed: {e}"
+    _registered[target] = why
+    return why
 
 
 _warned: set[str] = set()

@@ -231,6 +231,7 @@ def test_flags_reach_the_kernel_through_the_server_entry_point(tmp_path):
 def test_missing_isa_falls_back_to_xla_with_one_warning(tmp_path, monkeypatch, caplog):
     """No AVX512-VNNI (or no compiler): `available` says why once, and `auto` / `native` resolve to xla."""
     monkeypatch.setattr(cpu_build, "_cpu_flags", lambda: {"avx512f", "fma"})
+    monkeypatch.setattr(cpu_build, "_registered", {})  # as in a fresh process
     with caplog.at_level("WARNING"):
         assert not k.available(tmp_path / "nobuild") and not k.available(tmp_path / "nobuild")
     warnings = [r for r in caplog.records if "native CPU quantized matmul unavailable" in r.getMessage()]

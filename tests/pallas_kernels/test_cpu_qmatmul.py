@@ -52,6 +52,9 @@ CASES = {
     "wide_head_ragged": (2, 64, 4100, 32, False, jnp.float32),  # the LM head path (O >= 4096), last item 4 wide
     "wide_head_int4": (1, 64, 5000, 32, True, jnp.float16),
     "wide_head_rows11": (11, 64, 4100, 32, True, jnp.float32),  # two row blocks (8 + 3) of the wide path
+    # the int8 head path: row blocks of 6 (+ a remainder), sub-tiles of 64 columns, a ragged last item
+    "int8_head_rows5": (5, 96, 4136, 32, False, jnp.float16),
+    "int8_head_rows10": (10, 64, 4100, 32, False, jnp.float32),
 }
 
 

@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in args.cases.split(","):
         rows, prompt_len = (int(x) for x in case.split(":"))
-        context = min(200, runner.max_model_len - 2)  # decoding rows' context (and the bucket allows it)
+        # Decoding rows' context: 200, or what the bucket and the KV pool allow (each row its own pages).
+        pages_per_row = (runner.num_pages - 1) // rows
+        context = min(200, runner.max_model_len - 2, pages_per_row * runner.page_size - 2)
+        if max(prompt_len, context) + 1 > pages_per_row * runner.page_size:
+            p.error(f"case {case}: {rows} rows of {max(prompt_len, context) + 1} tokens do not fit "
+                    f"{runner.num_pages} KV pages of {runner.page_size}")
         out = profile_step(runner, *synthetic_step(rows, prompt_len, runner.page_size, context))
         results.append({"rows": rows, "prompt_len": prompt_len, **out})
         print(f"\n{rows} rows, row 0 {'a ' + str(prompt_len) + '-token prompt' if prompt_len > 1 else 'decoding'}: "

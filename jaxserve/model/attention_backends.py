@@ -102,7 +102,8 @@ def paged_attention_native(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
     """The native CPU kernel where it takes these inputs (decided at trace time), else the XLA path."""
     if cpu_attention.unsupported(q, kv_pages):
         return paged_attention_xla(q, kv_pages, layer, step, scale=scale)
-    return cpu_attention.cpu_paged_attention(q, kv_pages, layer, step, scale=scale)
+    with jax.named_scope("paged_attention"):  # profiles (jaxserve/bench/step_profile.py) find it by this name
+        return cpu_attention.cpu_paged_attention(q, kv_pages, layer, step, scale=scale)
 
 
 def native_available() -> bool:

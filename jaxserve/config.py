@@ -256,6 +256,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # K: proposals verified per request and step
     ngram_prompt_lookup_max: int = 4  # longest n-gram the ngram proposer matches
     ngram_prompt_lookup_min: int = 1  # shortest n-gram the ngram proposer matches
+    speculative_min_accepted: float = 1.0  # pause proposing for requests averaging fewer accepted per verify (0: never)
     # Persistent XLA compilation cache, so a restart loads every step shape instead of compiling it again.
     compilation_cache_dir: str = "auto"  # compiled executables: auto ($JAXSERVE_CACHE/xla), a folder, or none (off)
 
@@ -307,6 +308,9 @@ class EngineConfig:
             raise ValueError("speculative_model is set but speculative_method is 'ngram'; pick one")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 0 <= self.speculative_min_accepted <= self.num_speculative_tokens:
+            raise ValueError(f"speculative_min_accepted must be in [0, num_speculative_tokens], got "
+                             f"{self.speculative_min_accepted}")
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
             raise ValueError(f"need 1 <= ngram_prompt_lookup_min ({self.ngram_prompt_lookup_min}) <= "
                              f"ngram_prompt_lookup_max ({self.ngram_prompt_lookup_max})")

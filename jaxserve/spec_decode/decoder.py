@@ -12,8 +12,9 @@ Per engine step (all on the engine thread):
 
 A step in which no request has proposals runs the runner's plain step instead (same tokens, less work).
 
-Settings are server-wide (method, K, the draft model). Per request, speculation is skipped for requests
-that ask for `logprobs` (a verify step reports log-probs of its first token only); such requests share
+Settings are server-wide (method, K, the draft model). Per request, a request whose proposals are mostly
+rejected stops proposing for a while (`backoff.py`, `--speculative-min-accepted`), and speculation is skipped for
+requests that ask for `logprobs` (a verify step reports log-probs of its first token only); such requests share
 verify steps with speculating ones as rows with zero proposals, which sample exactly as without speculation.
 """
 
@@ -23,6 +24,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from jaxserve.core.request import Request
+from jaxserve.spec_decode.backoff import SpeculationBackoff
 from jaxserve.spec_decode.ngram_proposer import NgramProposer
 
 
@@ -85,6 +87,7 @@ class SpecDecoder:
         self.method = config.spec_method
         self.runner = runner
         self.stats = SpecDecodeStats(self.k)
+        self.backoff = SpeculationBackoff(config.speculative_min_accepted)
         if self.method == "ngram":
             self.proposer = NgramProposer(self.k, config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max,
                                           max_context=runner.max_model_len)
@@ -97,7 +100,7 @@ class SpecDecoder:
 
     def propose(self, running: Sequence[Request]) -> None:
         """Sets `spec_token_ids` of every decoding request (the next step verifies them)."""
-        todo = [r for r in running if self.wants_proposals(r)]
+        todo = [r for r in running if self.wants_proposals(r) and self.backoff.allows(r.request_id)]
         if self.method == "ngram":
             for request in todo:
                 request.spec_token_ids = self.proposer.propose(request.all_token_ids, self.k)
@@ -126,9 +129,11 @@ class SpecDecoder:
         sampled = {c.request_id: c.num_spec for c in chunks if c.sample}
         for rid, emitted in zip(out.request_ids, out.emitted):
             self.stats.record(sampled[rid], len(emitted))
+            self.backoff.record(rid, sampled[rid], len(emitted) - 1)
         return out
 
     def release(self, request_ids) -> None:
         """Forget requests that left the running set (the draft frees their pages)."""
+        self.backoff.release(request_ids)
         if self.method == "draft":
             self.proposer.release(request_ids)

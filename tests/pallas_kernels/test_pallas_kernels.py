@@ -195,7 +195,7 @@ class TestNativeCpuAttention(KernelTest):
             pytest.skip("the engine passes no sliding window or soft cap; the native kernel has neither")
         return paged_attention_native(q, kv, layer, step, scale=SCALE)
 
-    @pytest.mark.parametrize("seed", range(4))
+    @pytest.mark.parametrize("seed", range(2))
     def test_random_steps(self, seed):
         """Fresh random ragged steps: decodes and prefill chunks of random lengths at random positions, pages of
         4 or 16 tokens (so blocks of 16 KV tokens cross pages or not), every head size and dtype the kernel takes."""

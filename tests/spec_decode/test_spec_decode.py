@@ -189,6 +189,20 @@ def test_ngram_greedy_equals_plain_greedy_on_the_real_model():
 
 
 @pytest.mark.slow
+def test_backoff_pauses_failing_proposals_and_keeps_the_outputs():
+    """`LLM(speculative_min_accepted=...)`: at K (the strictest) a request pauses after proposals that are not all
+    accepted, so fewer proposals are verified than with back-off off (0), and the greedy tokens stay golden."""
+    from jaxserve import LLM
+
+    drafts = {}
+    for min_accepted in (0.0, 4.0):
+        llm = LLM(speculative_method="ngram", num_speculative_tokens=4, speculative_min_accepted=min_accepted,
+                  **ENGINE)
+        drafts[min_accepted] = golden_check(llm, ["dickens_text"]).num_draft_tokens
+    assert 0 < drafts[4.0] < drafts[0.0]
+
+
+@pytest.mark.slow
 def test_ngram_greedy_with_int8_weights_equals_plain_int8_greedy():
     """Speculative decoding over int8 weights verifies with the same quantized model, so greedy output is
     exactly the plain int8 engine's (int8 need not match the float golden token for token)."""

@@ -256,7 +256,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # K: proposals verified per request and step
     ngram_prompt_lookup_max: int = 4  # longest n-gram the ngram proposer matches
     ngram_prompt_lookup_min: int = 1  # shortest n-gram the ngram proposer matches
-    speculative_min_accepted: float = 1.0  # pause proposing for requests averaging fewer accepted per verify (0: never)
+    speculative_min_accepted: float = 0.5  # pause proposing for requests averaging fewer accepted per verify (0: never)
     # Persistent XLA compilation cache, so a restart loads every step shape instead of compiling it again.
     compilation_cache_dir: str = "auto"  # compiled executables: auto ($JAXSERVE_CACHE/xla), a folder, or none (off)
 

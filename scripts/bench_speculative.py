@@ -93,6 +93,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--quick", action="store_true", help="2 prompts a set, 32 tokens, batch 1 and 4")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload and method (median)")
+    ap.add_argument("--speculative-min-accepted", type=float, default=EngineConfig.speculative_min_accepted,
+                    help="the back-off threshold (0: never back off)")
     ap.add_argument("--out", default="bench_speculative.json")
     args = ap.parse_args()
     max_tokens = 32 if args.quick else args.max_tokens
@@ -103,7 +105,8 @@ def main():
     if args.draft:
         methods["draft"] = {"speculative_model": args.draft}
     base = dict(model=args.model, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024,
-                kv_cache_memory=128 * 2**20, num_speculative_tokens=args.num_speculative_tokens)
+                kv_cache_memory=128 * 2**20, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_min_accepted=args.speculative_min_accepted)
 
     # NOTE: all engines are built first and each workload runs on them in turn, `--repeats` times, taking the
     # median: on a shared machine the load drifts, and interleaving keeps it from favouring one method.

@@ -212,7 +212,8 @@ class StepBuckets:
         if start >= self.max_num_batched_tokens:
             return [self.max_num_batched_tokens]
         gap = self.mixed_token_step
-        sizes = [t for t in _powers_of_two_up_to(self.max_num_batched_tokens, start) if t <= gap]
+        # NOTE: with many seats (64 beside a budget of 512) the first power of two is already past the step.
+        sizes = [t for t in _powers_of_two_up_to(self.max_num_batched_tokens, start) if t <= gap] or [start]
         sizes += range(sizes[-1] + gap, self.max_num_batched_tokens, gap)
         return sorted(set(sizes) | {self.max_num_batched_tokens})
 

@@ -1,9 +1,11 @@
 """From engine thread to HTTP client: the delta bridge and the SSE writer.
 
 `DeltaBridge` carries the deltas of one HTTP request's engine streams onto the event loop. NOTE: the
-engine's `on_delta` callback is used only as a doorbell (`call_soon_threadsafe(event.set)`); the deltas
-themselves are read from each `RequestStream`'s own thread-safe queue. That way a delta the engine emits
-before we attach the callback is not lost, and order is the engine's order.
+engine's `on_delta` callback is used only as a doorbell (`Doorbells.ring(event)`); the deltas themselves are
+read from each `RequestStream`'s own thread-safe queue. That way a delta the engine emits before we attach the
+callback is not lost, and order is the engine's order. The doorbells of one loop share one wake-up: an engine
+step that rings 64 streams writes to the loop's self-pipe once, not 64 times (16 us a write here: 1 ms of the
+engine thread's time per step; docs/performance.md, "Host overhead").
 
 `SSEWriter` writes OpenAI's server-sent events: `data: {json}` per chunk, a `: keep-alive` comment line
 when nothing else was written for a while (so proxies keep long streams open), an in-stream error event
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import threading
+import weakref
 from typing import Any, Sequence
 
 from aiohttp import web
@@ -24,10 +28,45 @@ from jaxserve.core.outputs import RequestDelta
 from jaxserve.server.errors import APIError
 
 
+class Doorbells:
+    """Sets asyncio events of one loop from other threads, with one loop wake-up per burst of rings."""
+
+    _of_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Doorbells:
+        bells = cls._of_loop.get(loop)
+        if bells is None:
+            bells = cls._of_loop[loop] = cls(loop)
+        return bells
+
+    def ring(self, event: asyncio.Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:
+                return  # a flush is already scheduled and will see this one
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            pass
+
+    def _flush(self) -> None:  # the loop's thread
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for event in pending:
+            event.set()
+
+
 class DeltaBridge:
     def __init__(self, streams: Sequence[Any], loop: asyncio.AbstractEventLoop):
         self.streams = list(streams)
         self._loop = loop
+        self._bells = Doorbells.of(loop)
         self._event = asyncio.Event()
         for stream in self.streams:
             stream.on_delta = self._ring
@@ -42,10 +81,7 @@ class DeltaBridge:
             self._event.set()
 
     def _ring(self, delta: RequestDelta) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._event.set)
-        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
-            pass
+        self._bells.ring(self._event)
 
     def _drain(self) -> list[RequestDelta]:
         out = []

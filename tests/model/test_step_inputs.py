@@ -12,6 +12,17 @@ def test_mixed_buckets_are_powers_of_two_then_steps_of_an_eighth_of_the_budget()
     assert StepBuckets(8, 64).mixed_tokens == [16, 32, 64]
     assert StepBuckets(16, 100).mixed_tokens == [32, 64, 100]
     assert StepBuckets(16, 16).mixed_tokens == [16]
+    # Many seats: the first mixed size (128) is past the step (64), and the steps go on from it.
+    assert StepBuckets(64, 512).mixed_tokens == [128, 192, 256, 320, 384, 448, 512]
+
+
+@pytest.mark.parametrize("seats", [1, 3, 16, 33, 64, 128, 256])
+@pytest.mark.parametrize("budget", [16, 64, 100, 512, 2048])
+def test_every_seat_count_and_budget_gives_sorted_sizes_ending_at_the_budget(seats, budget):
+    if budget < seats:
+        return  # EngineConfig refuses a budget below max_num_seqs
+    sizes = StepBuckets(seats, budget).mixed_tokens
+    assert sizes == sorted(set(sizes)) and sizes[-1] == budget and sizes[0] > min(seats, budget - 1)
 
 
 @pytest.mark.parametrize("budget", [64, 100, 512, 2048, 8192])

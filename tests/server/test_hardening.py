@@ -155,6 +155,32 @@ async def test_delta_bridge_never_loses_a_cancellation():
 
 
 @async_test
+async def test_doorbells_wake_the_loop_once_per_burst_and_lose_no_ring():
+    """The engine thread rings 64 streams in one step: one loop wake-up sets all 64 events; a ring after the
+    flush schedules another (none is lost)."""
+    import threading
+
+    from jaxserve.server.streaming import Doorbells
+
+    loop = asyncio.get_running_loop()
+    bells = Doorbells.of(loop)
+    assert Doorbells.of(loop) is bells
+    wakeups = []
+    flush = bells._flush
+    bells._flush = lambda: (wakeups.append(1), flush())
+    events = [asyncio.Event() for _ in range(64)]
+    ringer = threading.Thread(target=lambda: [bells.ring(e) for e in events])
+    ringer.start()
+    ringer.join()
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 5)
+    assert len(wakeups) == 1
+    late = asyncio.Event()
+    threading.Thread(target=bells.ring, args=(late,)).start()
+    await asyncio.wait_for(late.wait(), 5)
+    assert len(wakeups) == 2
+
+
+@async_test
 async def test_a_non_streaming_wait_checks_the_connection_on_every_wake_up():
     """Without handler cancellation (or when it is lost), the transport check alone must end the request,
     even while deltas keep arriving."""

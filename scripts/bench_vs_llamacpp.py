@@ -58,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "--cont-batching", "--no-webui", "--alias", DEFAULT_MODEL], theirs_port,
                     DEFAULT_MODEL, logs / "llama-server.log")
     count = datasets.local_counter(DEFAULT_MODEL)
-    requests_for = {c: datasets.synthetic(datasets.SyntheticSpec(n, args.input_len, args.output_len,
-                                                                  args.range_ratio, seed=0), count)
-                    for c, n in zip(concurrencies, counts)}
+    num_requests = dict(zip(concurrencies, counts))
+
+    def requests_for(round_index: int, concurrency: int):  # fresh prompts per run: no prompt-cache hits
+        seed = 1000 * round_index + concurrency
+        return datasets.synthetic(datasets.SyntheticSpec(num_requests[concurrency], args.input_len, args.output_len,
+                                                         args.range_ratio, seed=seed), count)
     servers = [ours, theirs]
     try:
         for server in servers:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.stop()
     table = medians(records)
-    in_lens, out_lens = datasets.lengths(requests_for[concurrencies[0]])
+    in_lens, out_lens = datasets.lengths(requests_for(0, concurrencies[0]))
     settings = {"gguf": gguf, "jaxserve_args": extra, "llama_server": theirs.command, "rounds": args.rounds,
                 "prompt_tokens": f"{min(in_lens)}-{max(in_lens)}", "output_tokens": args.output_len,
                 "concurrency_requests": dict(zip(concurrencies, counts))}

@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxserve.bench import client, datasets
@@ -73,10 +73,14 @@ class Server:
                 self.process.wait()
 
 
-def run_rounds(servers: Sequence[Server], requests_for: dict[int, list[datasets.BenchRequest]],
+def run_rounds(servers: Sequence[Server], requests_for: Callable[[int, int], list[datasets.BenchRequest]],
                concurrencies: Sequence[int], rounds: int, *, temperature: float = 0.0,
                timeout: float = 900.0, progress: bool = True) -> list[dict]:
-    """Every round: each concurrency, each server (order alternating by round). One record per run."""
+    """Every round: each concurrency, each server (order alternating by round). One record per run.
+
+    `requests_for(round_index, concurrency)` gives that run's requests: the same for both servers of a round,
+    new in every round and concurrency, so no server answers from a prompt cache it filled in an earlier run
+    (jaxserve's prefix cache and llama-server's slot cache both would)."""
     records = []
     for round_index in range(rounds):
         order = list(servers) if round_index % 2 == 0 else list(servers)[::-1]
@@ -85,7 +89,8 @@ def run_rounds(servers: Sequence[Server], requests_for: dict[int, list[datasets.
                 cfg = client.LoadConfig(server.base_url, server.model, "completions", math.inf, concurrency,
                                         1.0, True, temperature, None, timeout, 0)
                 desc = f"round {round_index + 1} c={concurrency} {server.name}"
-                results, duration = asyncio.run(client.run_load(requests_for[concurrency], cfg, progress=progress,
+                results, duration = asyncio.run(client.run_load(requests_for(round_index, concurrency), cfg,
+                                                                progress=progress,
                                                                 desc=desc))
                 records.append({"round": round_index, "concurrency": concurrency, "server": server.name,
                                 "result": aggregate(results, duration)})

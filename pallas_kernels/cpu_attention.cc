@@ -109,7 +109,7 @@ struct Problem {
 };
 
 struct Item {
-  int32_t row, head, t0, nt, stop;  // stop: KV tokens the item's last query sees
+  int32_t row, head, t0, nt, stop;  // stop: the most KV tokens any of its queries sees
   int64_t cost;
 };
 

@@ -145,20 +145,27 @@ void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
   }
 }
 
+// The last, partial block of row_blocks: fn(R, m) for the R in [1, kRows) that is left.
+template <int R, typename Fn>
+void row_remainder(int64_t left, int64_t m, Fn& fn) {
+  if constexpr (R > 0) {
+    if (left == R) fn(std::integral_constant<int, R>{}, m);
+    else row_remainder<R - 1>(left, m, fn);
+  }
+}
+
+// Runs fn(rows, m) over M rows in blocks of kRows, then one block of the remainder; `rows` is a compile-time
+// std::integral_constant, so each block size instantiates its own register-blocked kernel.
+template <int kRows, typename Fn>
+void row_blocks(int64_t M, Fn&& fn) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) fn(std::integral_constant<int, kRows>{}, m);
+  row_remainder<kRows - 1>(M - m, m, fn);
+}
+
 template <bool kInt4, ScaleType S>
 void exact_columns(const Problem& p, int64_t o0) {
-  int64_t m = 0;
-  for (; m + kTileRows <= p.M; m += kTileRows) exact_tile<kTileRows, kInt4, S>(p, m, o0);
-  switch (p.M - m) {
-    case 7: exact_tile<7, kInt4, S>(p, m, o0); break;
-    case 6: exact_tile<6, kInt4, S>(p, m, o0); break;
-    case 5: exact_tile<5, kInt4, S>(p, m, o0); break;
-    case 4: exact_tile<4, kInt4, S>(p, m, o0); break;
-    case 3: exact_tile<3, kInt4, S>(p, m, o0); break;
-    case 2: exact_tile<2, kInt4, S>(p, m, o0); break;
-    case 1: exact_tile<1, kInt4, S>(p, m, o0); break;
-    default: break;
-  }
+  row_blocks<kTileRows>(p.M, [&](auto mr, int64_t m) { exact_tile<decltype(mr)::value, kInt4, S>(p, m, o0); });
 }
 
 // Few rows, wide weights (the LM head): a work item is kWide columns, so each weight row is read as one
@@ -223,18 +230,7 @@ void exact_wide(const Problem& p, int64_t m0, int64_t o0) {
 
 template <bool kInt4, ScaleType S>
 void exact_wide_columns(const Problem& p, int64_t o0) {
-  int64_t m = 0;
-  for (; m + kTileRows <= p.M; m += kTileRows) exact_wide<kTileRows, kInt4, S>(p, m, o0);
-  switch (p.M - m) {
-    case 7: exact_wide<7, kInt4, S>(p, m, o0); break;
-    case 6: exact_wide<6, kInt4, S>(p, m, o0); break;
-    case 5: exact_wide<5, kInt4, S>(p, m, o0); break;
-    case 4: exact_wide<4, kInt4, S>(p, m, o0); break;
-    case 3: exact_wide<3, kInt4, S>(p, m, o0); break;
-    case 2: exact_wide<2, kInt4, S>(p, m, o0); break;
-    case 1: exact_wide<1, kInt4, S>(p, m, o0); break;
-    default: break;
-  }
+  row_blocks<kTileRows>(p.M, [&](auto mr, int64_t m) { exact_wide<decltype(mr)::value, kInt4, S>(p, m, o0); });
 }
 
 // ------------------------------------------------------------------------------------ many rows: a packed tile
@@ -364,26 +360,13 @@ void q8_block(const Problem& p, const uint32_t* buf, int64_t m0, int64_t o0) {
 
 constexpr int kBlockRows = 6;  // rows per register block over a packed tile (12 accumulators)
 
-template <typename Fn>
-void row_blocks(int64_t M, Fn&& fn) {
-  int64_t m = 0;
-  for (; m + kBlockRows <= M; m += kBlockRows) fn(std::integral_constant<int, kBlockRows>{}, m);
-  switch (M - m) {
-    case 5: fn(std::integral_constant<int, 5>{}, m); break;
-    case 4: fn(std::integral_constant<int, 4>{}, m); break;
-    case 3: fn(std::integral_constant<int, 3>{}, m); break;
-    case 2: fn(std::integral_constant<int, 2>{}, m); break;
-    case 1: fn(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
-}
 
 template <ScaleType S>
 void q8_columns(const Problem& p, int64_t o0) {
   thread_local std::vector<uint32_t> buf;
   buf.resize(p.I / 4 * kTile);
   unpack_vnni(p, o0, buf.data());
-  row_blocks(p.M, [&](auto mr, int64_t m) { q8_block<decltype(mr)::value, S>(p, buf.data(), m, o0); });
+  row_blocks<kBlockRows>(p.M, [&](auto mr, int64_t m) { q8_block<decltype(mr)::value, S>(p, buf.data(), m, o0); });
 }
 
 template <bool kInt4, ScaleType S>
@@ -391,7 +374,7 @@ void f32_columns(const Problem& p, int64_t o0) {
   thread_local std::vector<float> buf;
   buf.resize(p.I * kTile);
   unpack_f32<kInt4, S>(p, o0, buf.data());
-  row_blocks(p.M, [&](auto mr, int64_t m) { f32_block<decltype(mr)::value>(p, buf.data(), m, o0); });
+  row_blocks<kBlockRows>(p.M, [&](auto mr, int64_t m) { f32_block<decltype(mr)::value>(p, buf.data(), m, o0); });
 }
 
 // Per 32-block symmetric int8 quantization of x (llama.cpp's Q8_1: d = absmax / 127, q = round(x / d)).
@@ -432,7 +415,9 @@ void int8_head_block(const Problem& p, int64_t m0, int64_t o0) {
     if (gi + 1 < p.G) {
       for (int64_t b = 0; b < g; ++b) {
         const int8_t* row = w + ((gi + 1) * g + b) * p.O + o0;
-        for (int64_t off = 0; off < width; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
+        for (int64_t off = 0; off < width; off += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
+        }
       }
     }
     for (int64_t c0 = 0; c0 < width; c0 += 64) {
@@ -469,16 +454,7 @@ void int8_head_block(const Problem& p, int64_t m0, int64_t o0) {
 
 template <ScaleType S>
 void int8_head_columns(const Problem& p, int64_t o0) {
-  int64_t m = 0;
-  for (; m + kHeadRows <= p.M; m += kHeadRows) int8_head_block<kHeadRows, S>(p, m, o0);
-  switch (p.M - m) {
-    case 5: int8_head_block<5, S>(p, m, o0); break;
-    case 4: int8_head_block<4, S>(p, m, o0); break;
-    case 3: int8_head_block<3, S>(p, m, o0); break;
-    case 2: int8_head_block<2, S>(p, m, o0); break;
-    case 1: int8_head_block<1, S>(p, m, o0); break;
-    default: break;
-  }
+  row_blocks<kHeadRows>(p.M, [&](auto mr, int64_t m) { int8_head_block<decltype(mr)::value, S>(p, m, o0); });
 }
 
 // ------------------------------------------------------------------------------------ threading

@@ -289,6 +289,60 @@ ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
   }
 }
 
+// ------------------------------------------------------------------------------------ the KV write
+
+// float32 -> bfloat16 bits, rounding to nearest even as XLA's convert does (NaN stays a quiet NaN).
+inline uint16_t to_bf16(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Writes this step's K/V [T, 2K, H] (float32) into their slots of one layer, rounded to the pages' dtype.
+// The pages operand is aliased to the result, so the write is in place. NOTE(why): through XLA:CPU a bfloat16 or
+// float16 cache cannot be scattered in place (a 16-bit float scatter is upcast, and the uint16 bitcast around it
+// is materialised): every layer copied the whole cache, seconds a step.
+ffi::Error write_kv(ffi::AnyBuffer pages, ffi::Buffer<ffi::F32> kv, ffi::Buffer<ffi::S32> layer,
+                    ffi::Buffer<ffi::S32> slots, ffi::Result<ffi::AnyBuffer> out) {
+  auto pd = pages.dimensions(), kd = kv.dimensions();
+  if (pd.size() != 5 || kd.size() != 3 || kd[1] != pd[3] || kd[2] != pd[4] || slots.dimensions()[0] != kd[0]) {
+    return ffi::Error::InvalidArgument("cpu_write_kv: want pages [L, P, S, 2K, H], kv [T, 2K, H], slots [T]");
+  }
+  const int64_t L = pd[0], slots_per_layer = pd[1] * pd[2], row = kd[1] * kd[2], T = kd[0];
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("cpu_write_kv: layer index out of range");
+  const int64_t elem = ffi::ByteWidth(pages.element_type());
+  if (out->untyped_data() != pages.untyped_data()) {  // not aliased after all: start from a copy
+    std::memcpy(out->untyped_data(), pages.untyped_data(), L * slots_per_layer * row * elem);
+  }
+  const int32_t* slot = slots.typed_data();
+  for (int64_t t = 0; t < T; ++t) {
+    if (slot[t] < 0 || slot[t] >= slots_per_layer) return ffi::Error::InvalidArgument("cpu_write_kv: slot out of range");
+  }
+  char* base = static_cast<char*>(out->untyped_data()) + static_cast<int64_t>(l) * slots_per_layer * row * elem;
+  const float* src = kv.typed_data();
+  for (int64_t t = 0; t < T; ++t, src += row) {
+    char* dst = base + static_cast<int64_t>(slot[t]) * row * elem;
+    switch (pages.element_type()) {
+      case ffi::F32:
+        std::memcpy(dst, src, row * sizeof(float));
+        break;
+      case ffi::BF16:
+        for (int64_t i = 0; i < row; ++i) reinterpret_cast<uint16_t*>(dst)[i] = to_bf16(src[i]);
+        break;
+      case ffi::F16:
+        for (int64_t i = 0; i < row; ++i) {
+          reinterpret_cast<uint16_t*>(dst)[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        break;
+      default:
+        return ffi::Error::InvalidArgument("cpu_write_kv: KV pages must be float32, bfloat16 or float16");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveAttention, attention,
@@ -303,3 +357,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveAttention, attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // query_starts
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveWriteKV, write_kv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()          // pages (aliased to the result)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kv [T, 2K, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots [T]
+                                  .Ret<ffi::AnyBuffer>());        // pages

@@ -19,17 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_build
-from pallas_kernels.kv_cache import KVPages, QuantizedKV
+from pallas_kernels.kv_cache import KVPages, QuantizedKV, write_kv
 from pallas_kernels.step_metadata import StepInputs
 
 TARGET = "jaxserve_cpu_attention"
+WRITE_TARGET = "jaxserve_cpu_write_kv"
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)
 KV_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def available(build_dir: str | os.PathLike) -> bool:
-    """True if the kernel is built and registered for the CPU backend; logs why not, once."""
-    return cpu_build.available("cpu_attention.cc", "JaxserveAttention", TARGET, build_dir, "attention")
+    """True if the kernel and its KV write are built and registered for the CPU backend; logs why not, once."""
+    return (cpu_build.available("cpu_attention.cc", "JaxserveAttention", TARGET, build_dir, "attention")
+            and cpu_build.available("cpu_attention.cc", "JaxserveWriteKV", WRITE_TARGET, build_dir, "KV write"))
 
 
 def unsupported(q: jax.Array, kv_pages: KVPages) -> str | None:
@@ -64,3 +66,23 @@ def cpu_paged_attention(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, ste
     out = call(q.astype(jnp.float32), kv_pages, jnp.asarray(layer, jnp.int32), step.positions, step.page_tables,
                step.kv_lens, step.query_starts, scale=np.float32(scale))
     return out.astype(q.dtype)
+
+
+def cpu_write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVPages:
+    """`kv_cache.write_kv` in place through the native handler (`available()` must have succeeded).
+
+    k, v [T, K, H] go to their slots of layer `layer`, K and V interleaved per head, rounded to the pages' dtype
+    (to nearest even, as `astype` does). Why: XLA:CPU copies a bfloat16 / float16 cache whole on every scatter
+    (`cpu_attention.cc`). int8 pages (and other dtypes) take `kv_cache.write_kv`.
+    """
+    if unsupported_write(kv_pages):
+        return write_kv(kv_pages, layer, k, v, slot_mapping)
+    T, K, H = k.shape
+    kv = jnp.stack([k, v], axis=2).reshape(T, 2 * K, H).astype(jnp.float32)
+    call = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype),
+                            input_output_aliases={0: 0})
+    return call(kv_pages, kv, jnp.asarray(layer, jnp.int32), slot_mapping.astype(jnp.int32))
+
+
+def unsupported_write(kv_pages: KVPages) -> bool:
+    return isinstance(kv_pages, QuantizedKV) or kv_pages.dtype not in KV_DTYPES

@@ -106,6 +106,10 @@ def paged_attention_native(q: jax.Array, kv_pages: KVPages, layer: jax.Array, st
         return cpu_attention.cpu_paged_attention(q, kv_pages, layer, step, scale=scale)
 
 
+# The layer writes its K/V through this (`llama.forward`): in place, where XLA:CPU would copy a 16-bit cache.
+paged_attention_native.write_kv = cpu_attention.cpu_write_kv
+
+
 def native_available() -> bool:
     """The native CPU attention builds and loads here (logs why not, once)."""
     return cpu_attention.available(cache_dir() / "kernels")

@@ -179,6 +179,9 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     if getattr(matmul, "skips_padding", False):
         layer_matmul = functools.partial(matmul, valid_rows=step.query_starts[-1])
 
+    # NOTE: a backend may bring its own KV write (the native CPU one writes 16-bit pages in place).
+    write_pages = getattr(attention, "write_kv", write_kv)
+
     def layer(carry, layer_in):
         x, kv_pages = carry
         w, layer_idx = layer_in
@@ -195,7 +198,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
             k, v = (shard(a, ("batch", "kv_heads", None)) for a in (k, v))
             q = apply_rope(q, step.positions, inv_freq)
             k = apply_rope(k, step.positions, inv_freq)
-            kv_pages = write_kv(kv_pages, layer_idx, k, v, step.slot_mapping)
+            kv_pages = write_pages(kv_pages, layer_idx, k, v, step.slot_mapping)
             attn = attention(q, kv_pages, layer_idx, step, scale=scale)  # [T, N, H]
             attn = shard(attn, ("batch", "heads", None))
             x = shard(x + layer_matmul("TNH,NHD->TD", attn.astype(dtype), w.wo), ("batch", "embed"))

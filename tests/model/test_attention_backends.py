@@ -105,11 +105,12 @@ def test_pallas_under_tp2_matches_xla_tp1_and_compiles_nothing_after_warmup(tiny
         assert llm.engine.spec.stats.num_draft_tokens > 0  # verify steps really ran
 
 
-@pytest.mark.parametrize("kv_cache_dtype,tensor_parallel_size", [("auto", 1), ("bf16", 2)])
+@pytest.mark.parametrize("kv_cache_dtype,tensor_parallel_size", [("auto", 1), ("bf16", 1), ("bf16", 2)])
 def test_native_matches_xla_through_llm(tiny_checkpoint, xla_tp1_tokens, kv_cache_dtype, tensor_parallel_size):
     """`LLM(attention_backend="native")`, the CPU default: chunked prefill and decode give the XLA path's greedy
-    tokens (float32 pages exactly; bfloat16 pages under TP = 2, the kernel per device in shard_map, within a
-    tolerance of the float32 run's tokens), and nothing compiles after warm-up."""
+    tokens (float32 pages exactly; bfloat16 pages, written by the native KV write on one device and by XLA under
+    TP = 2 with the kernel per device in shard_map, within a tolerance of the float32 run's tokens), and nothing
+    compiles after warm-up."""
     if not backends.native_available():
         pytest.skip("the native CPU attention does not build here")
     llm = LLM(str(tiny_checkpoint), attention_backend="native", kv_cache_dtype=kv_cache_dtype,

@@ -201,7 +201,8 @@ def kv_budget_bytes(*, total: int, in_use: int, utilization: float, activation_b
 
 def speculative_fields(spec: dict[str, Any]) -> dict[str, Any]:
     """vLLM's `--speculative-config` JSON (or `LLM(speculative_config=...)`) → our split EngineConfig fields."""
-    known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    known = {"method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+             "disable_by_batch_size"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"speculative_config keys {unknown} are not supported; jaxserve reads {sorted(known)}")
@@ -214,7 +215,8 @@ def speculative_fields(spec: dict[str, Any]) -> dict[str, Any]:
         out["speculative_model"] = spec["model"]
     for src, dst in (("num_speculative_tokens", "num_speculative_tokens"),
                      ("prompt_lookup_max", "ngram_prompt_lookup_max"),
-                     ("prompt_lookup_min", "ngram_prompt_lookup_min")):
+                     ("prompt_lookup_min", "ngram_prompt_lookup_min"),
+                     ("disable_by_batch_size", "speculative_disable_by_batch_size")):
         if spec.get(src) is not None:
             out[dst] = int(spec[src])
     return out
@@ -257,6 +259,7 @@ class EngineConfig:
     ngram_prompt_lookup_max: int = 4  # longest n-gram the ngram proposer matches
     ngram_prompt_lookup_min: int = 1  # shortest n-gram the ngram proposer matches
     speculative_min_accepted: float = 0.5  # pause proposing for requests averaging fewer accepted per verify (0: never)
+    speculative_disable_by_batch_size: int = 0  # no proposals while more requests than this run (0: never; vLLM's)
     # Persistent XLA compilation cache, so a restart loads every step shape instead of compiling it again.
     compilation_cache_dir: str = "auto"  # compiled executables: auto ($JAXSERVE_CACHE/xla), a folder, or none (off)
 
@@ -308,6 +311,9 @@ class EngineConfig:
             raise ValueError("speculative_model is set but speculative_method is 'ngram'; pick one")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if self.speculative_disable_by_batch_size < 0:
+            raise ValueError(f"speculative_disable_by_batch_size must be >= 0 (0: never), got "
+                             f"{self.speculative_disable_by_batch_size}")
         if not 0 <= self.speculative_min_accepted <= self.num_speculative_tokens:
             raise ValueError(f"speculative_min_accepted must be in [0, num_speculative_tokens], got "
                              f"{self.speculative_min_accepted}")

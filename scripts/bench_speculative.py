@@ -95,6 +95,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload and method (median)")
     ap.add_argument("--speculative-min-accepted", type=float, default=EngineConfig.speculative_min_accepted,
                     help="the back-off threshold (0: never back off)")
+    ap.add_argument("--speculative-disable-by-batch-size", type=int,
+                    default=EngineConfig.speculative_disable_by_batch_size,
+                    help="no proposals while more requests than this run (0: never)")
     ap.add_argument("--out", default="bench_speculative.json")
     args = ap.parse_args()
     max_tokens = 32 if args.quick else args.max_tokens
@@ -106,7 +109,8 @@ def main():
         methods["draft"] = {"speculative_model": args.draft}
     base = dict(model=args.model, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024,
                 kv_cache_memory=128 * 2**20, num_speculative_tokens=args.num_speculative_tokens,
-                speculative_min_accepted=args.speculative_min_accepted)
+                speculative_min_accepted=args.speculative_min_accepted,
+                speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
 
     # NOTE: all engines are built first and each workload runs on them in turn, `--repeats` times, taking the
     # median: on a shared machine the load drifts, and interleaving keeps it from favouring one method.

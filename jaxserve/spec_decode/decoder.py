@@ -13,7 +13,8 @@ Per engine step (all on the engine thread):
 A step in which no request has proposals runs the runner's plain step instead (same tokens, less work).
 
 Settings are server-wide (method, K, the draft model). Per request, a request whose proposals are mostly
-rejected stops proposing for a while (`backoff.py`, `--speculative-min-accepted`), and speculation is skipped for
+rejected stops proposing for a while (`backoff.py`, `--speculative-min-accepted`); no request proposes while more
+than `--speculative-disable-by-batch-size` run (off by default, as in vLLM); and speculation is skipped for
 requests that ask for `logprobs` (a verify step reports log-probs of its first token only); such requests share
 verify steps with speculating ones as rows with zero proposals, which sample exactly as without speculation.
 """
@@ -88,6 +89,7 @@ class SpecDecoder:
         self.runner = runner
         self.stats = SpecDecodeStats(self.k)
         self.backoff = SpeculationBackoff(config.speculative_min_accepted)
+        self.disable_by_batch_size = config.speculative_disable_by_batch_size
         if self.method == "ngram":
             self.proposer = NgramProposer(self.k, config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max,
                                           max_context=runner.max_model_len)
@@ -101,6 +103,10 @@ class SpecDecoder:
     def propose(self, running: Sequence[Request]) -> None:
         """Sets `spec_token_ids` of every decoding request (the next step verifies them)."""
         todo = [r for r in running if self.wants_proposals(r) and self.backoff.allows(r.request_id)]
+        if 0 < self.disable_by_batch_size < len(running):
+            # NOTE: a large batch is compute-bound, so every proposal costs nearly a token's work while a
+            # rejected one wins nothing (vLLM's `disable_by_batch_size`): plain decode steps until it shrinks.
+            todo = []
         if self.method == "ngram":
             for request in todo:
                 request.spec_token_ids = self.proposer.propose(request.all_token_ids, self.k)

@@ -203,6 +203,32 @@ def test_backoff_pauses_failing_proposals_and_keeps_the_outputs():
 
 
 @pytest.mark.slow
+def test_disable_by_batch_size_stops_proposals_while_the_batch_is_larger():
+    """vLLM's `speculative_config={"disable_by_batch_size": N}` (also `--speculative-disable-by-batch-size`):
+    with two requests running, N = 1 makes no proposal at all while N = 2 speculates; greedy tokens stay golden."""
+    from jaxserve import LLM
+
+    drafts = {}
+    for n in (1, 2):
+        llm = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "disable_by_batch_size": n},
+                  **ENGINE)
+        assert llm.engine.config.speculative_disable_by_batch_size == n
+        drafts[n] = golden_check(llm, ["digits_text", "dickens_text"]).num_draft_tokens
+    assert drafts[1] == 0 < drafts[2]
+
+
+def test_disable_by_batch_size_flag_and_bad_values():
+    from jaxserve.config import EngineConfig, speculative_fields
+    from jaxserve.server.__main__ import build_parser
+
+    args = build_parser().parse_args(["--speculative-disable-by-batch-size", "4"])
+    assert args.speculative_disable_by_batch_size == 4
+    assert speculative_fields({"method": "ngram", "disable_by_batch_size": 3})["speculative_disable_by_batch_size"] == 3
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size must be >= 0"):
+        EngineConfig(speculative_disable_by_batch_size=-1)
+
+
+@pytest.mark.slow
 def test_ngram_greedy_with_int8_weights_equals_plain_int8_greedy():
     """Speculative decoding over int8 weights verifies with the same quantized model, so greedy output is
     exactly the plain int8 engine's (int8 need not match the float golden token for token)."""

@@ -1,4 +1,5 @@
-// Ragged paged attention on the CPU, as an XLA FFI custom call.
+// Ragged paged attention on the CPU, as an XLA FFI custom call; and the in-place K/V write that feeds it
+// (write_kv, at the end).
 //
 // Why: through XLA:CPU, paged attention gathers every KV chunk into fresh buffers, transposes them for its einsums
 // and pads queries into blocks of 16 (a decode row of a mixed step costs a 16-query block); it was 40-70% of a

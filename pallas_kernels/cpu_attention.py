@@ -7,7 +7,8 @@ else the step holds, and no KV is gathered, transposed or padded (docs/performan
 
 float32 arithmetic throughout (bfloat16 / float16 pages are widened on load); equals
 `reference.ragged_paged_attention_reference` to float32 rounding. int8 pages, sliding windows and soft caps are
-not implemented here: `supports` says so and the caller uses XLA.
+not implemented here: `supports` says so and the caller uses XLA. `cpu_write_kv` writes a step's K/V into the
+pages in place (the backend's KV write, which `llama.forward` uses): XLA:CPU copies a 16-bit cache on scatter.
 """
 
 from __future__ import annotations
@@ -85,4 +86,5 @@ def cpu_write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array
 
 
 def unsupported_write(kv_pages: KVPages) -> bool:
+    """True for pages `cpu_write_kv` leaves to XLA (int8 with scales, dtypes other than f32 / bf16 / f16)."""
     return isinstance(kv_pages, QuantizedKV) or kv_pages.dtype not in KV_DTYPES

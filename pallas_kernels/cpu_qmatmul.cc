@@ -78,6 +78,11 @@ inline __m512i load_bytes(const uint8_t* p, __mmask16 mask) {
   return kInt4 ? _mm512_cvtepu8_epi32(b) : _mm512_cvtepi8_epi32(b);
 }
 
+// The first `left` of 16 lanes (none for left <= 0, all for left >= 16): a register's share of a row's tail.
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 struct Problem {
   const float* x;        // [M, I]
   const uint8_t* w;      // [G, R, O] of the chosen layer
@@ -99,8 +104,7 @@ struct Problem {
 template <int MR, bool kInt4, ScaleType S>
 void exact_tile(const Problem& p, int64_t m0, int64_t o0) {
   const int64_t rem = p.O - o0;
-  const __mmask16 k0 = rem >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rem) - 1);
-  const __mmask16 k1 = rem >= 32 ? 0xFFFF : (rem <= 16 ? 0 : static_cast<__mmask16>((1u << (rem - 16)) - 1));
+  const __mmask16 k0 = lanes(rem), k1 = lanes(rem - 16);
   const int64_t g = kInt4 ? 2 * p.R : p.R;
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -178,7 +182,7 @@ constexpr int64_t kMaxWideRows = 4;  // above, the unpacked tile (f32_columns) i
 template <int MR, bool kInt4, ScaleType S>
 void exact_wide(const Problem& p, int64_t m0, int64_t o0) {
   const int64_t width = std::min(kWide, p.O - o0), nvec = (width + 15) / 16;
-  const __mmask16 last = width % 16 ? static_cast<__mmask16>((1u << (width % 16)) - 1) : __mmask16(0xFFFF);
+  const __mmask16 last = lanes(width - 16 * (nvec - 1));
   const int64_t g = kInt4 ? 2 * p.R : p.R;
   alignas(64) float part[MR][kWide];
   float* y[MR];
@@ -243,9 +247,7 @@ void exact_wide_columns(const Problem& p, int64_t o0) {
 template <bool kInt4, ScaleType S>
 void unpack_f32(const Problem& p, int64_t o0, float* buf) {
   const int64_t rem = p.O - o0;
-  const __mmask16 k[2] = {rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1),
-                          rem >= 32 ? __mmask16(0xFFFF)
-                                    : (rem <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (rem - 16)) - 1))};
+  const __mmask16 k[2] = {lanes(rem), lanes(rem - 16)};
   const int64_t g = kInt4 ? 2 * p.R : p.R;
   const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t gi = 0; gi < p.G; ++gi) {
@@ -270,8 +272,7 @@ void unpack_f32(const Problem& p, int64_t o0, float* buf) {
 template <int MR>
 void f32_block(const Problem& p, const float* buf, int64_t m0, int64_t o0, int64_t i0, int64_t i1) {
   const int64_t rem = p.O - o0;
-  const __mmask16 k0 = rem >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rem) - 1);
-  const __mmask16 k1 = rem >= 32 ? 0xFFFF : (rem <= 16 ? 0 : static_cast<__mmask16>((1u << (rem - 16)) - 1));
+  const __mmask16 k0 = lanes(rem), k1 = lanes(rem - 16);
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) {
     float* y = p.y + (m0 + m) * p.O + o0;
@@ -298,9 +299,7 @@ void f32_block(const Problem& p, const float* buf, int64_t m0, int64_t o0, int64
 // o0 + j (vpdpbusd's unsigned operand).
 void unpack_vnni(const Problem& p, int64_t o0, uint32_t* buf) {
   const int64_t rem = p.O - o0;
-  const __mmask16 k[2] = {rem >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1),
-                          rem >= 32 ? __mmask16(0xFFFF)
-                                    : (rem <= 16 ? __mmask16(0) : static_cast<__mmask16>((1u << (rem - 16)) - 1))};
+  const __mmask16 k[2] = {lanes(rem), lanes(rem - 16)};
   const int64_t g = 2 * p.R;
   const __m512i nib = _mm512_set1_epi8(0xF);
   for (int64_t gi = 0; gi < p.G; ++gi) {
@@ -325,8 +324,7 @@ void unpack_vnni(const Problem& p, int64_t o0, uint32_t* buf) {
 template <int MR, ScaleType S>
 void q8_block(const Problem& p, const uint32_t* buf, int64_t m0, int64_t o0) {
   const int64_t rem = p.O - o0;
-  const __mmask16 k0 = rem >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rem) - 1);
-  const __mmask16 k1 = rem >= 32 ? 0xFFFF : (rem <= 16 ? 0 : static_cast<__mmask16>((1u << (rem - 16)) - 1));
+  const __mmask16 k0 = lanes(rem), k1 = lanes(rem - 16);
   const int64_t nb = p.I / 32, g = 2 * p.R;
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -437,10 +435,7 @@ void int8_head_block(const Problem& p, int64_t m0, int64_t o0) {
     }
     for (int64_t c0 = 0; c0 < width; c0 += 64) {
       __mmask16 mask[4];
-      for (int v = 0; v < 4; ++v) {
-        const int64_t left = std::clamp<int64_t>(width - c0 - 16 * v, 0, 16);
-        mask[v] = left == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-      }
+      for (int v = 0; v < 4; ++v) mask[v] = lanes(width - c0 - 16 * v);
       __m512 acc[MR][4];
       for (int m = 0; m < MR; ++m)
         for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_ps();

@@ -35,15 +35,21 @@ def available(build_dir: str | os.PathLike) -> bool:
             and cpu_build.available("cpu_attention.cc", "JaxserveWriteKV", WRITE_TARGET, build_dir, "KV write"))
 
 
-def unsupported(q: jax.Array, kv_pages: KVPages) -> str | None:
-    """Why the kernel cannot take these inputs (None: it can)."""
+def unsupported_pages(kv_pages: KVPages) -> str | None:
+    """Why the kernel and the KV write cannot take these pages (None: they can)."""
     if isinstance(kv_pages, QuantizedKV):
         return "int8 KV pages"
     if kv_pages.dtype not in KV_DTYPES:
         return f"{kv_pages.dtype} KV pages"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]}"
     return None
+
+
+def unsupported(q: jax.Array, kv_pages: KVPages) -> str | None:
+    """Why the kernel cannot take these inputs (None: it can)."""
+    why = unsupported_pages(kv_pages)
+    if why is None and q.shape[-1] not in HEAD_DIMS:
+        why = f"head_dim {q.shape[-1]}"
+    return why
 
 
 def cpu_paged_attention(q: jax.Array, kv_pages: jax.Array, layer: jax.Array, step: StepInputs, *,
@@ -76,7 +82,7 @@ def cpu_write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array
     (to nearest even, as `astype` does). Why: XLA:CPU copies a bfloat16 / float16 cache whole on every scatter
     (`cpu_attention.cc`). int8 pages (and other dtypes) take `kv_cache.write_kv`.
     """
-    if unsupported_write(kv_pages):
+    if unsupported_pages(kv_pages):
         return write_kv(kv_pages, layer, k, v, slot_mapping)
     T, K, H = k.shape
     kv = jnp.stack([k, v], axis=2).reshape(T, 2 * K, H).astype(jnp.float32)
@@ -84,7 +90,3 @@ def cpu_write_kv(kv_pages: KVPages, layer: jax.Array, k: jax.Array, v: jax.Array
                             input_output_aliases={0: 0})
     return call(kv_pages, kv, jnp.asarray(layer, jnp.int32), slot_mapping.astype(jnp.int32))
 
-
-def unsupported_write(kv_pages: KVPages) -> bool:
-    """True for pages `cpu_write_kv` leaves to XLA (int8 with scales, dtypes other than f32 / bf16 / f16)."""
-    return isinstance(kv_pages, QuantizedKV) or kv_pages.dtype not in KV_DTYPES

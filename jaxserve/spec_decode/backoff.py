@@ -3,7 +3,7 @@
 A verify step costs more than a decode step (1.4x for one row with K = 4 on the CPU, and a compute-bound batch
 pays for every proposal), so mostly rejected proposals make decoding slower: n-gram proposals on open chat ran at
 0.61x of no speculation at batch 8 (docs/performance.md). Each request keeps an exponential average of the
-proposals accepted per verify; below `min_accepted` it stops proposing and probes again every `probe_every`
+proposals accepted per verify; below `min_accepted` it stops proposing and probes again every `PROBE_EVERY`
 steps, taking the probe's result as its new average. Outputs never change: only whether proposals are made.
 """
 

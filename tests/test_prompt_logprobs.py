@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,6 +32,15 @@ def llm():
     return LLM(**ENGINE)
 
 
+def standard_layout(weights):
+    """The engine's weights with layer stacks in the standard layout (the native CPU matmul stores them in
+    tiles), for the XLA dots of the dense scorer."""
+    from pallas_kernels.cpu_qmatmul import ColumnTiles, untile_columns
+
+    tiled = lambda w: isinstance(w, ColumnTiles)  # noqa: E731
+    return jax.tree.map(lambda w: untile_columns(w) if tiled(w) else w, weights, is_leaf=tiled)
+
+
 @pytest.fixture(scope="module")
 def reference(llm):
     """prompt + greedy continuation of every golden prompt -> Scorer's log-probs of tokens 1.. (float32)."""
@@ -38,7 +48,7 @@ def reference(llm):
 
     runner = llm.engine.runner
     seqs = [p["prompt_ids"] + p["greedy_ids"] for p in PROMPTS]
-    scored = Scorer(runner.model_config, num_tokens=512, num_rows=4).score(runner.weights, seqs)
+    scored = Scorer(runner.model_config, num_tokens=512, num_rows=4).score(standard_layout(runner.weights), seqs)
     return [s.logprobs for s in scored]
 
 
@@ -174,7 +184,7 @@ def test_perplexity_script_matches_the_dense_scorer(llm):
     ids = llm.tokenizer.encode(text, add_special_tokens=False)[:290]  # windows of 100, 100 and 90
     got = script.perplexity(llm, ids, 100)
     runner = llm.engine.runner
-    want = Scorer(runner.model_config, num_tokens=100, num_rows=4).perplexity(runner.weights, ids)
+    want = Scorer(runner.model_config, num_tokens=100, num_rows=4).perplexity(standard_layout(runner.weights), ids)
     assert got["windows"] == 3 and got["predicted_tokens"] == len(ids) - got["windows"]
     assert abs(got["perplexity"] - want) / want < 1e-4
     assert 1 < got["perplexity"] < 1000

@@ -21,13 +21,12 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.model.attention import AttentionFn
-from jaxserve.model.native_matmul import LayerOf
+from jaxserve.model.native_matmul import LayerOf, layer_stack
 from jaxserve.model.quantization import embedding_lookup, qdot, tied_head
 from jaxserve.model.sharding import ShardingPlan
 from jaxserve.model.step_inputs import SeqChunk, StepInputs, build_step_inputs
 from jaxserve.model.weight_info import ArrayInfo, init_arrays
 from pallas_kernels.kv_cache import write_kv
-from pallas_kernels.quantized_weights import is_quantized
 
 MatmulFn = Callable[..., jax.Array]  # qdot's signature: (spec, x, w, **einsum_kwargs) -> y
 
@@ -170,7 +169,7 @@ def forward(weights: LlamaWeights, kv_pages: jax.Array, step: StepInputs, cfg: M
     scanned, stacked = weights.layers, {}
     if getattr(matmul, "indexes_layers", False):
         stacked = {f.name: getattr(scanned, f.name) for f in dataclasses.fields(scanned)
-                   if is_quantized(getattr(scanned, f.name))}
+                   if layer_stack(getattr(scanned, f.name))}
         scanned = dataclasses.replace(scanned, **dict.fromkeys(stacked))
 
     # NOTE: a matmul that `skips_padding` (the native CPU kernel) multiplies only the step's real tokens; padding

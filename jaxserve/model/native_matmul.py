@@ -13,13 +13,15 @@ per-token activations).
 
 The layer scan: a custom call's operand that is a dynamic slice of the stacked weights would be copied every
 layer, so `llama.forward` keeps quantized weights stacked when the matmul asks for it (`indexes_layers`) and
-passes `LayerOf(stack, layer)`; the kernel reads the layer in place.
+passes `LayerOf(stack, layer)`; the kernel reads the layer in place. The engine stores those stacks in the
+kernel's tiled layout (`tile_layers`: each 32-column tile contiguous, read as one stream).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 from jaxserve.config import QUANTIZED_MATMULS, cache_dir
 from jaxserve.model.quantization import qdot, qdot_w8a8, quantize_int8
 from pallas_kernels import cpu_qmatmul
+from pallas_kernels.cpu_qmatmul import ColumnTiles
 from pallas_kernels.quantized_weights import COMPONENTS, Int4Weight, QuantizedWeight, dequantize_weight, is_quantized
 
 
@@ -35,12 +38,36 @@ from pallas_kernels.quantized_weights import COMPONENTS, Int4Weight, QuantizedWe
 class LayerOf:
     """Layer `layer` of a quantized weight stacked over layers, not sliced (the kernel indexes it)."""
 
-    stack: QuantizedWeight  # [L, G, R, *out] (scales [L, G, *out])
+    stack: QuantizedWeight | ColumnTiles  # [L, G, R, *out] (scales [L, G, *out]), or tiled
     layer: jax.Array  # int32 []
 
     def take(self) -> QuantizedWeight:
+        """The layer's weight in the standard layout (for the XLA fallbacks)."""
+        if isinstance(self.stack, ColumnTiles):
+            return cpu_qmatmul.untile_columns(self.stack, self.layer)
         return dataclasses.replace(self.stack, **{c: getattr(self.stack, c)[self.layer]
                                                  for c in COMPONENTS[type(self.stack)]})
+
+
+def layer_stack(w) -> bool:
+    """Whether `llama.forward` should pass this layer weight whole with an index (`LayerOf`) to the kernel."""
+    return is_quantized(w) or isinstance(w, ColumnTiles)
+
+
+def tile_layers(weights):
+    """The quantized layer stacks of `weights` in the kernel's tiled layout (one stack at a time, each donated,
+    so the copy costs one stack of memory at most). For the native matmul at one device only."""
+    layers = weights.layers
+    tiled = {}
+    with warnings.catch_warnings():
+        # NOTE: a stack whose O is not a multiple of 32 grows by its padding, so XLA cannot reuse the donated
+        # buffer for the result and says so; it still frees it.
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        for f in dataclasses.fields(layers):
+            w = getattr(layers, f.name)
+            if is_quantized(w):
+                tiled[f.name] = jax.jit(cpu_qmatmul.tile_columns, donate_argnums=0)(w)
+    return dataclasses.replace(weights, layers=dataclasses.replace(layers, **tiled))
 
 
 def available() -> bool:
@@ -69,27 +96,32 @@ def _native(spec: str, x: jax.Array, w, q8: bool, valid_rows=None, **einsum_kwar
     stack, layer = (w.stack, w.layer) if isinstance(w, LayerOf) else (w, None)
     plain = w.take() if isinstance(w, LayerOf) else w
     fallback = qdot_w8a8 if q8 else qdot
-    if not is_quantized(stack) or set(einsum_kwargs) - {"preferred_element_type"} or x.dtype != jnp.float32:
+    if not layer_stack(stack) or set(einsum_kwargs) - {"preferred_element_type"} or x.dtype != jnp.float32:
         return fallback(spec, x, plain, **einsum_kwargs)
-    first = stack.packed if isinstance(stack, Int4Weight) else stack.values
-    lead = first.ndim - stack.out_ndim - 2  # 1 for a stack, 0 for one weight (the LM head)
-    in_shape = tuple(stack.in_shape)
+    inner = stack.weight if isinstance(stack, ColumnTiles) else stack
+    in_shape = tuple(inner.in_shape)
+    if isinstance(stack, ColumnTiles):  # a layer stack, laid out for the kernel already
+        lead, kernel_weight, out_shape = 1, stack, stack.out_shape
+    else:
+        first = stack.packed if isinstance(stack, Int4Weight) else stack.values
+        lead = first.ndim - stack.out_ndim - 2  # 1 for a stack, 0 for one weight (the LM head)
+        out_shape = first.shape[first.ndim - stack.out_ndim:]
+
+        # [L, G, R, *out] → [L, G, R, O], scales [L, G, O]: reshapes of contiguous arrays (no copies); one weight
+        # (the LM head) gets a layer axis of 1.
+        def flat(a: jax.Array) -> jax.Array:
+            a = a.reshape(*a.shape[:a.ndim - stack.out_ndim], -1)
+            return a if lead else a[None]
+
+        arrays = {c: flat(getattr(stack, c)) for c in COMPONENTS[type(stack)]}
+        kernel_weight = dataclasses.replace(stack, **arrays, in_shape=(math.prod(in_shape),), out_ndim=1)
     if lead != (0 if layer is None else 1) or tuple(x.shape[x.ndim - len(in_shape):]) != in_shape:
         return fallback(spec, x, plain, **einsum_kwargs)
-    use_q8 = q8 and isinstance(stack, Int4Weight) and stack.group_size % 32 == 0
-    out_shape = first.shape[first.ndim - stack.out_ndim:]
-    # [L, G, R, *out] → [L, G, R, O], scales [L, G, O]: reshapes of contiguous arrays (no copies); one weight
-    # (the LM head) gets a layer axis of 1.
-    def flat(a: jax.Array) -> jax.Array:
-        a = a.reshape(*a.shape[:a.ndim - stack.out_ndim], -1)
-        return a if lead else a[None]
-
-    arrays = {c: flat(getattr(stack, c)) for c in COMPONENTS[type(stack)]}
-    w2 = dataclasses.replace(stack, **arrays, in_shape=(math.prod(in_shape),), out_ndim=1)
+    use_q8 = q8 and isinstance(inner, Int4Weight) and inner.group_size % 32 == 0
     batch = x.shape[:x.ndim - len(in_shape)]
     rows = valid_rows if len(batch) == 1 else None
-    y = cpu_qmatmul.cpu_qmatmul(x.reshape(-1, math.prod(in_shape)), w2, 0 if layer is None else layer, q8=use_q8,
-                                rows=rows)
+    y = cpu_qmatmul.cpu_qmatmul(x.reshape(-1, math.prod(in_shape)), kernel_weight, 0 if layer is None else layer,
+                                q8=use_q8, rows=rows)
     return y.reshape(*batch, *out_shape).astype(einsum_kwargs.get("preferred_element_type") or x.dtype)
 
 

@@ -136,6 +136,8 @@ class ModelRunner:
         self.weight_info = quantization.info_like(dense, weights)  # each weight as it is now (scheme, group)
         # (De)quantizing leaves arrays where XLA put them: place each by its logical axes.
         self.weights = sharding.place_weights(weights, self.weight_info, self.plan)
+        if self.quantized_matmul == "native":  # NOTE: one device; the kernel streams each tile's weights
+            self.weights = native_matmul.tile_layers(self.weights)
         logger.info("loaded %s (%s, quantization %s: %.1f MiB of weights) in %.1fs", checkpoint_dir,
                     jnp.dtype(self.dtype).name, config.quantization, quantization.weight_bytes(self.weights) / 2**20,
                     time.perf_counter() - t0)
@@ -154,7 +156,7 @@ class ModelRunner:
             config.attention_backend, shape=attention_backends.ProbeShape.for_model(
                 cfg, self.page_size, self.kv_dtype, self.plan.tensor_parallel_size))
         self.attention = sharding.shard_attention(attention, self.plan)
-        weight_shardings = self.plan.shardings(self.weight_info)
+        weight_shardings = jax.tree.map(lambda a: a.sharding, self.weights)  # as placed (and tiled) above
         # NOTE: --quantized-matmul pallas / native route quantized projections to the Pallas kernel (interpreted on
         # CPU) / the native CPU kernel; dense weights take qdot either way.
         int8 = config.activation_quantization == "int8"

@@ -423,6 +423,13 @@ def test_real_gguf_q4_1_tensor_repacks_to_the_float_checkpoint(smollm2):
     np.testing.assert_array_equal(np.asarray(qz.dequantize_weight(w)), np.asarray(weights.layers.wq[0]))
 
 
+def _as_stored(w):
+    """A layer weight as quantized: the native CPU matmul keeps layer stacks in its tiled layout (`ColumnTiles`)."""
+    from pallas_kernels.cpu_qmatmul import ColumnTiles
+
+    return w.weight if isinstance(w, ColumnTiles) else w
+
+
 def _assert_embedding_is_the_float_one(served, float_embed):
     """Embeddings are not quantized unless asked: they stay float, or (the native CPU matmul's lossless int8 head,
     jaxserve/model/native_matmul.py) become int8 blocks that dequantize to exactly the same values."""
@@ -443,7 +450,7 @@ def test_llm_quantization_option_serves_int8_weights_end_to_end(smollm2):
     llm = LLM(model_registry.resolve_model(model_registry.DEFAULT_MODEL), quantization="int8", warmup=False,
               max_num_seqs=2, max_num_batched_tokens=128, kv_cache_memory=16 * 2**20, max_model_len=256)
     runner = llm.engine.runner
-    assert isinstance(runner.weights.layers.wq, qz.Int8Weight)
+    assert isinstance(_as_stored(runner.weights.layers.wq), qz.Int8Weight)
     _assert_embedding_is_the_float_one(runner.weights.embed, smollm2["models"]["float32"].embed)
     assert qz.weight_bytes(runner.weights) < 0.45 * qz.weight_bytes(smollm2["models"]["float32"])
     prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]
@@ -461,7 +468,7 @@ def test_default_model_by_name_serves_its_gguf_blocks_repacked_as_int8(smollm2):
 
     llm = LLM(model_registry.DEFAULT_MODEL, quantization="int8", warmup=False, max_num_seqs=2,
               max_num_batched_tokens=128, kv_cache_memory=16 * 2**20, max_model_len=256)
-    assert isinstance(llm.engine.runner.weights.layers.wq, qz.Int8Weight)
+    assert isinstance(_as_stored(llm.engine.runner.weights.layers.wq), qz.Int8Weight)
     prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]
     outs = llm.generate([p["prompt_ids"] for p in prompts], SamplingParams(max_tokens=8, temperature=0.0),
                         use_tqdm=False)
@@ -481,7 +488,7 @@ def test_a_quantized_gguf_serves_in_its_own_blocks_by_default(smollm2):
     assert native_scheme(open_reader(model_registry.MODELS[model_registry.DEFAULT_MODEL]())) == "int4"
     llm = LLM(model_registry.DEFAULT_MODEL, warmup=False, max_num_seqs=2, max_num_batched_tokens=128,
               kv_cache_memory=16 * 2**20, max_model_len=256)
-    wq = llm.engine.runner.weights.layers.wq
+    wq = _as_stored(llm.engine.runner.weights.layers.wq)
     assert isinstance(wq, qz.Int4Weight) and wq.group_size == 32
     _assert_embedding_is_the_float_one(llm.engine.runner.weights.embed, smollm2["models"]["float32"].embed)
     prompts = [p for p in smollm2["golden"] if p["name"] in ("digits_text", "code_text")]

@@ -7,6 +7,7 @@ the lossless int8 head, and `--quantized-matmul` / `--activation-quantization` t
 the model runner. Everything skips where the kernel cannot build (no g++ or no AVX512-VNNI).
 """
 
+import functools
 import types
 
 import jax
@@ -140,6 +141,44 @@ def test_bad_shapes_raise():
         k.cpu_qmatmul(jnp.zeros((2, 64), jnp.float32), random_weight(rng, 1, 64, 16, 16), q8=True)
 
 
+@needs_kernel
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_tiled_layout_multiplies_like_the_stored_one(case):
+    """`tile_columns` (each 32-column tile contiguous: how the engine stores layer stacks) in both modes: the
+    same bits as the untiled weight where both take the same kernel path (O < 4096), else the float64 product;
+    `untile_columns` gives the weight back exactly, zero past O in the padded last tile."""
+    M, I, O, g, int4, sd = CASES[case]
+    rng = np.random.default_rng()
+    w = random_weight(rng, 3, I, O, g, int4=int4, scale_dtype=sd)
+    t = k.tile_columns(w)
+    first = t.weight.packed if int4 else t.weight.values
+    assert first.shape == (3, -(-O // 32), I // g, g // 2 if int4 else g, 32)
+    assert not np.asarray(first)[:, -1, ..., O % 32 or 32:].any()
+    back = k.untile_columns(t)
+    for c in ("packed", "scales", "mins") if int4 else ("values", "scales"):
+        np.testing.assert_array_equal(np.asarray(getattr(back, c)), np.asarray(getattr(w, c)))
+        np.testing.assert_array_equal(np.asarray(getattr(k.untile_columns(t, 2), c)), np.asarray(getattr(w, c)[2]))
+    modes = [False, True] if int4 and g % 32 == 0 else [False]
+    for rows in (M, 1, 17):
+        x = jnp.asarray(rng.standard_normal((rows, I)), jnp.float32)
+        for q8 in modes:
+            fn = jax.jit(functools.partial(k.cpu_qmatmul, layer=2, q8=q8))
+            got = np.asarray(fn(x, t))
+            if O < 4096:
+                np.testing.assert_array_equal(got, np.asarray(fn(x, w)))
+            want = np.asarray(k.cpu_qmatmul_reference(x, w, 2, q8=q8), np.float64)
+            np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+@needs_kernel
+def test_tiled_shapes_are_checked():
+    rng = np.random.default_rng(0)
+    t = k.tile_columns(random_weight(rng, 2, 64, 40, 32))
+    bad = k.ColumnTiles(t.weight, (70,))  # 70 columns need 3 tiles, the weight has 2
+    with pytest.raises(ValueError, match="want a \\[L, T, G, R, 32\\] weight"):
+        k.cpu_qmatmul(jnp.zeros((2, 64), jnp.float32), bad)
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 
@@ -164,6 +203,24 @@ def test_forward_with_the_native_matmul_matches_qdot(spec):
     if spec.weights == "int4":  # q8: lossy, but close on these logits
         q8 = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4, matmul=nm.qdot_native_q8))
         assert 0 < np.abs(q8 - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["kernel", "xla_fallback_bf16"])
+def test_forward_with_tiled_layer_stacks(dtype):
+    """`tile_layers` (what the engine does with the native matmul): float32 activations go through the kernel
+    and give the untiled weights' logits bit for bit; bfloat16 ones fall back to XLA on the untiled layer."""
+    cfg = tiny_config(intermediate_size=80)  # gate / up: 80 columns, a partly filled last tile
+    qw = qz.quantize_weights(llama.init_weights(cfg, jax.random.key(4), dtype), llama.weight_info(cfg, dtype),
+                             qz.QuantSpec("int4", int4_group_size=32))
+    tiled = nm.tile_layers(jax.tree.map(jnp.copy, qw))  # (it donates its input)
+    assert isinstance(tiled.layers.w_up, k.ColumnTiles) and tiled.layers.w_up.out_shape == (80,)
+    ids = [int(t) for t in np.random.default_rng().integers(0, cfg.vocab_size, 11)]
+    want = np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4, matmul=nm.qdot_native))
+    got = np.asarray(llama.sequence_logits(tiled, cfg, ids, page_size=4, matmul=nm.qdot_native))
+    np.testing.assert_array_equal(got, want)
+    if dtype == jnp.bfloat16:
+        np.testing.assert_array_equal(got, np.asarray(llama.sequence_logits(qw, cfg, ids, page_size=4)))
 
 
 @needs_kernel
@@ -221,6 +278,8 @@ def test_flags_reach_the_kernel_through_the_server_entry_point(tmp_path):
              "--num-pages", "8", "--block-size", "4", "--dtype", "float32", *flags]))
         runner = ModelRunner(engine_cfg, str(tmp_path))
         assert runner.matmul is want
+        # the native matmul's layer stacks are stored tiled (each 32-column tile contiguous)
+        assert isinstance(runner.weights.layers.w_up, k.ColumnTiles) == (want is not qz.qdot)
         chunk = types.SimpleNamespace(request_id="a", token_ids=list(range(3, 14)), start_pos=0, page_table=[1, 2, 3])
         row = RowSampling(params=SamplingParams(temperature=0.0, logprobs=5), seed=0, position=11)
         outs[want.__name__] = runner.execute([chunk], [row])

@@ -431,14 +431,16 @@ void quantize_rows(const float* x, int64_t M, int64_t I, int8_t* xq, float* dx, 
   }
 }
 
-// int8 weights, 2 to kMaxHeadRows rows, wide O (the lossless int8 LM head; speculative verify and batched
-// decode steps ask for 5-16 rows of logits). A work item is kWide columns. Per group, the item's slab of g rows x
+// int8 weights, 1 to kMaxHeadRows rows, wide O (the lossless int8 LM head; a decode step asks for 1-16 rows of
+// logits, a speculative verify for 5 a request). A work item is kWide columns. Per group, the item's slab of g rows x
 // kWide bytes (16 KB at g = 32) is prefetched while the previous group computes, then walked in sub-tiles of 64
 // columns with MR x 4 accumulators in registers (the wide path above keeps its partial sums in memory: 3 memory
 // operations per FMA, which made 5 rows cost twice one).
 constexpr int kHeadRows = 6;  // MR: 6 x 4 accumulators + 4 weight registers fit the 32 zmm
-// Measured on the 576 x 49152 head: 1 row is faster on the wide path (1.48 against 1.63 ms), and from about 12
-// rows converting the weights once for all rows (f32_columns) wins (16 rows: 6.8 against 8.4 ms).
+// Measured on the 576 x 49152 head: from about 12 rows converting the weights once for all rows (f32_columns)
+// wins (16 rows: 6.8 against 8.4 ms). At 1 row the wide path was faster with the head in cache (1.48 against
+// 1.63 ms), but in a decode step the layers' weights have evicted it and the prefetched slabs win: the whole
+// one-row step 8.9 -> 8.0 ms (three alternating runs).
 constexpr int kMaxHeadRows = 10;
 
 template <int MR, ScaleType S>
@@ -527,7 +529,7 @@ void run(ffi::ThreadPool& pool, Problem& p, bool q8) {
   }
   // The wide paths read runs of a weight row across many tiles: only for the untiled layout (the LM head).
   const bool wide = !p.tiled && p.O >= kWideMinColumns;
-  if (!kInt4 && wide && p.M >= 2 && p.M <= kMaxHeadRows) {
+  if (!kInt4 && wide && p.M >= 1 && p.M <= kMaxHeadRows) {
     parallel_for(pool, (p.O + kWide - 1) / kWide, [&p](int64_t i) { int8_head_columns<S>(p, i * kWide); });
     return;
   }

@@ -54,6 +54,7 @@ CASES = {
     "wide_head_int4": (1, 64, 5000, 32, True, jnp.float16),
     "wide_head_rows11": (11, 64, 4100, 32, True, jnp.float32),  # two row blocks (8 + 3) of the wide path
     # the int8 head path: row blocks of 6 (+ a remainder), sub-tiles of 64 columns, a ragged last item
+    "int8_head_row1": (1, 96, 4136, 32, False, jnp.float16),
     "int8_head_rows5": (5, 96, 4136, 32, False, jnp.float16),
     "int8_head_rows10": (10, 64, 4100, 32, False, jnp.float32),
 }

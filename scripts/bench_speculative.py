@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # NOTE: this checkout, not an installed jaxserve
 
 from jaxserve import SamplingParams  # noqa: E402
-from jaxserve.config import EngineConfig  # noqa: E402
+from jaxserve.config import ACTIVATION_QUANTIZATIONS, EngineConfig  # noqa: E402
 from jaxserve.engine import LLMEngine  # noqa: E402
 
 PASSAGE = ("The Apollo 11 mission launched on July 16, 1969, from Kennedy Space Center. Neil Armstrong and Buzz "
@@ -85,12 +85,13 @@ def chat_prompts(engine: LLMEngine, texts: list[str]) -> list[str]:
                         bos_token=tok.bos_token, eos_token=tok.eos_token) for t in texts]
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--draft", default=None, help="a draft checkpoint (e.g. from distill_draft.py)")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="2 prompts a set, 32 tokens, batch 1 and 4")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per workload and method (median)")
     ap.add_argument("--speculative-min-accepted", type=float, default=EngineConfig.speculative_min_accepted,
@@ -98,8 +99,10 @@ def main():
     ap.add_argument("--speculative-disable-by-batch-size", type=int,
                     default=EngineConfig.speculative_disable_by_batch_size,
                     help="no proposals while more requests than this run (0: never)")
+    ap.add_argument("--activation-quantization", default=EngineConfig.activation_quantization,
+                    choices=ACTIVATION_QUANTIZATIONS, help="as the server's flag (int8: llama.cpp's q8 numerics)")
     ap.add_argument("--out", default="bench_speculative.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     max_tokens = 32 if args.quick else args.max_tokens
     repeats = 1 if args.quick else args.repeats
     sets = {"repetitive": REPETITIVE[:2] if args.quick else REPETITIVE, "chat": CHAT[:2] if args.quick else CHAT}
@@ -107,10 +110,11 @@ def main():
     methods = {"none": {}, "ngram": {"speculative_method": "ngram"}}
     if args.draft:
         methods["draft"] = {"speculative_model": args.draft}
-    base = dict(model=args.model, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024,
+    base = dict(model=args.model, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=args.max_model_len,
                 kv_cache_memory=128 * 2**20, num_speculative_tokens=args.num_speculative_tokens,
                 speculative_min_accepted=args.speculative_min_accepted,
-                speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
+                speculative_disable_by_batch_size=args.speculative_disable_by_batch_size,
+                activation_quantization=args.activation_quantization)
 
     # NOTE: all engines are built first and each workload runs on them in turn, `--repeats` times, taking the
     # median: on a shared machine the load drifts, and interleaving keeps it from favouring one method.
@@ -159,7 +163,8 @@ def main():
                               "repeats": repeats},
                    "rows": rows}, f, indent=2)
     print(f"\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -412,3 +412,25 @@ def test_bench_structured_script_on_the_tiny_model(tiny_checkpoint, tmp_path, ca
     json_cases = [c for c in cases if c["mode"] == "json"]
     assert all(c["mask_rows"] == c["output_tokens"] and c["prefetched_rows"] > 0 for c in json_cases)
     assert all(c["mask_rows"] == 0 for c in cases if c["mode"] == "free")
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+
+def test_bench_speculative_script_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
+    """`--quick`: none and ngram on both prompt sets at batch 1 and 4, through engines built with the given
+    `--activation-quantization` (recorded in the JSON); every row has a TPOT, the ngram rows their acceptance."""
+    script = load_script("bench_speculative")
+    out = tmp_path / "spec.json"
+    assert script.main(["--model", str(tiny_checkpoint), "--quick", "--activation-quantization", "int8",
+                        "--max-model-len", "256", "--out", str(out)]) == 0
+    assert "method" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["config"]["activation_quantization"] == "int8"
+    rows = result["rows"]
+    assert {(r["method"], r["set"], r["batch"]) for r in rows} == {
+        (m, s, b) for m in ("none", "ngram") for s in ("repetitive", "chat") for b in (1, 4)}
+    assert all(r["tpot_ms"] > 0 and r["tokens"] > 0 for r in rows)
+    for r in (r for r in rows if r["method"] == "ngram"):  # mean length 0: no verify carried a proposal
+        length = r["mean_accepted_length"]
+        assert 0 <= r["acceptance_rate"] <= 1 and (length == 0 or 1 <= length <= 5)
+        assert isinstance(r["same_as_none"], bool)

@@ -105,8 +105,25 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: flo
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     # NOTE: like HF, normalise in float32 and cast back before scaling by the weight.
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    mean_square = row_invariant_sum(x32 * x32)[..., None] / x.shape[-1]
+    normed = x32 * jax.lax.rsqrt(mean_square + eps)
     return weight * normed.astype(x.dtype)
+
+
+def row_invariant_sum(a: jax.Array) -> jax.Array:
+    """Sum over the last axis in one fixed order (halving by elementwise adds), whatever the other axes hold.
+
+    NOTE(why): XLA:CPU's own row reduction rounds differently from 8 rows on (one ulp in `rms_norm`), so a
+    request's numerics depended on its step's row count; the q8 mode's int8 rounding amplified that to different
+    greedy tokens (docs/performance.md, "Weights in column tiles")."""
+    n = a.shape[-1]
+    while n > 1:
+        if n % 2:  # fold the last element into the first
+            a = jnp.concatenate([a[..., :1] + a[..., n - 1:n], a[..., 1:n - 1]], axis=-1)
+            n -= 1
+        a = a[..., :n // 2] + a[..., n // 2:n]
+        n //= 2
+    return a[..., 0]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:

@@ -271,10 +271,12 @@ void unpack_f32(const Problem& p, int64_t o0, float* buf) {
   const __m512i nib = _mm512_set1_epi32(0xF);
   for (int64_t gi = 0; gi < p.G; ++gi) {
     for (int j = 0; j < 2; ++j) {
-      const __m512 s = load_scales<S>(p.scales, p.scale_at(gi, o0) + 16 * j, k[j]);
-      const __m512 mn = kInt4 ? load_scales<S>(p.mins, p.scale_at(gi, o0) + 16 * j, k[j]) : _mm512_setzero_ps();
+      const int64_t si = p.scale_at(gi, o0) + 16 * j;
+      const __m512 s = load_scales<S>(p.scales, si, k[j]);
+      const __m512 mn = kInt4 ? load_scales<S>(p.mins, si, k[j]) : _mm512_setzero_ps();
+      const int64_t stride = p.row_stride();
       const uint8_t* wrow = p.wrow(gi, 0, o0) + 16 * j;
-      for (int64_t b = 0; b < p.R; ++b, wrow += p.row_stride()) {
+      for (int64_t b = 0; b < p.R; ++b, wrow += stride) {
         __m512i q = load_bytes<kInt4>(wrow, k[j]);
         float* row = buf + (gi * g + b) * kTile + 16 * j;
         if constexpr (kInt4) {
